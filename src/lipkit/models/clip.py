@@ -1,0 +1,100 @@
+"""The dual encoder: an image tower and a text tower mapped into one embedding space."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipkit.models.config import ModelConfig
+from lipkit.models.towers import TEXT_TOWERS, VISION_TOWERS
+
+
+@dataclass
+class DualEncoderOutput:
+    """What :meth:`DualEncoder.forward` returns, always.
+
+    Attributes:
+        image_features: L2-normalised image embeddings (B, D).
+        text_features: L2-normalised text embeddings (B, D).
+        logit_scale: The temperature as a multiplier, ``exp`` of the learned log scale, clamped (scalar).
+        logit_bias: The learned logit bias (scalar), or ``None`` for models without one.
+    """
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None
+
+
+class DualEncoder(nn.Module):
+    """A CLIP/SigLIP-style dual encoder built from a :class:`ModelConfig`.
+
+    Each tower's output layer is named ``proj``; locking a tower (LiT) freezes everything else in it
+    and keeps it in eval mode.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        vision_cfg, text_cfg = cfg.vision_config(), cfg.text_config()
+        self.visual = VISION_TOWERS.get(cfg.vision["type"])(vision_cfg, cfg.embed_dim)
+        self.text = TEXT_TOWERS.get(cfg.text["type"])(text_cfg, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        bias = cfg.init_logit_bias
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
+        self.context_length = self.text.context_length
+        if cfg.lock_image:
+            _lock(self.visual)
+        if cfg.lock_text:
+            _lock(self.text)
+
+    def locked_towers(self) -> list[nn.Module]:
+        """The towers whose trunks are frozen."""
+        return [t for t, lock in ((self.visual, self.cfg.lock_image), (self.text, self.cfg.lock_text)) if lock]
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """Set training mode; locked tower trunks stay in eval mode (frozen BatchNorm statistics)."""
+        super().train(mode)
+        for tower in self.locked_towers():
+            for name, module in tower.named_children():
+                if name != "proj":
+                    module.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing on or off in both towers."""
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Embed images (B, 3, H, W) into (B, D); L2-normalised if ``normalize``."""
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Embed tokenised text (B, T) into (B, D); L2-normalised if ``normalize``."""
+        x = self.text(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def scale(self) -> torch.Tensor:
+        """The logit scale as a multiplier: ``exp(log_scale)`` clamped at ``cfg.max_logit_scale``."""
+        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> DualEncoderOutput:
+        """Embed a batch of paired images and texts."""
+        return DualEncoderOutput(
+            image_features=self.encode_image(images, normalize=True),
+            text_features=self.encode_text(tokens, normalize=True),
+            logit_scale=self.scale(),
+            logit_bias=self.logit_bias,
+        )
+
+
+def _lock(tower: nn.Module) -> None:
+    for name, param in tower.named_parameters():
+        if not name.startswith("proj."):
+            param.requires_grad_(False)

@@ -1,0 +1,273 @@
+"""Model architectures as data: named JSON configs in ``models/configs/`` and their typed schema."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lipkit.config import from_dict, merge
+from lipkit.errors import ConfigError, UnknownNameError, suggest
+
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+
+
+@dataclass
+class ViTConfig:
+    """A Vision Transformer image tower (pre-norm blocks, SDPA attention).
+
+    Attributes:
+        image_size: Input resolution (square).
+        patch_size: Side of the square patches.
+        width: Token width.
+        layers: Number of transformer blocks.
+        heads: Attention heads per block.
+        mlp_ratio: Hidden width of the MLP relative to ``width``.
+        act: ``gelu``, ``quick_gelu`` (OpenAI's original checkpoints) or ``gelu_tanh``.
+        class_token: Prepend a learned class token.
+        pool: ``cls`` (class token), ``mean`` (mean of patch tokens) or ``map`` (attention pooling with a
+            learned query, as in SigLIP).
+        ln_pre: LayerNorm after the embeddings, before the blocks (CLIP has it, SigLIP does not).
+        patch_bias: Bias in the patch-embedding convolution.
+        qkv_bias: Bias in the attention input projection.
+        norm_eps: LayerNorm epsilon.
+        layer_scale_init: Initial value of per-channel residual scales; ``None`` disables them.
+        proj: Project the pooled feature to ``embed_dim`` with a linear layer (else it must equal width).
+        proj_bias: Bias in that projection.
+        patch_dropout: Fraction of patch tokens dropped at training time (FLIP); 0 disables it.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    class_token: bool = True
+    pool: str = "cls"
+    ln_pre: bool = True
+    patch_bias: bool = False
+    qkv_bias: bool = True
+    norm_eps: float = 1e-5
+    layer_scale_init: float | None = None
+    proj: bool = True
+    proj_bias: bool = False
+    patch_dropout: float = 0.0
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ConfigError(f"vision.width {self.width} is not divisible by heads {self.heads}")
+        _check_choice("vision.act", self.act, ACTIVATIONS)
+        _check_choice("vision.pool", self.pool, ("cls", "mean", "map"))
+        if self.pool == "cls" and not self.class_token:
+            raise ConfigError("vision.pool 'cls' needs class_token: true")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ConfigError(f"vision.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+
+
+@dataclass
+class TimmConfig:
+    """Any timm image model by name, with a projection head.
+
+    Attributes:
+        name: timm model name (e.g. ``efficientnet_lite0``, ``resnet50``).
+        image_size: Input resolution used by the transforms.
+        pretrained: Optional path to a local state dict for the timm model (nothing is downloaded).
+        pool: timm global pooling (``avg``, ``max``, ``token``...), or ``""`` to keep timm's default.
+        proj: ``linear``, ``mlp`` (two layers with GELU) or ``none`` (feature width must equal embed_dim).
+        proj_bias: Bias in the linear projection.
+        key_map: ``ordered`` maps a state dict whose keys differ from timm's onto timm's in order, by
+            shape (for weight files saved by other EfficientNet/ResNet implementations); ``exact`` does not.
+    """
+
+    name: str = "resnet18"
+    image_size: int = 224
+    pretrained: str | None = None
+    pool: str = "avg"
+    proj: str = "linear"
+    proj_bias: bool = False
+    key_map: str = "exact"
+
+    def validate(self) -> None:
+        _check_choice("vision.proj", self.proj, ("linear", "mlp", "none"))
+        _check_choice("vision.key_map", self.key_map, ("exact", "ordered"))
+
+
+@dataclass
+class TextTransformerConfig:
+    """The CLIP text transformer (causal by default, EOT pooling) or a bidirectional variant.
+
+    Attributes:
+        context_length: Maximum number of tokens, including start and end tokens.
+        vocab_size: Token embedding rows.
+        width: Token width.
+        heads: Attention heads per block.
+        layers: Number of transformer blocks.
+        mlp_ratio: Hidden width of the MLP relative to ``width``.
+        act: ``gelu``, ``quick_gelu`` or ``gelu_tanh``.
+        causal: Causal attention mask (CLIP); ``False`` gives a bidirectional encoder (SigLIP).
+        pool: ``eot`` (the end-of-text token, found as the largest token id as in CLIP), ``last``,
+            ``first`` or ``mean`` (over non-padding tokens).
+        norm_eps: LayerNorm epsilon.
+        proj_bias: Bias in the output projection.
+        pad_id: Padding token id (used by ``mean`` pooling).
+    """
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    causal: bool = True
+    pool: str = "eot"
+    norm_eps: float = 1e-5
+    proj_bias: bool = False
+    pad_id: int = 0
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"text.width {self.width} is not divisible by heads {self.heads}")
+        _check_choice("text.act", self.act, ACTIVATIONS)
+        _check_choice("text.pool", self.pool, ("eot", "last", "first", "mean"))
+
+
+@dataclass
+class HFTextConfig:
+    """A Hugging Face text encoder loaded from a local directory (nothing is downloaded).
+
+    Attributes:
+        path: Directory holding ``config.json``, the weights and the tokenizer files; ``pkg:NAME/sub``
+            resolves a folder inside an installed Python package.
+        context_length: Maximum number of tokens.
+        pool: ``mean`` (over non-padding tokens), ``cls`` (first token) or ``eot`` (last non-padding token).
+        proj: ``linear``, ``mlp`` or ``none``.
+        proj_bias: Bias in the linear projection.
+    """
+
+    path: str = ""
+    context_length: int = 77
+    pool: str = "mean"
+    proj: str = "linear"
+    proj_bias: bool = False
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ConfigError("text.path is required for a Hugging Face text tower")
+        _check_choice("text.pool", self.pool, ("mean", "cls", "eot"))
+        _check_choice("text.proj", self.proj, ("linear", "mlp", "none"))
+
+
+TOWER_CONFIGS: dict[str, dict[str, type]] = {
+    "vision": {"vit": ViTConfig, "timm": TimmConfig},
+    "text": {"transformer": TextTransformerConfig, "hf": HFTextConfig},
+}
+
+
+@dataclass
+class ModelConfig:
+    """A dual encoder: an image tower, a text tower, a shared embedding width and the loss scalars.
+
+    ``vision`` and ``text`` are mappings with a ``type`` key (``vit``/``timm``, ``transformer``/``hf``);
+    the rest is checked against that tower's config class by :meth:`vision_config` / :meth:`text_config`.
+
+    Attributes:
+        embed_dim: Width of the shared embedding space.
+        vision: Image tower spec.
+        text: Text tower spec.
+        init_logit_scale: Initial log of the logit scale (CLIP: log(1/0.07); SigLIP: log(10)).
+        init_logit_bias: Initial logit bias (SigLIP: -10); ``None`` for no bias parameter.
+        max_logit_scale: The scale is clamped at this value (CLIP: 100).
+        tokenizer: ``clip`` for CLIP's BPE, or ``hf`` to use the Hugging Face text tower's tokenizer.
+        preprocess: Overrides for :class:`lipkit.models.transforms.PreprocessConfig` (mean, std, ...).
+        lock_image: Freeze the image tower (LiT); its projection head stays trainable.
+        lock_text: Freeze the text tower; its projection head stays trainable.
+    """
+
+    embed_dim: int = 512
+    vision: dict[str, Any] = field(default_factory=lambda: {"type": "vit"})
+    text: dict[str, Any] = field(default_factory=lambda: {"type": "transformer"})
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None
+    max_logit_scale: float = 100.0
+    tokenizer: str = "clip"
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    lock_image: bool = False
+    lock_text: bool = False
+
+    def validate(self) -> None:
+        self.vision_config()
+        self.text_config()
+        _check_choice("tokenizer", self.tokenizer, ("clip", "hf"))
+        if self.tokenizer == "hf" and self.text.get("type") != "hf":
+            raise ConfigError("tokenizer 'hf' needs a text tower of type 'hf'")
+
+    def vision_config(self) -> ViTConfig | TimmConfig:
+        """The typed config of the image tower."""
+        return _tower_config("vision", self.vision)
+
+    def text_config(self) -> TextTransformerConfig | HFTextConfig:
+        """The typed config of the text tower."""
+        return _tower_config("text", self.text)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key {key!r}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _tower_config(kind: str, spec: dict[str, Any]) -> Any:
+    kinds = TOWER_CONFIGS[kind]
+    spec = dict(spec)
+    tower_type = spec.pop("type", None)
+    if tower_type not in kinds:
+        raise ConfigError(f"{kind}.type must be one of {', '.join(kinds)}, got {tower_type!r}")
+    return from_dict(kinds[tower_type], spec, prefix=f"{kind}.")
+
+
+@lru_cache(maxsize=1)
+def _builtin_configs() -> dict[str, dict[str, Any]]:
+    folder = resources.files("lipkit.models") / "configs"
+    out = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".json"):
+            out[entry.name[: -len(".json")]] = json.loads(entry.read_text())
+    return out
+
+
+def list_models() -> list[str]:
+    """Names of the built-in model configs."""
+    return sorted(_builtin_configs())
+
+
+def get_model_config(name: str, **overrides: Any) -> ModelConfig:
+    """Resolve a model name (or a path to a JSON file) into a validated :class:`ModelConfig`.
+
+    Args:
+        name: A built-in config name (see :func:`list_models`) or a path ending in ``.json``.
+        **overrides: Nested overrides merged into the config, e.g. ``embed_dim=256`` or
+            ``vision={"layers": 2}``.
+
+    Raises:
+        UnknownNameError: The name is unknown; the message lists the closest names.
+        ConfigError: The resolved config is invalid.
+    """
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"model config file not found: {path}")
+        data = json.loads(path.read_text())
+    else:
+        configs = _builtin_configs()
+        if name not in configs:
+            raise UnknownNameError(f"unknown model {name!r}.{suggest(name, configs)} Run `lipkit models` to list them.")
+        data = configs[name]
+    return from_dict(ModelConfig, merge(data, overrides))

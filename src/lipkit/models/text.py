@@ -1,0 +1,139 @@
+"""Text towers: the CLIP text transformer and Hugging Face encoders from a local directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lipkit.errors import ConfigError, LipkitError
+from lipkit.models.config import HFTextConfig, TextTransformerConfig
+from lipkit.models.layers import LayerNorm, Mlp, Transformer
+
+
+def pool_tokens(x: torch.Tensor, tokens: torch.Tensor, how: str, pad_id: int = 0) -> torch.Tensor:
+    """Pool token features (B, T, W) into (B, W).
+
+    Args:
+        x: Token features.
+        tokens: Token ids or attention mask (B, T), used by ``eot`` and ``mean``.
+        how: ``eot`` (position of the largest id, CLIP's end-of-text), ``last``, ``first``/``cls``,
+            ``mean`` (over positions whose id is not ``pad_id``).
+        pad_id: Padding id for ``mean``.
+    """
+    if how == "eot":
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if how == "last":
+        return x[:, -1]
+    if how in ("first", "cls"):
+        return x[:, 0]
+    keep = (tokens != pad_id).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text transformer: token + position embeddings, pre-norm blocks, final norm, pooling, projection.
+
+    Args:
+        cfg: Architecture.
+        embed_dim: Width of the shared embedding space.
+    """
+
+    def __init__(self, cfg: TextTransformerConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.context_length = cfg.context_length
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(
+            cfg.width, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps
+        )
+        self.norm = LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=cfg.proj_bias)
+        self.output_dim = embed_dim
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        self.transformer.init_weights(cfg.width, cfg.layers)
+        nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory."""
+        self.transformer.grad_checkpointing = enable
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embed token ids (B, T) with T <= context_length into (B, embed_dim), not normalised."""
+        T = tokens.shape[1]
+        if T > self.context_length:
+            raise LipkitError(f"text has {T} tokens but the model's context_length is {self.context_length}")
+        x = self.token_embed(tokens) + self.pos_embed[:T]  # (B, T, W)
+        x = self.norm(self.transformer(x, causal=self.cfg.causal))
+        return self.proj(pool_tokens(x, tokens, self.cfg.pool, self.cfg.pad_id))
+
+
+def resolve_local_path(path: str) -> Path:
+    """Resolve ``pkg:PACKAGE/sub/dir`` to a folder inside an installed package; other paths as given."""
+    if path.startswith("pkg:"):
+        import importlib.util
+
+        package, _, sub = path[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise LipkitError(f"package {package!r} is not installed (needed for {path}); pip install it first")
+        return Path(next(iter(spec.submodule_search_locations))) / sub
+    return Path(os.path.expanduser(path))
+
+
+def make_head(in_dim: int, out_dim: int, kind: str, bias: bool = False) -> nn.Module:
+    """A projection head: ``linear``, ``mlp`` (in -> hidden -> out with GELU) or ``none`` (identity)."""
+    if kind == "none":
+        if in_dim != out_dim:
+            raise ConfigError(f"projection 'none' needs feature width {in_dim} == embed_dim {out_dim}")
+        return nn.Identity()
+    if kind == "mlp":
+        return Mlp(in_dim, (in_dim + out_dim) // 2, "gelu", out=out_dim)
+    return nn.Linear(in_dim, out_dim, bias=bias)
+
+
+class HFTextEncoder(nn.Module):
+    """A Hugging Face ``AutoModel`` text encoder, pooled and projected into the shared space.
+
+    Token inputs are ``(B, 2, T)``: ids stacked with the attention mask (what the matching tokenizer
+    from :func:`lipkit.models.tokenizer.HFTokenizer` returns).
+    """
+
+    def __init__(self, cfg: HFTextConfig, embed_dim: int) -> None:
+        super().__init__()
+        try:
+            from transformers import AutoModel
+        except ImportError:
+            raise LipkitError("Hugging Face text towers need `pip install 'lipkit[towers]'`") from None
+        self.cfg = cfg
+        self.context_length = cfg.context_length
+        path = resolve_local_path(cfg.path)
+        if not (path / "config.json").is_file():
+            raise LipkitError(f"no Hugging Face model (config.json) in {path}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+        self.proj = make_head(self.encoder.config.hidden_size, embed_dim, cfg.proj, cfg.proj_bias)
+        self.output_dim = embed_dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass to save memory."""
+        if enable:
+            self.encoder.gradient_checkpointing_enable()
+        else:
+            self.encoder.gradient_checkpointing_disable()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embed ``(B, 2, T)`` ids + attention mask into (B, embed_dim), not normalised."""
+        ids, mask = tokens[:, 0], tokens[:, 1]
+        x = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, W)
+        if self.cfg.pool == "eot":
+            pooled = x[torch.arange(x.shape[0], device=x.device), mask.sum(dim=1) - 1]
+        else:
+            pooled = pool_tokens(x, mask, "cls" if self.cfg.pool == "cls" else "mean", pad_id=0)
+        return self.proj(pooled)

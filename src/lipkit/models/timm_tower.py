@@ -1,0 +1,93 @@
+"""Any timm image model as an image tower, with a projection head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lipkit.errors import CheckpointError, LipkitError
+from lipkit.models.config import TimmConfig
+from lipkit.models.text import make_head, resolve_local_path
+
+
+def map_keys_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``source``'s tensors to ``target``'s keys by position, checking every shape.
+
+    For weights saved by another implementation of the same architecture, whose parameters come in
+    the same order under other names (e.g. EfficientNet-Lite0 weights onto timm's ``efficientnet_lite0``).
+    """
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise CheckpointError(f"ordered key mapping: checkpoint has {len(src)} tensors, model has {len(dst)}")
+    out = {}
+    for (src_key, tensor), dst_key in zip(src, dst):
+        if tuple(tensor.shape) != tuple(target[dst_key].shape):
+            raise CheckpointError(
+                f"ordered key mapping: {src_key} {tuple(tensor.shape)} does not fit "
+                f"{dst_key} {tuple(target[dst_key].shape)}"
+            )
+        out[dst_key] = tensor
+    return out
+
+
+def load_local_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from a ``.pt``/``.pth``/``.bin`` or ``.safetensors`` file."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+class TimmTower(nn.Module):
+    """A timm backbone (no classifier), globally pooled, then projected to ``embed_dim``.
+
+    Args:
+        cfg: Tower config; ``cfg.pretrained`` is a local weights file (nothing is downloaded).
+        embed_dim: Width of the shared embedding space.
+    """
+
+    def __init__(self, cfg: TimmConfig, embed_dim: int) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError:
+            raise LipkitError("timm image towers need `pip install 'lipkit[towers]'`") from None
+        self.cfg = cfg
+        kwargs = {"num_classes": 0}
+        if cfg.pool:
+            kwargs["global_pool"] = cfg.pool
+        try:
+            self.trunk = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        except RuntimeError as exc:
+            raise LipkitError(f"timm cannot build {cfg.name!r}: {exc}") from None
+        if cfg.pretrained:
+            self.load_trunk(resolve_local_path(cfg.pretrained))
+        self.proj = make_head(self.trunk.num_features, embed_dim, cfg.proj, cfg.proj_bias)
+        self.output_dim = embed_dim
+
+    def load_trunk(self, path: Path) -> None:
+        """Load backbone weights from ``path`` (classifier weights in the file are ignored)."""
+        state = load_local_weights(path)
+        target = self.trunk.state_dict()
+        if self.cfg.key_map == "ordered":
+            classifier = [k for k in state if k.startswith(("classifier.", "fc.", "head.", "_fc."))]
+            state = map_keys_in_order({k: v for k, v in state.items() if k not in classifier}, target)
+        missing, unexpected = self.trunk.load_state_dict(state, strict=False)
+        unexpected = [k for k in unexpected if not k.startswith(("classifier.", "fc.", "head."))]
+        if missing or unexpected:
+            raise CheckpointError(f"{path} does not fit timm {self.cfg.name}: missing {missing}, unexpected {unexpected}")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass to save memory."""
+        self.trunk.set_grad_checkpointing(enable)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embed images (B, 3, H, W) into (B, embed_dim), not normalised."""
+        return self.proj(self.trunk(images))
