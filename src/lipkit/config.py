@@ -9,6 +9,7 @@ the expected type.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -82,6 +83,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r}: expected float, got {value!r}")
         return float(value)
@@ -110,7 +113,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key {prefix + key!r}.{suggest(key, fields)}")
+            known = [prefix + name for name in fields]
+            raise ConfigError(f"unknown config key {prefix + key!r}.{suggest(prefix + key, known)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         obj = cls(**kwargs)
@@ -154,10 +158,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = _scalar(raw)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -166,6 +167,20 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
         node[parts[-1]] = value
     return out
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _scalar(raw: str) -> Any:
+    """Read an override value as YAML, also taking ``1e-3`` as a float (YAML 1.1 would keep a string)."""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
 
 
 def apply_overrides(cls: type[T], base: Mapping[str, Any], overrides: Sequence[str]) -> T:

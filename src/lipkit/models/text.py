@@ -67,7 +67,7 @@ class TextTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embed token ids (B, T) with T <= context_length into (B, embed_dim), not normalised."""
         T = tokens.shape[1]
-        if T > self.context_length:
+        if self.context_length < T:
             raise LipkitError(f"text has {T} tokens but the model's context_length is {self.context_length}")
         x = self.token_embed(tokens) + self.pos_embed[:T]  # (B, T, W)
         x = self.norm(self.transformer(x, causal=self.cfg.causal))

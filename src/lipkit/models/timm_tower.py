@@ -82,7 +82,9 @@ class TimmTower(nn.Module):
         missing, unexpected = self.trunk.load_state_dict(state, strict=False)
         unexpected = [k for k in unexpected if not k.startswith(("classifier.", "fc.", "head."))]
         if missing or unexpected:
-            raise CheckpointError(f"{path} does not fit timm {self.cfg.name}: missing {missing}, unexpected {unexpected}")
+            raise CheckpointError(
+                f"{path} does not fit timm {self.cfg.name}: missing {missing}, unexpected {unexpected}"
+            )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass to save memory."""

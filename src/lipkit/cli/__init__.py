@@ -1,0 +1,1 @@
+"""The ``lipkit`` command line: thin subcommands over the library."""

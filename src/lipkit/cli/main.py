@@ -1,0 +1,61 @@
+"""``lipkit``: the command-line entry point. Each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lipkit import __version__
+from lipkit.errors import LipkitError
+
+SUBCOMMANDS = ("models", "train", "export", "tokenize")
+
+DESCRIPTION = """\
+lipkit: language-image pre-training (CLIP / SigLIP dual encoders), from data to search.
+
+Run `lipkit COMMAND --help` for the details of a command.
+"""
+
+EPILOG = """\
+examples:
+  lipkit models                                  list the model configs
+  lipkit train tiny-tuxpaint                     train a tiny CLIP on the built-in Tux Paint pairs
+  lipkit train tiny-synthetic steps=100 optim.lr=1e-3 data.batch_size=32
+  lipkit export runs/tiny-tuxpaint/checkpoints/step_00000300.pt --out model_openclip.pt
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per command."""
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="lipkit", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"lipkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"lipkit.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; user errors print one clear line and return a non-zero code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except LipkitError as exc:
+        print(f"lipkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lipkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

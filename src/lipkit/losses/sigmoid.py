@@ -1,0 +1,68 @@
+"""SigLIP's pairwise sigmoid loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipkit.errors import LipkitError
+from lipkit.losses import LOSSES
+from lipkit.losses.contrastive import check_pair
+
+if TYPE_CHECKING:
+    from lipkit.losses import LossInputs
+
+__all__ = ["SigmoidLoss", "sigmoid_loss"]
+
+
+def sigmoid_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+    """Binary logistic loss on every image-text pair of the batch (SigLIP).
+
+    The pair (i, j) is a positive (label +1) when ``i == j`` and a negative (label -1) otherwise. The summed
+    negative log-likelihood of all B x B pairs is divided by the batch size B.
+
+    Args:
+        image_features: L2-normalised image embeddings, shape (B, D).
+        text_features: L2-normalised text embeddings, shape (B, D).
+        logit_scale: The already exponentiated temperature, a scalar tensor.
+        logit_bias: The learnable bias added to every logit, a scalar tensor.
+
+    Returns:
+        The scalar loss.
+    """
+    check_pair(image_features, text_features)
+    logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, B)
+    batch = logits.shape[0]
+    labels = 2 * torch.eye(batch, device=logits.device, dtype=logits.dtype) - 1  # (B, B): +1 diagonal, -1 off it
+    return -F.logsigmoid(labels * logits).sum() / batch
+
+
+@LOSSES.register("siglip")
+class SigmoidLoss(nn.Module):
+    """Stateless module form of :func:`sigmoid_loss`; the model must provide ``logit_bias``."""
+
+    def __init__(self) -> None:  # explicit, so create_loss can reject unknown keyword arguments
+        super().__init__()
+
+    def forward(self, out: LossInputs) -> Tensor:
+        """Compute the loss from a model output.
+
+        Args:
+            out: Any object with ``image_features``, ``text_features``, ``logit_scale`` and ``logit_bias``.
+
+        Returns:
+            The scalar loss.
+
+        Raises:
+            LipkitError: ``out.logit_bias`` is missing or None (the model was built without a bias).
+        """
+        bias = getattr(out, "logit_bias", None)
+        if bias is None:
+            raise LipkitError(
+                "the siglip loss needs a logit bias, but the model output has logit_bias=None; "
+                "build the model with a learnable bias (SigLIP init) or use the 'infonce' loss"
+            )
+        return sigmoid_loss(out.image_features, out.text_features, out.logit_scale, bias)

@@ -1,0 +1,314 @@
+"""Checkpoint conversion: load lipkit, OpenCLIP and OpenAI weights into a dual encoder, export to OpenCLIP.
+
+lipkit names its modules differently from OpenCLIP (``visual.patch_embed`` vs ``visual.conv1``,
+``attn.qkv`` vs ``attn.in_proj_weight``...). The mapping is a table of rename rules, each a pair
+``(OpenCLIP name, lipkit name)`` used in either direction, plus the few tensors stored in another
+layout (OpenCLIP applies some projections as ``x @ proj``, lipkit as ``nn.Linear``).
+
+Supported files (nothing is downloaded):
+
+- lipkit: a training checkpoint ``{"model": state_dict, ...}`` or a bare state dict;
+- OpenCLIP: ``torch.save(model.state_dict())``, or a training checkpoint ``{"state_dict": ...}``
+  (``module.`` and ``_orig_mod.`` prefixes are stripped), or a ``.safetensors`` file; the image tower
+  is OpenCLIP's own ViT or, for SigLIP, timm's ViT with attention pooling (``visual.trunk.*``);
+- OpenAI: the original TorchScript archives (``ViT-B-32.pt``...), whose names follow OpenCLIP's.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lipkit.errors import CheckpointError
+from lipkit.models.clip import DualEncoder
+from lipkit.utils import atomic_write
+
+Rule = tuple[str, str]
+"""``(OpenCLIP name, lipkit name)``: literal key fragments; ``^`` anchors one at the start of a key, ``$`` at its end."""
+
+VISION_RULES: list[Rule] = [  # OpenCLIP's own ViT (CLIP, OpenAI)
+    ("^visual.conv1.", "^visual.patch_embed."),
+    ("^visual.class_embedding$", "^visual.cls_token$"),
+    ("^visual.positional_embedding$", "^visual.pos_embed$"),
+    ("^visual.ln_pre.", "^visual.norm_pre."),
+    ("^visual.transformer.resblocks.", "^visual.transformer.blocks."),
+    ("^visual.ln_post.", "^visual.norm."),
+    ("^visual.proj$", "^visual.proj.weight$"),  # transposed, see RESHAPES
+]
+
+TIMM_VISION_RULES: list[Rule] = [  # a timm ViT trunk (SigLIP); block internals already use lipkit's names
+    ("^visual.trunk.patch_embed.proj.", "^visual.patch_embed."),
+    ("^visual.trunk.pos_embed$", "^visual.pos_embed$"),  # (1, N, D) <-> (N, D), see RESHAPES
+    ("^visual.trunk.norm_pre.", "^visual.norm_pre."),
+    ("^visual.trunk.blocks.", "^visual.transformer.blocks."),
+    ("^visual.trunk.norm.", "^visual.norm."),
+    ("^visual.trunk.attn_pool.", "^visual.attn_pool."),
+    ("^visual.head.proj.", "^visual.proj."),
+]
+
+TEXT_RULES: list[Rule] = [  # CLIP keeps these at the top level; CustomTextCLIP (SigLIP) nests them under ``text.``
+    ("^token_embedding.", "^text.token_embed."),
+    ("^positional_embedding$", "^text.pos_embed$"),
+    ("^transformer.resblocks.", "^text.transformer.blocks."),
+    ("^ln_final.", "^text.norm."),
+]
+TEXT_PROJ_PARAM: Rule = ("^text_projection$", "^text.proj.weight$")  # a [width, embed] Parameter, transposed
+TEXT_PROJ_LINEAR: Rule = ("^text_projection.", "^text.proj.")  # an nn.Linear (OpenCLIP with proj_bias)
+
+BLOCK_RULES: list[Rule] = [  # inside OpenCLIP's ``resblocks``
+    (".ln_1.", ".norm1."),
+    (".ln_2.", ".norm2."),
+    (".attn.in_proj_weight$", ".attn.qkv.weight$"),
+    (".attn.in_proj_bias$", ".attn.qkv.bias$"),
+    (".attn.out_proj.", ".attn.proj."),
+    (".mlp.c_fc.", ".mlp.fc1."),
+    (".mlp.c_proj.", ".mlp.fc2."),
+    (".ls_1.gamma$", ".ls1.gamma$"),
+    (".ls_2.gamma$", ".ls2.gamma$"),
+]
+
+IMPORT_RULES: list[Rule] = [*VISION_RULES, *TIMM_VISION_RULES, *TEXT_RULES, TEXT_PROJ_PARAM, TEXT_PROJ_LINEAR]
+
+
+def _transpose(t: Tensor) -> Tensor:
+    return t.t().contiguous()
+
+
+RESHAPES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    # OpenCLIP name (text keys without ``text.``): (to lipkit, to OpenCLIP)
+    "visual.proj": (_transpose, _transpose),
+    "text_projection": (_transpose, _transpose),
+    "visual.trunk.pos_embed": (lambda t: t[0], lambda t: t[None]),
+}
+
+DROPPED = frozenset({"attn_mask", "input_resolution", "context_length", "vocab_size"})
+"""Entries lipkit has no use for: OpenCLIP's causal mask buffer, the OpenAI archives' metadata."""
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+@lru_cache(maxsize=None)
+def _compile(fragment: str) -> re.Pattern[str]:
+    start, end = fragment.startswith("^"), fragment.endswith("$")
+    return re.compile(("^" if start else "") + re.escape(fragment.strip("^$")) + ("$" if end else ""))
+
+
+def _rename(key: str, rules: Iterable[Rule], reverse: bool = False) -> str | None:
+    """Apply the first rule whose source fragment occurs in ``key``; ``None`` when none does."""
+    for openclip, lipkit in rules:
+        source, target = (lipkit, openclip) if reverse else (openclip, lipkit)
+        new, found = _compile(source).subn(target.strip("^$"), key, count=1)
+        if found:
+            return new
+    return None
+
+
+def openclip_to_lipkit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Convert an OpenCLIP (or OpenAI) state dict to lipkit's names and layouts.
+
+    Keys no rule knows (``logit_scale``, ``logit_bias``, anything foreign) are kept as they are, so a
+    strict load reports the foreign ones.
+
+    Args:
+        state: OpenCLIP state dict, without ``module.`` prefixes.
+
+    Returns:
+        The state dict with lipkit's key names.
+    """
+    out = {}
+    for key, tensor in state.items():
+        if key.rsplit(".", 1)[-1] in DROPPED:
+            continue
+        name = key.removeprefix("text.")  # CustomTextCLIP nests the text tower
+        new = _rename(name, IMPORT_RULES)
+        if new is None:
+            out[key] = tensor
+            continue
+        if ".resblocks." in name:
+            new = _rename(new, BLOCK_RULES) or new
+        out[new] = RESHAPES[name][0](tensor) if name in RESHAPES else tensor
+    return out
+
+
+def lipkit_to_openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Convert a lipkit state dict to OpenCLIP's names and layouts.
+
+    A model with an attention-pooled (SigLIP) image tower maps to OpenCLIP's ``CustomTextCLIP`` with a
+    timm ViT trunk (as OpenCLIP's ``ViT-B-16-SigLIP``); any other ViT maps to OpenCLIP's ``CLIP``. The
+    text projection is an ``nn.Linear`` in OpenCLIP when it has a bias, else a transposed Parameter.
+
+    Args:
+        state: lipkit state dict.
+
+    Returns:
+        The state dict with OpenCLIP's key names, loadable by the matching ``open_clip`` model.
+    """
+    siglip = "visual.attn_pool.latent" in state
+    text_proj = TEXT_PROJ_LINEAR if "text.proj.bias" in state else TEXT_PROJ_PARAM
+    rules = [*(TIMM_VISION_RULES if siglip else VISION_RULES), *TEXT_RULES, text_proj]
+    out = {}
+    for key, tensor in state.items():
+        name = _rename(key, rules, reverse=True) or key
+        if ".resblocks." in name:
+            name = _rename(name, BLOCK_RULES, reverse=True) or name
+        if name in RESHAPES:
+            tensor = RESHAPES[name][1](tensor)
+        if siglip and key.startswith("text."):
+            name = f"text.{name}"
+        out[name] = tensor
+    return out
+
+
+def is_openclip_state(state: dict[str, Tensor]) -> bool:
+    """Whether ``state`` uses OpenCLIP's (or OpenAI's) names rather than lipkit's."""
+    return any(_rename(key.removeprefix("text."), IMPORT_RULES) is not None for key in state)
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read the model weights in a checkpoint file, whatever its format, without converting names.
+
+    Args:
+        path: A lipkit or OpenCLIP checkpoint or state dict, a ``.safetensors`` file or an OpenAI
+            TorchScript archive.
+
+    Returns:
+        The state dict, with ``module.``/``_orig_mod.`` prefixes stripped.
+
+    Raises:
+        CheckpointError: The file is missing, unreadable, or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return _unwrap(_load_file(path), path)
+
+
+def _load_file(path: Path) -> Any:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
+        if _is_torchscript(path):
+            return _load_torchscript(path)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path} as a checkpoint: {reason}") from None
+
+
+def _numpy_globals() -> list[Any]:
+    """NumPy types in lipkit training checkpoints (the saved RNG state), safe to unpickle."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip holding ``constants.pkl`` and compiled ``code/``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _load_torchscript(path: Path) -> dict[str, Tensor]:
+    try:
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot read TorchScript archive {path}: {exc}") from None
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    """The state dict inside a training checkpoint (``model`` for lipkit, ``state_dict`` for OpenCLIP)."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path} holds no model weights: expected a state dict, a lipkit checkpoint with a 'model' entry "
+            "or an OpenCLIP checkpoint with a 'state_dict' entry"
+        )
+    return {_strip_wrappers(key): tensor for key, tensor in obj.items()}
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def load_pretrained(model: DualEncoder, path: str | Path) -> None:
+    """Load weights from ``path`` into ``model`` strictly, converting OpenCLIP/OpenAI names.
+
+    Args:
+        model: The model; its config must match the checkpoint's architecture.
+        path: A lipkit checkpoint or state dict, an OpenCLIP state dict or training checkpoint, a
+            ``.safetensors`` file, or an OpenAI TorchScript archive.
+
+    Raises:
+        CheckpointError: The file is missing or unreadable, or its weights do not fit the model (the
+            message lists missing, unexpected and mis-shaped keys).
+    """
+    state = read_state_dict(path)
+    if is_openclip_state(state):
+        state = openclip_to_lipkit(state)
+    check_fit(model.state_dict(), state, f"{path} does not fit the model")
+    model.load_state_dict(state, strict=True)
+
+
+def check_fit(expected: dict[str, Tensor], state: dict[str, Tensor], title: str) -> None:
+    """Raise if ``state`` does not have exactly the keys and shapes of ``expected``.
+
+    Args:
+        expected: The model's state dict (only names and shapes are used).
+        state: The weights to load.
+        title: First line of the error message.
+
+    Raises:
+        CheckpointError: Listing missing, unexpected and mis-shaped keys.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = [
+        _listing(what, keys)
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError("\n".join([f"{title}:", *problems]))
+
+
+def _listing(what: str, items: list[str], limit: int = 10) -> str:
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {len(items)} {what}:\n" + "\n".join(f"    {item}" for item in items[:limit]) + more
+
+
+def export_openclip(model: DualEncoder, path: str | Path) -> None:
+    """Write ``model``'s weights as an OpenCLIP state dict (atomically), loadable by ``open_clip``.
+
+    Args:
+        model: The model to export.
+        path: Destination file (``torch.save`` format).
+    """
+    state = lipkit_to_openclip({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    atomic_write(Path(path), lambda f: torch.save(state, f))

@@ -1,0 +1,193 @@
+"""Training configuration: typed dataclasses, named presets, YAML files and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lipkit.config import from_dict, load_yaml, merge, parse_overrides
+from lipkit.errors import ConfigError
+from lipkit.registry import Registry
+
+PRESETS: Registry[dict[str, Any]] = Registry("training preset")
+
+
+@dataclass
+class DataConfig:
+    """What to train on.
+
+    Attributes:
+        train: Source spec ``NAME[:SPLIT]``: ``synthetic``, ``tuxpaint`` (built-in corpora).
+        batch_size: Global batch size.
+        workers: DataLoader worker processes (0 loads in the main process).
+        augment: Random resized crop for training images (else the evaluation transform).
+    """
+
+    train: str = "synthetic"
+    batch_size: int = 64
+    workers: int = 0
+    augment: bool = True
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and a decaying schedule.
+
+    Attributes:
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay (never applied to norms, biases, embeddings, the temperature).
+        betas: Adam betas.
+        eps: Adam epsilon.
+        warmup_steps: Linear warmup from 0 to ``lr``.
+        schedule: ``cosine`` (to ``min_lr``), ``linear`` (to ``min_lr``) or ``constant`` after warmup.
+        min_lr: Final learning rate of the decay.
+        grad_clip: Clip the global gradient norm to this value; ``None`` disables clipping.
+    """
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr: float = 0.0
+    grad_clip: float | None = 1.0
+
+    def validate(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Saved as ``config.yaml`` in the run directory, so every run can be reproduced.
+
+    Attributes:
+        name: Run name; the run directory is ``out_dir/name``.
+        out_dir: Parent folder of run directories.
+        model: Model config name (``lipkit models`` lists them) or a JSON file.
+        model_overrides: Nested overrides of the model config, e.g. ``{vision: {layers: 2}}``.
+        pretrained: Weights to start from (lipkit, OpenCLIP or OpenAI checkpoint).
+        loss: ``infonce`` (CLIP) or ``siglip`` (sigmoid).
+        steps: Optimizer steps.
+        precision: ``fp32`` or ``bf16`` (autocast).
+        seed: Seed for initialisation, data order and augmentation.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
+        log_every: Steps between metric records.
+        checkpoint_every: Steps between checkpoints (a final one is always written).
+        keep_checkpoints: How many step checkpoints to keep (older ones are deleted).
+        resume: ``latest`` (this run's newest checkpoint) or a checkpoint path.
+        overwrite: Start afresh in a run directory that already holds checkpoints (deleting them).
+        tensorboard: Also write TensorBoard event files.
+        progress: Show a progress bar.
+        grad_checkpointing: Recompute activations in the backward pass (less memory, more compute).
+        data: Data settings.
+        optim: Optimizer settings.
+    """
+
+    name: str = "run"
+    out_dir: str = "runs"
+    model: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    loss: str = "infonce"
+    steps: int = 1000
+    precision: str = "fp32"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    overwrite: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+    grad_checkpointing: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+
+
+def resolve_config(
+    preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = ()
+) -> TrainConfig:
+    """Build a :class:`TrainConfig`: defaults < preset < YAML file < ``key=value`` overrides.
+
+    Raises:
+        ConfigError: An unknown key (with a suggestion), a value of the wrong type, a bad override.
+        UnknownNameError: An unknown preset (with the closest names).
+    """
+    data: dict[str, Any] = {}
+    if preset:
+        data = merge(data, PRESETS.get(preset))
+    if config_file:
+        data = merge(data, load_yaml(config_file))
+    return from_dict(TrainConfig, merge(data, parse_overrides(overrides)))
+
+
+PRESETS.add(
+    "tiny-synthetic",
+    {
+        "name": "tiny-synthetic",
+        "model": "micro",
+        "steps": 30,
+        "log_every": 5,
+        "checkpoint_every": 10,
+        "data": {"train": "synthetic", "batch_size": 16},
+        "optim": {"lr": 1e-3, "warmup_steps": 5, "weight_decay": 0.1},
+    },
+)
+PRESETS.add(
+    "tiny-tuxpaint",
+    {
+        "name": "tiny-tuxpaint",
+        "model": "tiny",
+        "steps": 300,
+        "log_every": 10,
+        "checkpoint_every": 100,
+        "data": {"train": "tuxpaint:train", "batch_size": 64, "workers": 2},
+        "optim": {"lr": 1e-3, "warmup_steps": 30, "weight_decay": 0.1},
+    },
+)
+PRESETS.add(
+    "vit-b-32",
+    {
+        "name": "vit-b-32",
+        "model": "ViT-B-32",
+        "steps": 100_000,
+        "precision": "bf16",
+        "log_every": 50,
+        "checkpoint_every": 2000,
+        "data": {"batch_size": 1024, "workers": 8},
+        "optim": {"lr": 5e-4, "warmup_steps": 2000, "weight_decay": 0.2},
+    },
+)
+PRESETS.add(
+    "vit-b-16-siglip",
+    {
+        "name": "vit-b-16-siglip",
+        "model": "ViT-B-16-SigLIP",
+        "loss": "siglip",
+        "steps": 100_000,
+        "precision": "bf16",
+        "log_every": 50,
+        "checkpoint_every": 2000,
+        "data": {"batch_size": 512, "workers": 8},
+        "optim": {"lr": 1e-3, "warmup_steps": 2000, "weight_decay": 1e-4, "betas": [0.9, 0.95]},
+    },
+)

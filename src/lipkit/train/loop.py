@@ -1,0 +1,238 @@
+"""The training loop: one code path from a single CPU process upwards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lipkit.config import save_yaml, to_dict
+from lipkit.data.loader import make_train_loader
+from lipkit.data.sources import open_source
+from lipkit.errors import ConfigError, TrainingDivergedError
+from lipkit.losses import create_loss
+from lipkit.models import DualEncoder, create_model, get_tokenizer, image_transform
+from lipkit.train import checkpoint as ckpt
+from lipkit.train.config import TrainConfig
+from lipkit.train.metrics import MetricLogger
+from lipkit.train.optim import build_optimizer, lr_at
+from lipkit.utils import atomic_write_text, resolve_device, seed_everything
+
+Callback = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_dir: The run directory (config, metrics, checkpoints).
+        step: Optimizer steps completed.
+        loss: Mean loss over the last logging window.
+        checkpoint: The final checkpoint.
+    """
+
+    run_dir: Path
+    step: int
+    loss: float
+    checkpoint: Path
+
+
+@dataclass
+class TrainState:
+    """Everything the loop mutates, kept together so steps stay short."""
+
+    model: DualEncoder
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    window: list[torch.Tensor] | None = None
+    window_start: float = 0.0
+    last_loss: float = float("nan")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run directory and save the resolved config; refuse to overwrite a run by accident."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if cfg.overwrite and cfg.resume is None:
+        for old in ckpt.list_checkpoints(run_dir):
+            old.unlink()
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    if cfg.resume is None and ckpt.list_checkpoints(run_dir):
+        raise ConfigError(
+            f"run directory {run_dir} already holds checkpoints: pass resume=latest to continue it, "
+            "name=NEW_NAME for a new run, or overwrite=true to start it again"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
+    """Model, loss and optimizer, on ``device``, seeded by ``cfg.seed``."""
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_overrides).to(device).train()
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.loss == "siglip" and model.logit_bias is None:
+        raise ConfigError(f"loss 'siglip' needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
+    return TrainState(model, create_loss(cfg.loss), build_optimizer(model, cfg.optim, device))
+
+
+def restore(state: TrainState, path: Path) -> None:
+    """Load model, optimizer, step and random generators from a checkpoint."""
+    saved = ckpt.load_checkpoint(path)
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.step = int(saved["step"])
+    ckpt.set_rng_state(saved["rng"])
+
+
+def save(state: TrainState, cfg: TrainConfig, run_dir: Path) -> Path:
+    """Write a checkpoint for the current step and prune old ones."""
+    path = ckpt.checkpoint_path(run_dir, state.step)
+    payload = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "step": state.step,
+        "rng": ckpt.rng_state(),
+        "config": to_dict(cfg),
+        "model_config": to_dict(state.model.cfg),
+    }
+    ckpt.save_checkpoint(path, payload)
+    ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
+    return path
+
+
+def compute_loss(state: TrainState, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Forward both towers and the loss."""
+    return state.loss_fn(state.model(images, tokens))
+
+
+def train_step(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """One optimizer step; returns (loss, grad_norm) as a 2-vector on the device, without syncing."""
+    lr = lr_at(state.step, cfg.steps, cfg.optim)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    with autocast:
+        loss = compute_loss(state, images, tokens)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in state.model.parameters() if p.grad is not None]
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    state.optimizer.step()
+    state.step += 1
+    return torch.stack([loss.detach().float(), grad_norm.detach().float()])
+
+
+def check_window(state: TrainState) -> torch.Tensor:
+    """Stack the unchecked step records and stop the run if any loss or gradient is not finite."""
+    stats = torch.stack(state.window).cpu()  # (steps, 2): loss, grad_norm
+    if not torch.isfinite(stats).all():
+        bad = state.step - len(state.window) + int((~torch.isfinite(stats)).any(dim=1).nonzero()[0]) + 1
+        raise TrainingDivergedError(
+            f"the loss or gradient became {stats[bad - state.step - 1].tolist()} (loss, grad norm) at step {bad}; "
+            "the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip, or use precision=fp32."
+        )
+    return stats
+
+
+def log_window(state: TrainState, cfg: TrainConfig, logger: MetricLogger, bar: tqdm) -> dict[str, Any]:
+    """Check, summarise and record the steps since the last record."""
+    stats = check_window(state)
+    elapsed = max(time.perf_counter() - state.window_start, 1e-9)
+    metrics = {
+        "loss": float(stats[:, 0].mean()),
+        "grad_norm": float(stats[:, 1].mean()),
+        "lr": lr_at(state.step - 1, cfg.steps, cfg.optim),
+        "logit_scale": float(state.model.scale().detach()),
+        "samples_per_s": len(state.window) * cfg.data.batch_size / elapsed,
+    }
+    if state.model.logit_bias is not None:
+        metrics["logit_bias"] = float(state.model.logit_bias.detach())
+    logger.log(state.step, metrics)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
+    state.last_loss = metrics["loss"]
+    state.window, state.window_start = [], time.perf_counter()
+    return metrics
+
+
+def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int) -> torch.utils.data.DataLoader:
+    """The deterministic loader for the run's remaining steps."""
+    source = open_source(cfg.data.train)
+    return make_train_loader(
+        source,
+        image_transform(model.cfg, train=cfg.data.augment),
+        get_tokenizer(model.cfg),
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        start_step=start_step,
+        num_steps=cfg.steps - start_step,
+        workers=cfg.data.workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train a dual encoder as ``cfg`` says; resumable, checkpointed, logged.
+
+    Args:
+        cfg: The run.
+        callbacks: Called as ``cb(step, metrics)`` after each step (``metrics`` empty between records).
+
+    Raises:
+        TrainingDivergedError: The loss or gradient became NaN/Inf; the last good checkpoint is kept.
+    """
+    run_dir = prepare_run_dir(cfg)
+    device = resolve_device(cfg.device)
+    state = build_state(cfg, device)
+    if cfg.resume:
+        restore(state, ckpt.resolve_resume(run_dir, cfg.resume))
+    logger = MetricLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=cfg.name, unit="step", disable=not cfg.progress)
+    path = ckpt.checkpoint_path(run_dir, state.step)
+    state.window, state.window_start = [], time.perf_counter()
+    try:
+        for images, tokens in make_loader(cfg, state.model, state.step):
+            path = run_one(state, cfg, run_dir, logger, bar, images.to(device), tokens.to(device), callbacks) or path
+    finally:
+        bar.close()
+        logger.close()
+    atomic_write_text(run_dir / "summary.json", json.dumps({"step": state.step, "loss": state.last_loss}) + "\n")
+    return TrainResult(run_dir, state.step, state.last_loss, path)
+
+
+def run_one(
+    state: TrainState,
+    cfg: TrainConfig,
+    run_dir: Path,
+    logger: MetricLogger,
+    bar: tqdm,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    callbacks: Sequence[Callback],
+) -> Path | None:
+    """One step plus its bookkeeping (records, checkpoints, callbacks); returns a new checkpoint path."""
+    state.window.append(train_step(state, cfg, images, tokens))
+    bar.update(1)
+    last = state.step == cfg.steps
+    metrics = log_window(state, cfg, logger, bar) if state.step % cfg.log_every == 0 or last else {}
+    path = None
+    if state.step % cfg.checkpoint_every == 0 or last:
+        if state.window:
+            check_window(state)
+        path = save(state, cfg, run_dir)
+    for cb in callbacks:
+        cb(state.step, metrics)
+    return path

