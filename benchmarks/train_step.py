@@ -1,0 +1,123 @@
+"""Training-step throughput: lipkit vs OpenCLIP on the same small config, side by side.
+
+Both libraries build the same architecture (ViT image tower + CLIP text transformer) with the same
+widths, depths, batch, precision and synthetic data; each step is forward + InfoNCE loss + backward
++ AdamW. Rounds alternate between the two so that machine noise hits both alike. Prints samples/s of
+each and the lipkit/OpenCLIP ratio.
+
+    python benchmarks/train_step.py                       # the `tiny` config, batch 64, fp32, CPU
+    python benchmarks/train_step.py --model ViT-B-32 --batch-size 256 --device cuda --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import lipkit
+from lipkit.losses import create_loss
+from lipkit.models import get_model_config
+
+
+def openclip_model(name: str) -> torch.nn.Module:
+    """Build OpenCLIP's CLIP with the architecture of lipkit config ``name``."""
+    import open_clip
+
+    cfg = get_model_config(name)
+    v, t = cfg.vision_config(), cfg.text_config()
+    vision = {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers}
+    vision["head_width"] = v.width // v.heads
+    text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads}
+    text["layers"] = t.layers
+    quick = v.act == "quick_gelu"
+    return open_clip.CLIP(cfg.embed_dim, vision, text, quick_gelu=quick)
+
+
+def lipkit_step(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    loss_fn = create_loss("infonce")
+    return lambda images, tokens: loss_fn(model(images, tokens))
+
+
+def openclip_step(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    from open_clip.loss import ClipLoss
+
+    loss_fn = ClipLoss()
+
+    def step(images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        image_features, text_features, logit_scale = model(images, tokens)
+        return loss_fn(image_features, text_features, logit_scale)
+
+    return step
+
+
+def make_runner(model: torch.nn.Module, loss_step, device: torch.device, precision: str):
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def run(images: torch.Tensor, tokens: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_step(images, tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return run
+
+
+def time_steps(run, images: torch.Tensor, tokens: torch.Tensor, steps: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        run(images, tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="lipkit model config (default: tiny)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = get_model_config(args.model)
+    size, ctx = cfg.vision_config().image_size, cfg.text_config().context_length
+    images = torch.randn(args.batch_size, 3, size, size, device=device)
+    tokens = torch.randint(1, 49406, (args.batch_size, ctx), device=device)
+    tokens[:, -1] = 49407
+
+    ours = lipkit.create_model(args.model)
+    theirs = openclip_model(args.model)
+    runners = {
+        "lipkit": make_runner(ours, lipkit_step(ours), device, args.precision),
+        "openclip": make_runner(theirs, openclip_step(theirs), device, args.precision),
+    }
+    for run in runners.values():  # warm-up
+        time_steps(run, images, tokens, 2, device)
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            rates[name].append(args.steps * args.batch_size / time_steps(run, images, tokens, args.steps, device))
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    params = sum(p.numel() for p in ours.parameters()) / 1e6
+    print(f"model {args.model} ({params:.1f}M params), batch {args.batch_size}, {args.precision}, {device}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for name, value in med.items():
+        print(f"{name:>9}: {value:8.1f} samples/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[name])})")
+    print(f"ratio lipkit/openclip: {med['lipkit'] / med['openclip']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
