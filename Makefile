@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml
 
 quickstart: setup
 	$(BIN)/lipkit train tiny-tuxpaint overwrite=true
+	$(BIN)/lipkit eval retrieval runs/tiny-tuxpaint --data tuxpaint:test --out runs/tiny-tuxpaint/retrieval.json
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

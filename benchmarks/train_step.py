@@ -112,8 +112,10 @@ def main() -> None:
             rates[name].append(args.steps * args.batch_size / time_steps(run, images, tokens, args.steps, device))
     med = {name: statistics.median(r) for name, r in rates.items()}
     params = sum(p.numel() for p in ours.parameters()) / 1e6
-    print(f"model {args.model} ({params:.1f}M params), batch {args.batch_size}, {args.precision}, {device}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model} ({params:.1f}M params), batch {args.batch_size}, {args.precision}, {device}, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
     for name, value in med.items():
         print(f"{name:>9}: {value:8.1f} samples/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[name])})")
     print(f"ratio lipkit/openclip: {med['lipkit'] / med['openclip']:.2f}x")

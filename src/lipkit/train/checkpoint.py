@@ -89,3 +89,14 @@ def recorded_model_config(path: str | Path) -> Any:
     if "model_config" not in state:
         raise CheckpointError(f"{path} records no model config; name the model with --model")
     return from_dict(ModelConfig, state["model_config"])
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A run directory resolves to its newest checkpoint; a file stays as it is."""
+    path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path} is a directory without checkpoints (expected a run directory or a file)")
+        return found[-1]
+    return path

@@ -1,0 +1,1 @@
+"""Evaluation: embedding collections and retrieval metrics."""

@@ -1,0 +1,46 @@
+"""Embed the images and captions of a pair source with a model, in batches, with a progress bar."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lipkit.data.loader import Collate
+from lipkit.data.sources import PairSource
+from lipkit.models import DualEncoder, get_tokenizer, image_transform
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, source: PairSource, transform) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.transform(self.source.image(index)), self.source.caption(index)
+
+
+@torch.no_grad()
+def embed_pairs(
+    model: DualEncoder,
+    source: PairSource,
+    batch_size: int = 128,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image and caption embeddings of every pair in ``source``: two (N, D) tensors."""
+    loader = DataLoader(
+        _Items(source, image_transform(model.cfg)),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=Collate(get_tokenizer(model.cfg)),
+    )
+    model.eval().to(device)
+    images, texts = [], []
+    for batch_images, tokens in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
+        images.append(model.encode_image(batch_images.to(device), normalize=True).float().cpu())
+        texts.append(model.encode_text(tokens.to(device), normalize=True).float().cpu())
+    return torch.cat(images), torch.cat(texts)
