@@ -69,3 +69,20 @@ def test_train_end_to_end_from_the_console_script(tmp_path):
 def test_tokenize_prints_ids(capsys):
     assert main(["tokenize", "a cat"]) == 0
     assert "49406" in capsys.readouterr().out
+
+
+def test_eval_retrieval_on_a_trained_run(tmp_path, capsys):
+    argv = ["train", "tiny-synthetic", "steps=20", f"out_dir={tmp_path}", "tensorboard=false", "progress=false"]
+    assert main(argv) == 0
+    out_file = tmp_path / "r.json"
+    assert (
+        main(["eval", "retrieval", str(tmp_path / "tiny-synthetic"), "--data", "synthetic:val", "--out", str(out_file)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "R@1" in printed and "median rank" in printed
+    import json
+
+    result = json.loads(out_file.read_text())
+    assert result["task"] == "retrieval" and result["n"] == 512
+    assert 0.0 <= result["text_to_image_R@1"] <= result["text_to_image_R@5"] <= 100.0
