@@ -131,3 +131,11 @@ def test_config_validation():
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*optim.lr"):
         resolve_config("tiny-synthetic", overrides=["optim.lrr=1"])
     assert isinstance(resolve_config(), TrainConfig)
+
+
+def test_tensorboard_events_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    overrides = [f"out_dir={tmp_path}", "progress=false", "device=cpu", "steps=2", "log_every=1"]
+    result = loop.train(resolve_config("tiny-synthetic", overrides=overrides))
+    events = list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
