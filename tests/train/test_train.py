@@ -139,3 +139,15 @@ def test_tensorboard_events_are_written(tmp_path):
     result = loop.train(resolve_config("tiny-synthetic", overrides=overrides))
     events = list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_streaming_loss_trains_like_the_plain_loss(run_overrides):
+    base = [*run_overrides, "steps=4", "log_every=1"]
+    plain = loop.train(resolve_config("tiny-synthetic", overrides=[*base, "name=plain"]))
+    tiled = loop.train(
+        resolve_config(
+            "tiny-synthetic", overrides=[*base, "name=tiled", "loss=infonce-streaming", "loss_options.tile=5"]
+        )
+    )
+    for (s1, a), (s2, b) in zip(losses(plain.run_dir), losses(tiled.run_dir)):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-4)

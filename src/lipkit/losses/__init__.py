@@ -34,15 +34,25 @@ class LossInputs(Protocol):
 # The loss modules register themselves into LOSSES on import, so they are imported after it exists.
 from lipkit.losses.contrastive import InfoNCELoss, infonce_loss  # noqa: E402
 from lipkit.losses.sigmoid import SigmoidLoss, sigmoid_loss  # noqa: E402
+from lipkit.losses.streaming import (  # noqa: E402
+    StreamingInfoNCELoss,
+    StreamingSigmoidLoss,
+    streaming_infonce_loss,
+    streaming_sigmoid_loss,
+)
 
 __all__ = [
     "LOSSES",
     "InfoNCELoss",
     "LossInputs",
     "SigmoidLoss",
+    "StreamingInfoNCELoss",
+    "StreamingSigmoidLoss",
     "create_loss",
     "infonce_loss",
     "sigmoid_loss",
+    "streaming_infonce_loss",
+    "streaming_sigmoid_loss",
 ]
 
 

@@ -59,10 +59,15 @@ class SigmoidLoss(nn.Module):
         Raises:
             LipkitError: ``out.logit_bias`` is missing or None (the model was built without a bias).
         """
+        return sigmoid_loss(out.image_features, out.text_features, out.logit_scale, self.require_bias(out))
+
+    @staticmethod
+    def require_bias(out: LossInputs) -> Tensor:
+        """The output's logit bias; a clear error when the model has none."""
         bias = getattr(out, "logit_bias", None)
         if bias is None:
             raise LipkitError(
                 "the siglip loss needs a logit bias, but the model output has logit_bias=None; "
                 "build the model with a learnable bias (SigLIP init) or use the 'infonce' loss"
             )
-        return sigmoid_loss(out.image_features, out.text_features, out.logit_scale, bias)
+        return bias

@@ -77,7 +77,9 @@ class TrainConfig:
         model: Model config name (``lipkit models`` lists them) or a JSON file.
         model_overrides: Nested overrides of the model config, e.g. ``{vision: {layers: 2}}``.
         pretrained: Weights to start from (lipkit, OpenCLIP or OpenAI checkpoint).
-        loss: ``infonce`` (CLIP) or ``siglip`` (sigmoid).
+        loss: ``infonce`` (CLIP), ``siglip`` (sigmoid), or their O(B x tile)-memory forms
+            ``infonce-streaming`` / ``siglip-streaming``.
+        loss_options: Keyword arguments of the loss, e.g. ``{tile: 2048}`` for the streaming losses.
         steps: Optimizer steps.
         precision: ``fp32`` or ``bf16`` (autocast).
         seed: Seed for initialisation, data order and augmentation.
@@ -100,6 +102,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     loss: str = "infonce"
+    loss_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 1000
     precision: str = "fp32"
     seed: int = 0

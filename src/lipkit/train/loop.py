@@ -83,9 +83,9 @@ def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
     seed_everything(cfg.seed)
     model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_overrides).to(device).train()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    if cfg.loss == "siglip" and model.logit_bias is None:
+    if cfg.loss.startswith("siglip") and model.logit_bias is None:
         raise ConfigError(f"loss 'siglip' needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
-    return TrainState(model, create_loss(cfg.loss), build_optimizer(model, cfg.optim, device))
+    return TrainState(model, create_loss(cfg.loss, **cfg.loss_options), build_optimizer(model, cfg.optim, device))
 
 
 def restore(state: TrainState, path: Path) -> None:

@@ -1,0 +1,188 @@
+"""Streaming (tiled) contrastive losses: memory O(B x tile) instead of O(B^2).
+
+The B x B logit matrix is never held. The forward pass visits it tile by tile, keeping running
+log-sum-exps per row and per column (the online softmax of FlashAttention and Inf-CL); the backward
+pass recomputes each tile from the saved features and those statistics. Values and gradients equal
+:func:`lipkit.losses.infonce_loss` and :func:`lipkit.losses.sigmoid_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipkit.errors import ConfigError
+from lipkit.losses import LOSSES, LossInputs
+from lipkit.losses.contrastive import check_pair
+from lipkit.losses.sigmoid import SigmoidLoss
+
+__all__ = ["StreamingInfoNCELoss", "StreamingSigmoidLoss", "streaming_infonce_loss", "streaming_sigmoid_loss"]
+
+
+def _tiles(n: int, tile: int) -> Iterator[slice]:
+    for start in range(0, n, tile):
+        yield slice(start, min(start + tile, n))
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _logsumexps(image: Tensor, text: Tensor, scale: Tensor, tile: int) -> tuple[Tensor, Tensor]:
+    """Row and column log-sum-exp of ``scale * image @ text.T``, tile by tile, accumulated in float32+."""
+    n, acc = image.shape[0], _acc(image)
+    row = torch.full((n,), -torch.inf, device=image.device, dtype=acc)
+    col = torch.full((n,), -torch.inf, device=image.device, dtype=acc)
+    for rs in _tiles(n, tile):
+        for cs in _tiles(n, tile):
+            logits = (scale * image[rs] @ text[cs].T).to(acc)  # (tile, tile)
+            row[rs] = torch.logaddexp(row[rs], torch.logsumexp(logits, dim=1))
+            col[cs] = torch.logaddexp(col[cs], torch.logsumexp(logits, dim=0))
+    return row, col
+
+
+class _StreamingInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, tile: int) -> Tensor:
+        row, col = _logsumexps(image, text, scale, tile)
+        positives = (scale * (image * text).sum(dim=1)).to(row.dtype)  # (B,)
+        ctx.save_for_backward(image, text, scale, row, col)
+        ctx.tile = tile
+        return ((row - positives).mean() + (col - positives).mean()) / 2
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        image, text, scale, row, col = ctx.saved_tensors
+        n, coef, acc = image.shape[0], grad / (2 * image.shape[0]), row.dtype
+        g_image = torch.zeros_like(image, dtype=acc)
+        g_text = torch.zeros_like(text, dtype=acc)
+        g_scale = torch.zeros((), device=image.device, dtype=acc)
+        for rs in _tiles(n, ctx.tile):
+            for cs in _tiles(n, ctx.tile):
+                dots = (image[rs] @ text[cs].T).to(acc)  # (tile, tile)
+                logits = scale * dots
+                weights = torch.exp(logits - row[rs, None]) + torch.exp(logits - col[None, cs])  # p + q
+                g_image[rs] += weights @ text[cs].to(acc)
+                g_text[cs] += weights.T @ image[rs].to(acc)
+                g_scale += (weights * dots).sum()
+        diag = (image * text).sum(dim=1).to(acc)
+        g_image = coef * scale * (g_image - 2 * text.to(acc))
+        g_text = coef * scale * (g_text - 2 * image.to(acc))
+        g_scale = coef * (g_scale - 2 * diag.sum())
+        return g_image.to(image.dtype), g_text.to(text.dtype), g_scale.to(scale.dtype), None
+
+
+def streaming_infonce_loss(
+    image_features: Tensor, text_features: Tensor, logit_scale: Tensor, tile: int = 4096
+) -> Tensor:
+    """:func:`~lipkit.losses.infonce_loss`, computed tile by tile (same value and gradients).
+
+    Args:
+        image_features: L2-normalised image embeddings (B, D).
+        text_features: L2-normalised text embeddings (B, D).
+        logit_scale: The exponentiated temperature (scalar tensor).
+        tile: Rows and columns per tile; memory is O(B x tile).
+    """
+    check_pair(image_features, text_features)
+    return _StreamingInfoNCE.apply(image_features, text_features, logit_scale, tile)
+
+
+class _StreamingSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, tile: int) -> Tensor:
+        total = torch.zeros((), device=image.device, dtype=_acc(image))
+        for rs in _tiles(image.shape[0], tile):
+            for cs in _tiles(image.shape[0], tile):
+                total += -F.logsigmoid(_signs(rs, cs, image) * _sig_logits(image, text, scale, bias, rs, cs)).sum()
+        ctx.save_for_backward(image, text, scale, bias)
+        ctx.tile = tile
+        return total / image.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        image, text, scale, bias = ctx.saved_tensors
+        n, coef, acc = image.shape[0], grad / image.shape[0], _acc(image)
+        g_image = torch.zeros_like(image, dtype=acc)
+        g_text = torch.zeros_like(text, dtype=acc)
+        g_scale = torch.zeros((), device=image.device, dtype=acc)
+        g_bias = torch.zeros((), device=image.device, dtype=acc)
+        for rs in _tiles(n, ctx.tile):
+            for cs in _tiles(n, ctx.tile):
+                signs = _signs(rs, cs, image).to(acc)
+                dots = (image[rs] @ text[cs].T).to(acc)  # (tile, tile)
+                d_logits = -signs * torch.sigmoid(-signs * (scale * dots + bias))  # d loss / d logit
+                g_image[rs] += scale * d_logits @ text[cs].to(acc)
+                g_text[cs] += scale * d_logits.T @ image[rs].to(acc)
+                g_scale += (d_logits * dots).sum()
+                g_bias += d_logits.sum()
+        return (
+            (coef * g_image).to(image.dtype),
+            (coef * g_text).to(text.dtype),
+            (coef * g_scale).to(scale.dtype),
+            (coef * g_bias).to(bias.dtype),
+            None,
+        )
+
+
+def _signs(rs: slice, cs: slice, like: Tensor) -> Tensor:
+    """+1 where the global row index equals the column index, -1 elsewhere: (rows, cols)."""
+    rows = torch.arange(rs.start, rs.stop, device=like.device)[:, None]
+    cols = torch.arange(cs.start, cs.stop, device=like.device)[None, :]
+    return torch.where(rows == cols, 1.0, -1.0)
+
+
+def _sig_logits(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, rs: slice, cs: slice) -> Tensor:
+    return (scale * image[rs] @ text[cs].T + bias).to(_acc(image))
+
+
+def streaming_sigmoid_loss(
+    image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor, tile: int = 4096
+) -> Tensor:
+    """:func:`~lipkit.losses.sigmoid_loss`, computed tile by tile (same value and gradients).
+
+    Args:
+        image_features: L2-normalised image embeddings (B, D).
+        text_features: L2-normalised text embeddings (B, D).
+        logit_scale: The exponentiated temperature (scalar tensor).
+        logit_bias: The logit bias (scalar tensor).
+        tile: Rows and columns per tile; memory is O(B x tile).
+    """
+    check_pair(image_features, text_features)
+    return _StreamingSigmoid.apply(image_features, text_features, logit_scale, logit_bias, tile)
+
+
+def _check_tile(tile: int) -> int:
+    if tile < 1:
+        raise ConfigError(f"loss tile must be positive, got {tile}")
+    return tile
+
+
+@LOSSES.register("infonce-streaming")
+class StreamingInfoNCELoss(nn.Module):
+    """InfoNCE with O(B x tile) memory; ``tile`` rows and columns of logits at a time."""
+
+    def __init__(self, tile: int = 4096) -> None:
+        super().__init__()
+        self.tile = _check_tile(tile)
+
+    def forward(self, out: LossInputs) -> Tensor:
+        """Compute the loss from a model output."""
+        return streaming_infonce_loss(out.image_features, out.text_features, out.logit_scale, self.tile)
+
+
+@LOSSES.register("siglip-streaming")
+class StreamingSigmoidLoss(SigmoidLoss):
+    """The SigLIP sigmoid loss with O(B x tile) memory."""
+
+    def __init__(self, tile: int = 4096) -> None:
+        super().__init__()
+        self.tile = _check_tile(tile)
+
+    def forward(self, out: LossInputs) -> Tensor:
+        """Compute the loss from a model output (which must carry a logit bias)."""
+        bias = self.require_bias(out)
+        return streaming_sigmoid_loss(out.image_features, out.text_features, out.logit_scale, bias, self.tile)
