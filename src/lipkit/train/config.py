@@ -92,6 +92,8 @@ class TrainConfig:
         tensorboard: Also write TensorBoard event files.
         progress: Show a progress bar.
         grad_checkpointing: Recompute activations in the backward pass (less memory, more compute).
+        accum_micro_batch: Run each batch as micro-batches of this size through a feature cache: the
+            gradients of the full batch with the activation memory of one micro-batch.
         data: Data settings.
         optim: Optimizer settings.
     """
@@ -115,6 +117,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     grad_checkpointing: bool = False
+    accum_micro_batch: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 

@@ -6,8 +6,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from lipkit.errors import ConfigError, TrainingDivergedError
 from lipkit.losses import create_loss
 from lipkit.models import DualEncoder, create_model, get_tokenizer, image_transform
 from lipkit.train import checkpoint as ckpt
+from lipkit.train.accumulate import cached_accumulation_backward
 from lipkit.train.config import TrainConfig
 from lipkit.train.metrics import MetricLogger
 from lipkit.train.optim import build_optimizer, lr_at
@@ -118,22 +120,36 @@ def compute_loss(state: TrainState, images: torch.Tensor, tokens: torch.Tensor) 
     return state.loss_fn(state.model(images, tokens))
 
 
+def precision(cfg: TrainConfig, device: torch.device) -> AbstractContextManager:
+    """The autocast context for ``cfg.precision`` on ``device``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+
+
+def backward(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Forward and backward one batch (through the feature cache when micro-batching); returns the loss."""
+    micro = cfg.accum_micro_batch
+    if micro is not None and micro < images.shape[0]:
+        context = partial(precision, cfg, images.device)
+        return cached_accumulation_backward(state.model, state.loss_fn, images, tokens, micro, context)
+    with precision(cfg, images.device):
+        loss = compute_loss(state, images, tokens)
+    loss.backward()
+    return loss.detach()
+
+
 def train_step(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """One optimizer step; returns (loss, grad_norm) as a 2-vector on the device, without syncing."""
     lr = lr_at(state.step, cfg.steps, cfg.optim)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
-    with autocast:
-        loss = compute_loss(state, images, tokens)
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = backward(state, cfg, images, tokens)
     params = [p for p in state.model.parameters() if p.grad is not None]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     state.optimizer.step()
     state.step += 1
-    return torch.stack([loss.detach().float(), grad_norm.detach().float()])
+    return torch.stack([loss.float(), grad_norm.detach().float()])
 
 
 def check_window(state: TrainState) -> torch.Tensor:
