@@ -33,6 +33,7 @@ class LossInputs(Protocol):
 
 # The loss modules register themselves into LOSSES on import, so they are imported after it exists.
 from lipkit.losses.contrastive import InfoNCELoss, infonce_loss  # noqa: E402
+from lipkit.losses.distributed import DistributedInfoNCELoss, DistributedSigmoidLoss  # noqa: E402
 from lipkit.losses.sigmoid import SigmoidLoss, sigmoid_loss  # noqa: E402
 from lipkit.losses.streaming import (  # noqa: E402
     StreamingInfoNCELoss,
@@ -43,6 +44,8 @@ from lipkit.losses.streaming import (  # noqa: E402
 
 __all__ = [
     "LOSSES",
+    "DistributedInfoNCELoss",
+    "DistributedSigmoidLoss",
     "InfoNCELoss",
     "LossInputs",
     "SigmoidLoss",

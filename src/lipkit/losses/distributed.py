@@ -1,0 +1,110 @@
+"""Contrastive losses across processes: each rank embeds its share of the global batch.
+
+Every rank gathers the other ranks' features (with gradients flowing back through the gather) and
+computes only its own rows: its images against all texts and its texts against all images. No rank
+holds the global B x B logit matrix; each holds (B / world) x B. The rank losses add up to the
+single-process loss; each is multiplied by the world size so that DDP's gradient averaging yields
+exactly the single-process gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipkit.losses import LOSSES, LossInputs
+from lipkit.losses.contrastive import check_pair
+from lipkit.losses.sigmoid import SigmoidLoss
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)  # (world * B, D)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's features: sum their gradients
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (B, D) from every rank into (world * B, D); gradients flow back to each rank."""
+    return _GatherWithGrad.apply(x)
+
+
+def local_infonce_loss(image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, scale: Tensor, offset: int):
+    """This rank's share of the global InfoNCE loss (shares sum to the global loss).
+
+    Args:
+        image: This rank's image features (b, D); rows ``offset .. offset + b`` of ``all_image``.
+        text: This rank's text features (b, D).
+        all_image: Every rank's image features (B, D).
+        all_text: Every rank's text features (B, D).
+        scale: The exponentiated temperature.
+        offset: Global index of this rank's first sample.
+    """
+    labels = torch.arange(offset, offset + image.shape[0], device=image.device)
+    i2t = F.cross_entropy(scale * image @ all_text.T, labels, reduction="sum")  # (b, B) logits
+    t2i = F.cross_entropy(scale * text @ all_image.T, labels, reduction="sum")  # (b, B) logits
+    return (i2t + t2i) / (2 * all_image.shape[0])
+
+
+def local_sigmoid_loss(image: Tensor, all_text: Tensor, scale: Tensor, bias: Tensor, offset: int) -> Tensor:
+    """This rank's share of the global sigmoid loss: its images against every text (shares sum to it)."""
+    logits = scale * image @ all_text.T + bias  # (b, B)
+    rows = torch.arange(offset, offset + image.shape[0], device=image.device)[:, None]
+    cols = torch.arange(all_text.shape[0], device=image.device)[None, :]
+    signs = torch.where(rows == cols, 1.0, -1.0).to(logits.dtype)
+    return -F.logsigmoid(signs * logits).sum() / all_text.shape[0]
+
+
+@LOSSES.register("infonce-distributed")
+class DistributedInfoNCELoss(nn.Module):
+    """InfoNCE over the global batch of all ranks (equals ``infonce`` in one process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def forward(self, out: LossInputs) -> Tensor:
+        """This rank's loss share times the world size (so DDP's mean gives global gradients)."""
+        check_pair(out.image_features, out.text_features)
+        rank, size = world()
+        if size == 1:
+            all_image, all_text = out.image_features, out.text_features
+        else:
+            all_image, all_text = gather_with_grad(out.image_features), gather_with_grad(out.text_features)
+        offset = rank * out.image_features.shape[0]
+        share = local_infonce_loss(out.image_features, out.text_features, all_image, all_text, out.logit_scale, offset)
+        return share * size
+
+
+@LOSSES.register("siglip-distributed")
+class DistributedSigmoidLoss(SigmoidLoss):
+    """The sigmoid loss over the global batch of all ranks (equals ``siglip`` in one process)."""
+
+    def forward(self, out: LossInputs) -> Tensor:
+        """This rank's loss share times the world size (so DDP's mean gives global gradients)."""
+        check_pair(out.image_features, out.text_features)
+        bias = self.require_bias(out)
+        rank, size = world()
+        all_text = out.text_features if size == 1 else gather_with_grad(out.text_features)
+        offset = rank * out.image_features.shape[0]
+        return local_sigmoid_loss(out.image_features, all_text, out.logit_scale, bias, offset) * size
+
+
+DISTRIBUTED_FORM = {"infonce": "infonce-distributed", "siglip": "siglip-distributed"}
