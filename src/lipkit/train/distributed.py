@@ -1,0 +1,109 @@
+"""One code path for one process and for torchrun: the process group is chosen from the environment.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process joins a process group (NCCL on GPUs, gloo on
+CPUs), the model is wrapped in DDP, each rank loads its slice of every global batch, and the loss is
+computed over the global batch (:mod:`lipkit.losses.distributed`). Run as a plain process, none of
+this happens.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lipkit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job.
+
+    Attributes:
+        rank: Global rank.
+        world_size: Number of processes.
+        local_rank: Rank on this machine (selects the GPU).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs, checkpoints and progress bars."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether more than one process takes part."""
+        return self.world_size > 1
+
+
+def env_from_environ() -> DistEnv:
+    """Read torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (a single process without them)."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def setup(device_name: str, timeout_s: float = 600.0) -> tuple[DistEnv, torch.device]:
+    """Join the process group if launched by torchrun, and pick this process's device.
+
+    Args:
+        device_name: ``auto``, ``cpu``, ``cuda``...; under torchrun, CUDA devices are taken by local rank.
+        timeout_s: Collective timeout: a rank that stops answering ends the others' wait with an error.
+    """
+    env = env_from_environ()
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda" and env.distributed:
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    if env.distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return env, device
+
+
+def check_batch(batch_size: int, env: DistEnv) -> int:
+    """The per-rank batch: the global batch divided by the world size (which must divide it)."""
+    if batch_size % env.world_size:
+        raise ConfigError(f"data.batch_size {batch_size} is not divisible by the {env.world_size} processes")
+    return batch_size // env.world_size
+
+
+def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
+    """DDP-wrap ``model`` when distributed; return it unchanged otherwise."""
+    if not env.distributed:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def mean_across_ranks(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The mean of ``x`` over all ranks (``x`` itself in one process)."""
+    if not env.distributed:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / env.world_size
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (no-op in one process)."""
+    if env.distributed:
+        dist.barrier()
+
+
+def teardown(env: DistEnv) -> None:
+    """Leave the process group."""
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
