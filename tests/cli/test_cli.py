@@ -84,5 +84,5 @@ def test_eval_retrieval_on_a_trained_run(tmp_path, capsys):
     import json
 
     result = json.loads(out_file.read_text())
-    assert result["task"] == "retrieval" and result["n"] == 512
-    assert 0.0 <= result["text_to_image_R@1"] <= result["text_to_image_R@5"] <= 100.0
+    assert result["task"] == "retrieval" and result["details"]["n"] == 512
+    assert 0.0 <= result["metrics"]["text_to_image_R@1"] <= result["metrics"]["text_to_image_R@5"] <= 100.0
