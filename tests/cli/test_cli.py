@@ -86,3 +86,44 @@ def test_eval_retrieval_on_a_trained_run(tmp_path, capsys):
     result = json.loads(out_file.read_text())
     assert result["task"] == "retrieval" and result["details"]["n"] == 512
     assert 0.0 <= result["metrics"]["text_to_image_R@1"] <= result["metrics"]["text_to_image_R@5"] <= 100.0
+
+
+@pytest.mark.skipif(
+    not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="no Fashion-MNIST"
+)
+def test_eval_fewshot_prints_a_table_per_method_and_k(tmp_path, capsys):
+    import json
+
+    import torch
+
+    import lipkit
+
+    torch.manual_seed(0)
+    torch.save(lipkit.create_model("micro").state_dict(), tmp_path / "w.pt")
+    argv = ["eval", "fewshot", str(tmp_path / "w.pt"), "--model", "micro", "--train", "fashion-mnist:train"]
+    argv += ["--test", "fashion-mnist:test", "--max-test", "60", "--shots", "1", "2", "--device", "cpu"]
+    argv += ["--methods", "zeroshot", "tip_adapter", "gda", "--out", str(tmp_path / "f.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "K=1" in out and "K=2" in out and "tip_adapter" in out and "gda" in out
+    result = json.loads((tmp_path / "f.json").read_text())
+    methods = result["details"]["fewshot"]["methods"]
+    assert set(methods) == {"zeroshot", "tip_adapter", "gda"} and set(methods["gda"]) == {"1", "2"}
+
+
+def test_eval_fewshot_rejects_too_many_shots(tmp_path, capsys):
+    import torch
+
+    import lipkit
+
+    torch.save(lipkit.create_model("micro").state_dict(), tmp_path / "w.pt")
+    root = tmp_path / "data"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3 if cls == "cat" else 1):
+            lipkit.data.sources.SyntheticPairs(size=4).image(i).save(root / cls / f"{i}.png")
+    argv = ["eval", "fewshot", str(tmp_path / "w.pt"), "--model", "micro", "--train", f"folder:{root}"]
+    argv += ["--test", f"folder:{root}", "--shots", "2", "--methods", "zeroshot", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "dog" in err and "Traceback" not in err

@@ -18,13 +18,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="evaluate a model",
         description="Evaluate a model. Tasks: `retrieval` (image->text and text->image Recall@k), `zeroshot` "
-        "(zero-shot classification from prompts) and `linear-probe` (logistic regression on frozen image "
-        "features). Every task can write its results as JSON in one schema (--out).",
+        "(zero-shot classification from prompts), `linear-probe` (logistic regression on frozen image "
+        "features) and `fewshot` (adapters at K shots per class). Every task can write its results as JSON "
+        "in one schema (--out).",
     )
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     _add_retrieval(tasks)
     _add_zeroshot(tasks)
     _add_linear_probe(tasks)
+    _add_fewshot(tasks)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -105,6 +107,39 @@ example:
     lp.add_argument("--val-fraction", type=float, default=0.2, help="share of training samples to choose L2 on")
     _add_subset_args(lp)
     lp.set_defaults(run=run_linear_probe)
+
+
+def _add_fewshot(tasks: argparse._SubParsersAction) -> None:
+    from lipkit.eval.fewshot import DEFAULT_KS, DEFAULT_METHODS
+
+    f = tasks.add_parser(
+        "fewshot",
+        help="few-shot adaptation at K shots per class",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Few-shot adaptation on frozen features at K shots per class: zero-shot baseline,
+linear probe, Tip-Adapter, Tip-Adapter-F, Gaussian discriminant analysis (GDA)
+and CoOp (learned prompt context). Hyper-parameters are chosen on folds of the
+K-shot training data only, never on the test set. Reports top-1 per method and K.""",
+        epilog="""\
+example:
+  lipkit eval fewshot runs/tiny-tuxpaint --train fashion-mnist:train --test fashion-mnist:test \\
+      --shots 1 2 4 8 16 --methods zeroshot linear_probe tip_adapter gda --max-test 2000""",
+    )
+    _add_model_args(f)
+    f.add_argument("--train", required=True, help="set the shots are drawn from: " + DATASETS_HELP)
+    f.add_argument("--test", required=True, help="test set (same specs)")
+    f.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_KS), help="K values (default: 1 2 4 8 16)")
+    f.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods (default: all)")
+    f.add_argument("--seeds", type=int, nargs="+", default=[0], help="shot-sampling seeds to average (default: 0)")
+    f.add_argument("--templates", help="prompt templates for the zero-shot classifier (as in `lipkit eval zeroshot`)")
+    f.add_argument("--max-test", type=int, help="score at most N test images")
+    f.add_argument(
+        "--no-invert",
+        action="store_true",
+        help="fashion-mnist and mnist: keep white-on-black images (default: dark objects on white)",
+    )
+    f.set_defaults(run=run_fewshot, classnames=None, max_samples=None, seed=0)
 
 
 def _add_subset_args(p: argparse.ArgumentParser) -> None:
@@ -236,3 +271,39 @@ def _print_classification(values: dict, classnames: list[str]) -> None:
         width = max(len(c) for c in classnames)
         for name, recall in zip(classnames, values["per_class_recall"]):
             print(f"    {name:<{width}}  {'-' if recall is None else f'{recall:5.1f}'}")
+
+
+def run_fewshot(args: argparse.Namespace) -> int:
+    from lipkit.eval.fewshot import fewshot_report
+    from lipkit.utils import resolve_device
+
+    model, weights = _load_model(args)
+    train, test = _open(args.train, args), _open(args.test, args)
+    if list(train.classnames) != list(test.classnames):
+        raise LipkitError(f"{args.train} and {args.test} have different classes")
+    classnames, templates, _ = _prompts(args, test)
+    print(f"few-shot: shots from {args.train}, test on {args.test}, K = {' '.join(map(str, args.shots))}")
+    values = fewshot_report(
+        model,
+        train,
+        test,
+        classnames,
+        templates,
+        ks=args.shots,
+        methods=args.methods,
+        device=resolve_device(args.device),
+        max_test=args.max_test,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    _print_fewshot(values, args.shots)
+    _save(args, "fewshot", model, weights, {"train": args.train, "test": args.test}, {"fewshot": values})
+    return 0
+
+
+def _print_fewshot(values: dict, ks: list[int]) -> None:
+    print(f"  {'method':<16}" + "".join(f"{'K=' + str(k):>9}" for k in ks))
+    for method, per_k in values["methods"].items():
+        cells = "".join(f"{per_k[str(k)]['top1']:9.1f}" if str(k) in per_k else f"{'-':>9}" for k in ks)
+        print(f"  {method:<16}{cells}")
