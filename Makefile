@@ -52,7 +52,7 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python benchmarks/tokenizer_speed.py
-	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

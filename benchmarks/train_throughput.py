@@ -1,12 +1,13 @@
-"""Training-step throughput: lipkit vs OpenCLIP on the same small config, side by side.
+"""Training throughput: lipkit vs OpenCLIP on the same config, side by side in one run.
 
 Both libraries build the same architecture (ViT image tower + CLIP text transformer) with the same
 widths, depths, batch, precision and synthetic data; each step is forward + InfoNCE loss + backward
-+ AdamW. Rounds alternate between the two so that machine noise hits both alike. Prints samples/s of
-each and the lipkit/OpenCLIP ratio.
++ AdamW (fused on CUDA). Rounds alternate between the two so that machine noise hits both alike.
+Prints samples/s, peak GPU memory, model FLOPs utilisation and the lipkit/OpenCLIP ratios.
 
-    python benchmarks/train_step.py                       # the `tiny` config, batch 64, fp32, CPU
-    python benchmarks/train_step.py --model ViT-B-32 --batch-size 256 --device cuda --precision bf16
+    python benchmarks/train_throughput.py                 # the `tiny` config, batch 64, fp32, CPU
+    python benchmarks/train_throughput.py --model ViT-B-32 --batch-size 1024 --device cuda --precision bf16
+    python benchmarks/train_throughput.py --model ViT-B-16 --batch-size 512 --device cuda --precision bf16 --compile
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def openclip_step(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tenso
     return step
 
 
-def make_runner(model: torch.nn.Module, loss_step, device: torch.device, precision: str):
+def make_runner(model: torch.nn.Module, loss_step, device: torch.device, precision: str, compile: bool = False):
     model.to(device).train()
+    if compile:
+        loss_step = torch.compile(loss_step)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if precision == "bf16" else None
 
@@ -67,6 +70,16 @@ def make_runner(model: torch.nn.Module, loss_step, device: torch.device, precisi
         opt.step()
 
     return run
+
+
+def step_flops(run, images: torch.Tensor, tokens: torch.Tensor) -> float:
+    """FLOPs of one training step (forward + backward), counted by PyTorch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run(images, tokens)
+    return float(counter.get_total_flops())
 
 
 def time_steps(run, images: torch.Tensor, tokens: torch.Tensor, steps: int, device: torch.device) -> float:
@@ -88,6 +101,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16: 989)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -101,24 +116,43 @@ def main() -> None:
     ours = lipkit.create_model(args.model)
     theirs = openclip_model(args.model)
     runners = {
-        "lipkit": make_runner(ours, lipkit_step(ours), device, args.precision),
-        "openclip": make_runner(theirs, openclip_step(theirs), device, args.precision),
+        "lipkit": make_runner(ours, lipkit_step(ours), device, args.precision, args.compile),
+        "openclip": make_runner(theirs, openclip_step(theirs), device, args.precision, args.compile),
     }
-    for run in runners.values():  # warm-up
-        time_steps(run, images, tokens, 2, device)
+    flops = step_flops(runners["lipkit"], images, tokens)
+    peak = {}
+    for name, run in runners.items():  # warm-up (and compilation), then peak memory of a few steps
+        time_steps(run, images, tokens, 3, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            time_steps(run, images, tokens, 2, device)
+            peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
     rates: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, run in runners.items():
             rates[name].append(args.steps * args.batch_size / time_steps(run, images, tokens, args.steps, device))
+    report(args, ours, device, flops, rates, peak)
+
+
+def report(args, model, device, flops: float, rates: dict[str, list[float]], peak: dict[str, float]) -> None:
+    """Print the side-by-side table and the ratios."""
     med = {name: statistics.median(r) for name, r in rates.items()}
-    params = sum(p.numel() for p in ours.parameters()) / 1e6
+    params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
         f"model {args.model} ({params:.1f}M params), batch {args.batch_size}, {args.precision}, {device}, "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"compile={args.compile}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
+    print(f"model FLOPs per step (forward + backward): {flops / 1e12:.4f} TFLOP")
     for name, value in med.items():
-        print(f"{name:>9}: {value:8.1f} samples/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[name])})")
-    print(f"ratio lipkit/openclip: {med['lipkit'] / med['openclip']:.2f}x")
+        tflops = flops * value / args.batch_size / 1e12
+        mem = f"  peak {peak[name]:.1f} GiB" if name in peak else ""
+        mfu = f"  MFU {100 * tflops / args.peak_tflops:.1f}%" if device.type == "cuda" else ""
+        print(f"{name:>9}: {value:8.1f} samples/s  {tflops:7.3f} TFLOP/s{mfu}{mem}")
+        print(f"{'':>11}rounds: {', '.join(f'{r:.1f}' for r in rates[name])}")
+    ratio = f"ratio lipkit/openclip: {med['lipkit'] / med['openclip']:.2f}x samples/s"
+    if peak:
+        ratio += f", {peak['lipkit'] / peak['openclip']:.2f}x peak memory"
+    print(ratio)
 
 
 if __name__ == "__main__":
