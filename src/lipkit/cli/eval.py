@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from lipkit.errors import LipkitError
@@ -27,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_zeroshot(tasks)
     _add_linear_probe(tasks)
     _add_fewshot(tasks)
+    _add_report(tasks)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -140,6 +142,30 @@ example:
         help="fashion-mnist and mnist: keep white-on-black images (default: dark objects on white)",
     )
     f.set_defaults(run=run_fewshot, classnames=None, max_samples=None, seed=0)
+
+
+def _add_report(tasks: argparse._SubParsersAction) -> None:
+    r = tasks.add_parser(
+        "report",
+        help="an HTML report of a run: training curves, results, plots",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Write one self-contained HTML page about a run (PNG plots embedded, and also
+saved in RUN_DIR/plots/): its config, training curves from metrics.jsonl (loss,
+temperature, learning rate, throughput), and every results file found under
+RUN_DIR (*.json in the results schema, e.g. written with --out RUN_DIR/eval/...):
+a summary table, zero-shot top-1 over training (results of step_NNNNNNNN.pt
+checkpoints), confusion matrices, few-shot curves against K and retrieval
+Recall@k. Missing pieces are named on the page.""",
+        epilog="""\
+examples:
+  lipkit eval zeroshot runs/x/checkpoints/step_00000500.pt --out runs/x/eval/step500/zeroshot.json
+  lipkit eval report runs/x
+  lipkit eval report runs/x --out /tmp/x.html""",
+    )
+    r.add_argument("run_dir", help="the run directory (config.yaml, metrics.jsonl, results files under it)")
+    r.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html)")
+    r.set_defaults(run=run_report)
 
 
 def _add_subset_args(p: argparse.ArgumentParser) -> None:
@@ -307,3 +333,11 @@ def _print_fewshot(values: dict, ks: list[int]) -> None:
     for method, per_k in values["methods"].items():
         cells = "".join(f"{per_k[str(k)]['top1']:9.1f}" if str(k) in per_k else f"{'-':>9}" for k in ks)
         print(f"  {method:<16}{cells}")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from lipkit.eval.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    print(f"report written to {path} (plots in {Path(args.run_dir) / 'plots'})")
+    return 0

@@ -1,21 +1,26 @@
 """Map-style image-text pair sources: synthetic pairs and the built-in corpora.
 
-A source spec is ``NAME`` or ``NAME:SPLIT`` (``synthetic``, ``tuxpaint:train``); :func:`open_source`
-resolves it through the :data:`SOURCES` registry. Every source returns, for an index, a PIL image
-and a caption; the loader applies transforms and tokenisation.
+A named source is ``NAME`` or ``NAME:SPLIT`` (``synthetic``, ``tuxpaint:train``, ``emoji:val``), resolved
+through the :data:`SOURCES` registry; :func:`open_source` also takes shard patterns, tables and folders
+(see :mod:`lipkit.data.spec`). Every source returns, for an index, a key, a PIL image and a caption;
+the loader applies transforms and tokenisation.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
+import unicodedata
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
+from lipkit.data.decode import open_image
 from lipkit.errors import LipkitError
 from lipkit.registry import Registry
 
@@ -25,30 +30,49 @@ SOURCES: Registry[Callable[..., PairSource]] = Registry("data source")
 
 @dataclass(frozen=True)
 class Pair:
-    """One image-caption pair on disk."""
+    """One image-caption pair on disk (a listing may hold ``caption=None``; sources never serve those)."""
 
     key: str
     image_path: Path
-    caption: str
+    caption: str | None
 
 
 class PairSource:
-    """A list of pairs, indexable, that loads images lazily. Subclasses fill ``self.pairs``."""
+    """An indexable set of pairs that loads images lazily.
+
+    Subclasses either fill ``self.pairs`` or override ``__len__``, :meth:`key`, :meth:`caption` and
+    :meth:`image`. Sharded sources also override :meth:`groups`, which the loader's shuffle uses to read
+    a few shards at a time.
+    """
 
     pairs: list[Pair]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def key(self, index: int) -> str:
+        """A name for pair ``index``, unique within the source."""
+        return self.pairs[index].key
+
     def caption(self, index: int) -> str:
         """The caption of pair ``index``."""
         return self.pairs[index].caption
 
-    def image(self, index: int) -> Image.Image:
-        """The image of pair ``index``, as loaded (mode as stored; transforms convert to RGB)."""
-        with Image.open(self.pairs[index].image_path) as img:
-            img.load()
-            return img
+    def image(self, index: int, draft: tuple[int, int] | None = None) -> Image.Image:
+        """The image of pair ``index``, as loaded (mode as stored; transforms convert to RGB).
+
+        Args:
+            index: The pair.
+            draft: Minimum (width, height) the caller needs; JPEGs may then be decoded at a reduced scale.
+
+        Raises:
+            UndecodableImage: The image is missing or corrupt.
+        """
+        return open_image(self.pairs[index].image_path, draft)
+
+    def groups(self) -> np.ndarray | None:
+        """Boundaries ``[0, n1, n1 + n2, ..., len]`` of contiguous storage groups (shards), or ``None``."""
+        return None
 
 
 def split_of(key: str, fractions: tuple[float, float] = (0.8, 0.1)) -> str:
@@ -85,11 +109,14 @@ class SyntheticPairs(PairSource):
     def __len__(self) -> int:
         return self.size
 
+    def key(self, index: int) -> str:
+        return f"synthetic/{index + self.offset}"
+
     def caption(self, index: int) -> str:
         c = (index + self.offset) % self.num_classes
         return f"a photo of a {self.WORDS[c % len(self.WORDS)]} number {c}"
 
-    def image(self, index: int) -> Image.Image:
+    def image(self, index: int, draft: tuple[int, int] | None = None) -> Image.Image:
         index += self.offset
         rng = np.random.default_rng(index)
         base = np.kron(
@@ -121,12 +148,19 @@ class TuxPaintPairs(PairSource):
             raise LipkitError(f"no Tux Paint pairs found under {root} for split {split!r}")
 
 
+def tuxpaint_stamps(root: Path = TUXPAINT_ROOT) -> list[Path]:
+    """The stamp images under ``root``, sorted, without the mirrored, flipped and thumbnail variants."""
+    return [
+        png
+        for png in sorted(root.rglob("*.png"))
+        if not png.stem.endswith(("_mirror", "_flip")) and not png.name.endswith("_thumb.png")
+    ]
+
+
 def _scan_tuxpaint(root: Path) -> list[Pair]:
     pairs, skipped = [], 0
-    for png in sorted(root.rglob("*.png")):
-        if png.stem.endswith(("_mirror", "_flip")) or png.name.endswith("_thumb.png"):
-            continue
-        caption = _first_line(png.with_suffix(".txt"))
+    for png in tuxpaint_stamps(root):
+        caption = tuxpaint_captions(png.with_suffix(".txt")).get("en")
         if caption is None:
             skipped += 1
             continue
@@ -136,13 +170,93 @@ def _scan_tuxpaint(root: Path) -> list[Pair]:
     return pairs
 
 
-def _first_line(path: Path) -> str | None:
+_TRANSLATION = re.compile(r"^([A-Za-z]{2,3}(?:_[A-Z]{2})?(?:@\w+)?)\.utf8=(.*)$")
+
+
+def tuxpaint_captions(path: Path) -> dict[str, str]:
+    """A stamp's captions by language: ``en`` is the first line, then every ``xx.utf8=...`` translation."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
     except OSError:
-        return None
-    line = text.splitlines()[0].strip() if text else ""
-    return line or None
+        return {}
+    captions = {"en": lines[0].strip()} if lines and lines[0].strip() else {}
+    for line in lines[1:]:
+        match = _TRANSLATION.match(line.strip())
+        if match and match.group(2).strip():
+            captions[match.group(1)] = match.group(2).strip()
+    return captions if "en" in captions else {}
+
+
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_SIZE = 109  # the one size of the font's colour bitmaps
+_EMOJI_RANGES = ((0xA9, 0x3300), (0x1F000, 0x1FB00))
+_REGIONAL_INDICATORS = range(0x1F1E6, 0x1F200)  # flags are pairs of these, not single emoji
+
+
+@functools.lru_cache(maxsize=2)
+def emoji_font(path: Path = EMOJI_FONT) -> ImageFont.FreeTypeFont:
+    """The Noto Color Emoji font at its bitmap size."""
+    if not path.is_file():
+        raise LipkitError(
+            f"Noto Color Emoji not found at {path}; install it with `apt-get install fonts-noto-color-emoji`"
+        )
+    return ImageFont.truetype(str(path), EMOJI_SIZE)
+
+
+def render_emoji(char: str, path: Path = EMOJI_FONT) -> Image.Image:
+    """Render one emoji in colour on a transparent background (RGBA, 136 x 128)."""
+    font = emoji_font(path)
+    _, _, right, bottom = font.getbbox(char)
+    img = Image.new("RGBA", (max(1, right), max(1, bottom)), (0, 0, 0, 0))
+    ImageDraw.Draw(img).text((0, 0), char, font=font, embedded_color=True)
+    return img
+
+
+@functools.lru_cache(maxsize=2)
+def emoji_codepoints(path: Path = EMOJI_FONT) -> tuple[int, ...]:
+    """The single-codepoint symbol emoji (Unicode category So) that the font draws, in code point order."""
+    missing = render_emoji(chr(0x10FFFD), path).tobytes()  # a private-use code point: the font has no glyph
+    found = []
+    for lo, hi in _EMOJI_RANGES:
+        for cp in range(lo, hi):
+            if unicodedata.category(chr(cp)) != "So" or cp in _REGIONAL_INDICATORS:
+                continue
+            img = render_emoji(chr(cp), path)
+            if img.getbbox() and img.tobytes() != missing:
+                found.append(cp)
+    return tuple(found)
+
+
+class EmojiPairs(PairSource):
+    """Noto Color Emoji: ~1,350 single-codepoint emoji rendered on the fly, captioned by their Unicode name.
+
+    Args:
+        split: ``train``, ``val``, ``test`` (fixed by key hash) or ``all``.
+        font: The font file (Debian package ``fonts-noto-color-emoji``).
+    """
+
+    def __init__(self, split: str = "train", font: Path = EMOJI_FONT) -> None:
+        self.font = font
+        self.codepoints = [cp for cp in emoji_codepoints(font) if split == "all" or split_of(emoji_key(cp)) == split]
+        if not self.codepoints:
+            raise LipkitError(f"no emoji found in {font} for split {split!r}")
+
+    def __len__(self) -> int:
+        return len(self.codepoints)
+
+    def key(self, index: int) -> str:
+        return emoji_key(self.codepoints[index])
+
+    def caption(self, index: int) -> str:
+        return unicodedata.name(chr(self.codepoints[index])).lower()
+
+    def image(self, index: int, draft: tuple[int, int] | None = None) -> Image.Image:
+        return render_emoji(chr(self.codepoints[index]), self.font)
+
+
+def emoji_key(codepoint: int) -> str:
+    """The stable key of an emoji, e.g. ``emoji/1f436``."""
+    return f"emoji/{codepoint:05x}"
 
 
 @SOURCES.register("synthetic")
@@ -157,10 +271,25 @@ def _tuxpaint(split: str = "train") -> PairSource:
     return TuxPaintPairs(split)
 
 
-def open_source(spec: str) -> PairSource:
-    """Open a source from a spec ``NAME[:SPLIT]`` (e.g. ``tuxpaint:train``, ``synthetic``)."""
+@SOURCES.register("emoji")
+def _emoji(split: str = "train") -> PairSource:
+    return EmojiPairs(split)
+
+
+def open_named(spec: str) -> PairSource:
+    """Open a registered source from ``NAME[:SPLIT]`` (e.g. ``tuxpaint:train``, ``synthetic``)."""
     name, _, split = spec.partition(":")
     split = split or "train"
     if split not in (*SPLITS, "all"):
         raise LipkitError(f"data spec {spec!r}: split must be one of train, val, test, all")
     return SOURCES.get(name)(split=split)
+
+
+def open_source(spec: str) -> PairSource:
+    """Open one source: ``NAME[:SPLIT]``, a shard pattern, a table or a folder (see :mod:`lipkit.data.spec`).
+
+    Several comma-separated sources without weights are concatenated.
+    """
+    from lipkit.data.spec import open_mixture
+
+    return open_mixture(spec).as_source()

@@ -18,22 +18,41 @@ class DataConfig:
     """What to train on.
 
     Attributes:
-        train: Source spec ``NAME[:SPLIT]``: ``synthetic``, ``tuxpaint`` (built-in corpora).
-        batch_size: Global batch size.
+        train: Data spec (see :mod:`lipkit.data.spec`): ``synthetic``, ``tuxpaint:train``, ``emoji:train``,
+            webdataset shards ``/data/{00000..00099}.tar``, a folder, a CSV/Parquet table, or several
+            comma-separated (or as a list) with ``::WEIGHT`` mixing weights.
+        batch_size: Global batch size (split evenly across ranks).
         workers: DataLoader worker processes (0 loads in the main process).
         augment: Random resized crop for training images (else the evaluation transform).
+        epoch_samples: Samples per epoch (OpenCLIP's ``train_num_samples``); default all the data.
+        resampled: Draw samples with replacement (by weight, then uniformly) instead of in epochs.
+        shuffle_window: Shards whose samples are shuffled together (shards themselves are shuffled too).
     """
 
-    train: str = "synthetic"
+    train: str | list[Any] = "synthetic"
     batch_size: int = 64
     workers: int = 0
     augment: bool = True
+    epoch_samples: int | None = None
+    resampled: bool = False
+    shuffle_window: int = 4
 
     def validate(self) -> None:
+        from lipkit.data.spec import parse_spec
+        from lipkit.errors import LipkitError
+
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        if self.epoch_samples is not None and self.epoch_samples < self.batch_size:
+            raise ConfigError(f"data.epoch_samples must be at least one batch ({self.batch_size})")
+        if self.shuffle_window < 1:
+            raise ConfigError(f"data.shuffle_window must be at least 1, got {self.shuffle_window}")
+        try:
+            parse_spec(self.train)
+        except LipkitError as exc:
+            raise ConfigError(f"data.train: {exc}") from None
 
 
 @dataclass

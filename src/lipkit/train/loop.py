@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -17,11 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lipkit.config import save_yaml, to_dict
-from lipkit.data.loader import make_train_loader
-from lipkit.data.sources import open_source
+from lipkit.data.loader import TrainLoader, make_train_loader, rank_and_world
+from lipkit.data.spec import open_mixture
 from lipkit.errors import ConfigError, TrainingDivergedError
 from lipkit.losses import create_loss
 from lipkit.models import DualEncoder, create_model, get_tokenizer, image_transform
+from lipkit.models.factory import preprocess_config
 from lipkit.train import checkpoint as ckpt
 from lipkit.train.accumulate import cached_accumulation_backward
 from lipkit.train.config import TrainConfig
@@ -184,11 +186,19 @@ def log_window(state: TrainState, cfg: TrainConfig, logger: MetricLogger, bar: t
     return metrics
 
 
-def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int) -> torch.utils.data.DataLoader:
-    """The deterministic loader for the run's remaining steps."""
-    source = open_source(cfg.data.train)
+def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int) -> TrainLoader:
+    """The deterministic loader for the run's remaining steps (this rank's slice of each global batch).
+
+    JPEGs are decoded at the smallest DCT scale that still covers the model's input, allowing for the
+    smallest random crop, so most of the decoding cost of large images is skipped.
+    """
+    preprocess = preprocess_config(model.cfg)
+    side = preprocess.image_size
+    if cfg.data.augment:
+        side = math.ceil(side / math.sqrt(preprocess.train_scale[0]))
+    rank, world_size = rank_and_world()
     return make_train_loader(
-        source,
+        open_mixture(cfg.data.train),
         image_transform(model.cfg, train=cfg.data.augment),
         get_tokenizer(model.cfg),
         batch_size=cfg.data.batch_size,
@@ -197,6 +207,12 @@ def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int) -> torch.
         num_steps=cfg.steps - start_step,
         workers=cfg.data.workers,
         pin_memory=torch.cuda.is_available(),
+        epoch_samples=cfg.data.epoch_samples,
+        resampled=cfg.data.resampled,
+        window=cfg.data.shuffle_window,
+        draft=(side, side),
+        rank=rank,
+        world_size=world_size,
     )
 
 
