@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lipkit.data.loader import rank_and_world
 from lipkit.errors import ConfigError
 
 
@@ -46,11 +47,8 @@ class DistEnv:
 
 def env_from_environ() -> DistEnv:
     """Read torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (a single process without them)."""
-    return DistEnv(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
+    rank, world_size = rank_and_world()
+    return DistEnv(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def setup(device_name: str, timeout_s: float = 600.0) -> tuple[DistEnv, torch.device]:

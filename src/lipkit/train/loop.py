@@ -8,7 +8,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,18 +18,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lipkit.config import save_yaml, to_dict
-from lipkit.data.loader import TrainLoader, make_train_loader, rank_and_world
+from lipkit.data.loader import TrainLoader, make_train_loader
 from lipkit.data.spec import open_mixture
 from lipkit.errors import ConfigError, TrainingDivergedError
 from lipkit.losses import create_loss
+from lipkit.losses.distributed import DISTRIBUTED_FORM
 from lipkit.models import DualEncoder, create_model, get_tokenizer, image_transform
 from lipkit.models.factory import preprocess_config
 from lipkit.train import checkpoint as ckpt
+from lipkit.train import distributed
 from lipkit.train.accumulate import cached_accumulation_backward
 from lipkit.train.config import TrainConfig
+from lipkit.train.distributed import DistEnv
 from lipkit.train.metrics import MetricLogger
 from lipkit.train.optim import build_optimizer, lr_at
-from lipkit.utils import atomic_write_text, resolve_device, seed_everything
+from lipkit.utils import atomic_write_text, seed_everything
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -58,38 +61,59 @@ class TrainState:
     model: DualEncoder
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
+    env: DistEnv = field(default_factory=DistEnv)
+    net: nn.Module | None = None  # what the forward pass runs: the model, or its DDP wrapper
     step: int = 0
     window: list[torch.Tensor] | None = None
     window_start: float = 0.0
     last_loss: float = float("nan")
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Create the run directory and save the resolved config; refuse to overwrite a run by accident."""
+def prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
+    """Create the run directory and save the resolved config; refuse to overwrite a run by accident.
+
+    Every rank checks (so all raise together); only the main rank writes.
+    """
     run_dir = Path(cfg.out_dir) / cfg.name
-    if cfg.overwrite and cfg.resume is None:
-        for old in ckpt.list_checkpoints(run_dir):
-            old.unlink()
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-    if cfg.resume is None and ckpt.list_checkpoints(run_dir):
+    if cfg.resume is None and not cfg.overwrite and ckpt.list_checkpoints(run_dir):
         raise ConfigError(
             f"run directory {run_dir} already holds checkpoints: pass resume=latest to continue it, "
             "name=NEW_NAME for a new run, or overwrite=true to start it again"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run_dir / "config.yaml")
+    distributed.barrier(env)
+    if env.is_main:
+        if cfg.overwrite and cfg.resume is None:
+            for old in ckpt.list_checkpoints(run_dir):
+                old.unlink()
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+    distributed.barrier(env)
     return run_dir
 
 
-def build_state(cfg: TrainConfig, device: torch.device) -> TrainState:
+def loss_for(cfg: TrainConfig, env: DistEnv) -> nn.Module:
+    """The configured loss; across processes, its form that computes the loss over the global batch."""
+    name = cfg.loss
+    if env.distributed:
+        if name not in DISTRIBUTED_FORM:
+            raise ConfigError(f"loss {name!r} does not run across processes yet; use infonce or siglip")
+        name = DISTRIBUTED_FORM[name]
+    return create_loss(name, **cfg.loss_options)
+
+
+def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainState:
     """Model, loss and optimizer, on ``device``, seeded by ``cfg.seed``."""
     seed_everything(cfg.seed)
     model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_overrides).to(device).train()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.loss.startswith("siglip") and model.logit_bias is None:
         raise ConfigError(f"loss 'siglip' needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
-    return TrainState(model, create_loss(cfg.loss, **cfg.loss_options), build_optimizer(model, cfg.optim, device))
+    if env.distributed and cfg.accum_micro_batch is not None:
+        raise ConfigError("accum_micro_batch does not run across processes yet")
+    optimizer = build_optimizer(model, cfg.optim, device)
+    return TrainState(model, loss_for(cfg, env), optimizer, env, distributed.wrap(model, env, device))
 
 
 def restore(state: TrainState, path: Path) -> None:
@@ -119,7 +143,7 @@ def save(state: TrainState, cfg: TrainConfig, run_dir: Path) -> Path:
 
 def compute_loss(state: TrainState, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Forward both towers and the loss."""
-    return state.loss_fn(state.model(images, tokens))
+    return state.loss_fn((state.net or state.model)(images, tokens))
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> AbstractContextManager:
@@ -156,7 +180,7 @@ def train_step(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens
 
 def check_window(state: TrainState) -> torch.Tensor:
     """Stack the unchecked step records and stop the run if any loss or gradient is not finite."""
-    stats = torch.stack(state.window).cpu()  # (steps, 2): loss, grad_norm
+    stats = distributed.mean_across_ranks(torch.stack(state.window), state.env).cpu()  # (steps, 2): loss, grad norm
     if not torch.isfinite(stats).all():
         bad = state.step - len(state.window) + int((~torch.isfinite(stats)).any(dim=1).nonzero()[0]) + 1
         raise TrainingDivergedError(
@@ -186,7 +210,7 @@ def log_window(state: TrainState, cfg: TrainConfig, logger: MetricLogger, bar: t
     return metrics
 
 
-def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int) -> TrainLoader:
+def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int, env: DistEnv) -> TrainLoader:
     """The deterministic loader for the run's remaining steps (this rank's slice of each global batch).
 
     JPEGs are decoded at the smallest DCT scale that still covers the model's input, allowing for the
@@ -196,7 +220,6 @@ def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int) -> TrainL
     side = preprocess.image_size
     if cfg.data.augment:
         side = math.ceil(side / math.sqrt(preprocess.train_scale[0]))
-    rank, world_size = rank_and_world()
     return make_train_loader(
         open_mixture(cfg.data.train),
         image_transform(model.cfg, train=cfg.data.augment),
@@ -211,8 +234,8 @@ def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int) -> TrainL
         resampled=cfg.data.resampled,
         window=cfg.data.shuffle_window,
         draft=(side, side),
-        rank=rank,
-        world_size=world_size,
+        rank=env.rank,
+        world_size=env.world_size,
     )
 
 
@@ -226,22 +249,35 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     Raises:
         TrainingDivergedError: The loss or gradient became NaN/Inf; the last good checkpoint is kept.
     """
-    run_dir = prepare_run_dir(cfg)
-    device = resolve_device(cfg.device)
-    state = build_state(cfg, device)
+    env, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, env, device, callbacks)
+    finally:
+        distributed.teardown(env)
+
+
+def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequence[Callback]) -> TrainResult:
+    distributed.check_batch(cfg.data.batch_size, env)
+    run_dir = prepare_run_dir(cfg, env)
+    state = build_state(cfg, env, device)
     if cfg.resume:
         restore(state, ckpt.resolve_resume(run_dir, cfg.resume))
-    logger = MetricLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None)
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=cfg.name, unit="step", disable=not cfg.progress)
+    logger = MetricLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None, enabled=env.is_main)
+    bar = tqdm(
+        total=cfg.steps, initial=state.step, desc=cfg.name, unit="step", disable=not (cfg.progress and env.is_main)
+    )
     path = ckpt.checkpoint_path(run_dir, state.step)
     state.window, state.window_start = [], time.perf_counter()
     try:
-        for images, tokens in make_loader(cfg, state.model, state.step):
-            path = run_one(state, cfg, run_dir, logger, bar, images.to(device), tokens.to(device), callbacks) or path
+        for images, tokens in make_loader(cfg, state.model, state.step, env):
+            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
     finally:
         bar.close()
         logger.close()
-    atomic_write_text(run_dir / "summary.json", json.dumps({"step": state.step, "loss": state.last_loss}) + "\n")
+    if env.is_main:
+        summary = json.dumps({"step": state.step, "loss": state.last_loss}) + "\n"
+        atomic_write_text(run_dir / "summary.json", summary)
     return TrainResult(run_dir, state.step, state.last_loss, path)
 
 
@@ -264,7 +300,8 @@ def run_one(
     if state.step % cfg.checkpoint_every == 0 or last:
         if state.window:
             check_window(state)
-        path = save(state, cfg, run_dir)
+        path = save(state, cfg, run_dir) if state.env.is_main else ckpt.checkpoint_path(run_dir, state.step)
+        distributed.barrier(state.env)
     for cb in callbacks:
         cb(state.step, metrics)
     return path

@@ -14,12 +14,17 @@ class MetricLogger:
     On resume, records after the resumed step are dropped first, so the file never holds a step twice.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None, enabled: bool = True
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.file = None
+        self.writer = None
+        if not enabled:  # ranks other than the main one record nothing
+            return
         if resume_step is not None:
             self._truncate_after(resume_step)
         self.file = self.path.open("a", encoding="utf-8")
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -36,6 +41,8 @@ class MetricLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record ``metrics`` at ``step``."""
+        if self.file is None:
+            return
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -45,7 +52,8 @@ class MetricLogger:
 
     def close(self) -> None:
         """Flush and close the outputs."""
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 

@@ -1,0 +1,67 @@
+"""torchrun with two gloo processes: same losses and weights as one process; a dead rank ends the job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lipkit.train import checkpoint as ckpt
+from lipkit.train.config import resolve_config
+from lipkit.train.loop import train
+from lipkit.train.metrics import read_metrics
+
+PRESET = "tiny-synthetic"
+COMMON = ["progress=false", "tensorboard=false", "device=cpu", "data.workers=0", "log_every=1"]
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "lipkit.cli.main", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+def test_two_processes_match_one_process(tmp_path, loss):
+    extra = [f"loss={loss}", "steps=4", "checkpoint_every=4", "data.batch_size=16", f"out_dir={tmp_path}"]
+    if loss == "siglip":
+        extra.append("model=tiny-siglip")
+    single = train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=single"]))
+    proc = torchrun([PRESET, *COMMON, *extra, "name=ddp"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    one = [r["loss"] for r in read_metrics(single.run_dir)]
+    two = [r["loss"] for r in read_metrics(tmp_path / "ddp")]
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
+    a = torch.load(single.checkpoint, weights_only=False)["model"]
+    b = torch.load(ckpt.list_checkpoints(tmp_path / "ddp")[-1], weights_only=False)["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-3), key
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_killing_one_rank_ends_the_run_promptly(tmp_path):
+    proc = torchrun([PRESET, *COMMON, "steps=100000", "checkpoint_every=100000", f"out_dir={tmp_path}", "name=kill"])
+    metrics = tmp_path / "kill" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.5)
+    assert metrics.exists(), "the run never started"
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    start = time.time()
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert time.time() - start < 60, out
