@@ -99,3 +99,14 @@ def test_registry_lookup_and_suggestions():
         reg.get("alpah")
     with pytest.raises(ValueError, match="already registered"):
         reg.add("alpha", 3)
+
+
+def test_atomic_write_leaves_normal_permissions(tmp_path):
+    import os
+
+    from lipkit.utils import atomic_write_text
+
+    atomic_write_text(tmp_path / "x.txt", "hi")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~mask

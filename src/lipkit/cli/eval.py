@@ -20,8 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="evaluate a model",
         description="Evaluate a model. Tasks: `retrieval` (image->text and text->image Recall@k), `zeroshot` "
         "(zero-shot classification from prompts), `linear-probe` (logistic regression on frozen image "
-        "features) and `fewshot` (adapters at K shots per class). Every task can write its results as JSON "
-        "in one schema (--out).",
+        "features) and `fewshot` (adapters at K shots per class); `report` turns a run directory into an HTML "
+        "page with plots. Every task can write its results as JSON in one schema (--out).",
     )
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     _add_retrieval(tasks)

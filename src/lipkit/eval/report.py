@@ -130,9 +130,16 @@ def find_results(run_dir: Path) -> tuple[list[FoundResult], list[str]]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             skipped.append(f"{path.relative_to(run_dir)}: {exc}")
             continue
-        if isinstance(result, dict) and all(key in result for key in RESULT_KEYS):
+        if _is_result(result):
             found.append(FoundResult(path, str(path.relative_to(run_dir)), result, result_step(result)))
     return found, skipped
+
+
+def _is_result(result: Any) -> bool:
+    """Whether parsed JSON is a result in the schema (every key, with mappings for metrics and details)."""
+    if not isinstance(result, dict) or any(key not in result for key in RESULT_KEYS):
+        return False
+    return isinstance(result["metrics"], dict) and isinstance(result["details"], dict)
 
 
 def read_training_log(run_dir: Path) -> tuple[list[dict[str, Any]] | None, int]:
@@ -333,7 +340,9 @@ def _class_ticks(ax: Any, names: list[Any], n: int) -> None:
     ticks = list(range(0, n, every))
     labels = [_label(names[i]) if i < len(names) else str(i) for i in ticks]
     fontsize = 9 if n <= 20 else 7 if n <= 50 else 5.5
-    if max(map(len, labels), default=0) > 3:
+    if n > 20:
+        ax.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
+    elif max(map(len, labels), default=0) > 3:
         ax.set_xticks(ticks, labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=fontsize)
     else:
         ax.set_xticks(ticks, labels, fontsize=fontsize)
@@ -457,6 +466,10 @@ def _headline(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _headline_cells(result: dict[str, Any]) -> list[str]:
+    return [f"{_e(name)} {_number(value)}" for name, value in _headline(result).items()]
+
+
 def _header(run_dir: Path, config_text: str | None, config: dict[str, Any], found: list[FoundResult]) -> str:
     names = {r.result["model"].get("name") for r in found if isinstance(r.result["model"], dict)} - {None}
     model = config.get("model") or ", ".join(sorted(map(str, names))) or "unknown"
@@ -472,8 +485,8 @@ def _header(run_dir: Path, config_text: str | None, config: dict[str, Any], foun
 def _summary_section(found: list[FoundResult], skipped: list[str]) -> str:
     rows = []
     for r in sorted(found, key=lambda r: (r.task, r.data, r.recency)):
-        metrics = " &middot; ".join(f"{_e(k)} {_number(v)}" for k, v in _headline(r.result).items())
-        rows.append([f"<code>{_e(r.name)}</code>", _e(r.task), _e(r.data), _number(r.step), metrics or "\u2013"])
+        metrics = _guarded("its headline", lambda r=r: " &middot; ".join(_headline_cells(r.result)) or "\u2013")
+        rows.append([f"<code>{_e(r.name)}</code>", _e(r.task), _e(r.data), _number(r.step), metrics])
     hint = "write them with <code>lipkit eval TASK RUN_DIR ... --out RUN_DIR/eval/NAME.json</code>"
     body = _table(["file", "task", "data", "step", "headline metrics"], rows) if rows else ""
     body = body or _missing(f"No eval results yet: {hint}.")
@@ -585,7 +598,7 @@ def _thumbnail_uri(raw: bytes | None) -> str | None:
             image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
             buf = io.BytesIO()
             image.save(buf, format="PNG")
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -595,7 +608,8 @@ def _example_card(example: Any, base_dir: Path) -> str:
         return ""
     uri = _thumbnail_uri(_example_bytes(example, base_dir))
     image = _img(uri, "query image") if uri else '<div class="noimg">no image</div>'
-    captions = [c for c in example.get("captions") or [] if isinstance(c, str)][:MAX_CAPTIONS]
+    captions = example.get("captions") if isinstance(example.get("captions"), list) else []
+    captions = [c for c in captions if isinstance(c, str)][:MAX_CAPTIONS]
     items = "".join(f"<li>{_e(c)}</li>" for c in captions)
     correct = example.get("correct")
     status = {True: ("ok", "\u2713 correct"), False: ("miss", "\u2717 wrong")}.get(correct, ("", ""))
