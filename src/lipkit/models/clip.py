@@ -84,6 +84,15 @@ class DualEncoder(nn.Module):
         """The logit scale as a multiplier: ``exp(log_scale)`` clamped at ``cfg.max_logit_scale``."""
         return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
 
+    def forward_from_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> DualEncoderOutput:
+        """Like :meth:`forward`, from the towers' pre-projection features (cached frozen-trunk outputs)."""
+        return DualEncoderOutput(
+            image_features=F.normalize(self.visual.proj(image_features), dim=-1),
+            text_features=F.normalize(self.text.proj(text_features), dim=-1),
+            logit_scale=self.scale(),
+            logit_bias=self.logit_bias,
+        )
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> DualEncoderOutput:
         """Embed a batch of paired images and texts."""
         return DualEncoderOutput(

@@ -66,12 +66,16 @@ class TextTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embed token ids (B, T) with T <= context_length into (B, embed_dim), not normalised."""
+        return self.proj(self.features(tokens))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled feature before the projection head: (B, width)."""
         T = tokens.shape[1]
         if self.context_length < T:
             raise LipkitError(f"text has {T} tokens but the model's context_length is {self.context_length}")
         x = self.token_embed(tokens) + self.pos_embed[:T]  # (B, T, W)
         x = self.norm(self.transformer(x, causal=self.cfg.causal))
-        return self.proj(pool_tokens(x, tokens, self.cfg.pool, self.cfg.pad_id))
+        return pool_tokens(x, tokens, self.cfg.pool, self.cfg.pad_id)
 
 
 def resolve_local_path(path: str) -> Path:
@@ -130,10 +134,12 @@ class HFTextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embed ``(B, 2, T)`` ids + attention mask into (B, embed_dim), not normalised."""
+        return self.proj(self.features(tokens))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled encoder output before the projection head: (B, hidden_size)."""
         ids, mask = tokens[:, 0], tokens[:, 1]
         x = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, W)
         if self.cfg.pool == "eot":
-            pooled = x[torch.arange(x.shape[0], device=x.device), mask.sum(dim=1) - 1]
-        else:
-            pooled = pool_tokens(x, mask, "cls" if self.cfg.pool == "cls" else "mean", pad_id=0)
-        return self.proj(pooled)
+            return x[torch.arange(x.shape[0], device=x.device), mask.sum(dim=1) - 1]
+        return pool_tokens(x, mask, "cls" if self.cfg.pool == "cls" else "mean", pad_id=0)

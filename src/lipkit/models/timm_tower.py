@@ -90,6 +90,10 @@ class TimmTower(nn.Module):
         """Recompute activations in the backward pass to save memory."""
         self.trunk.set_grad_checkpointing(enable)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled backbone feature before the projection head: (B, num_features)."""
+        return self.trunk(images)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed images (B, 3, H, W) into (B, embed_dim), not normalised."""
-        return self.proj(self.trunk(images))
+        return self.proj(self.features(images))

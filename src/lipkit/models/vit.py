@@ -90,6 +90,10 @@ class VisionTransformer(nn.Module):
             return x[:, 0]
         return x[:, int(self.cls_token is not None) :].mean(dim=1)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled feature before the projection head: (B, width)."""
+        return self.pool(self.forward_features(images))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed images (B, 3, H, W) into (B, embed_dim), not normalised."""
-        return self.proj(self.pool(self.forward_features(images)))
+        return self.proj(self.features(images))

@@ -111,6 +111,10 @@ class TrainConfig:
         tensorboard: Also write TensorBoard event files.
         progress: Show a progress bar.
         grad_checkpointing: Recompute activations in the backward pass (less memory, more compute).
+        cache_features: Compute the frozen trunks' features once (both towers must be locked), cache them
+            on disk, and train only the projection heads on them (LiT): re-runs take seconds.
+        feature_cache_dir: Where cached features live (default ``$LIPKIT_CACHE_DIR/features`` or
+            ``~/.cache/lipkit/features``).
         accum_micro_batch: Run each batch as micro-batches of this size through a feature cache: the
             gradients of the full batch with the activation memory of one micro-batch.
         data: Data settings.
@@ -137,6 +141,8 @@ class TrainConfig:
     progress: bool = True
     grad_checkpointing: bool = False
     accum_micro_batch: int | None = None
+    cache_features: bool = False
+    feature_cache_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 

@@ -6,7 +6,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lipkit.config import save_yaml, to_dict
-from lipkit.data.loader import TrainLoader, make_train_loader
+from lipkit.data.loader import make_train_loader
 from lipkit.data.spec import open_mixture
 from lipkit.errors import ConfigError, TrainingDivergedError
 from lipkit.losses import create_loss
@@ -30,6 +30,7 @@ from lipkit.train import distributed
 from lipkit.train.accumulate import cached_accumulation_backward
 from lipkit.train.config import TrainConfig
 from lipkit.train.distributed import DistEnv
+from lipkit.train.feature_cache import cached_features, check_lockable, make_feature_loader
 from lipkit.train.metrics import MetricLogger
 from lipkit.train.optim import build_optimizer, lr_at
 from lipkit.utils import atomic_write_text, seed_everything
@@ -63,6 +64,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     env: DistEnv = field(default_factory=DistEnv)
     net: nn.Module | None = None  # what the forward pass runs: the model, or its DDP wrapper
+    cached: bool = False  # batches hold cached frozen-trunk features instead of images and tokens
     step: int = 0
     window: list[torch.Tensor] | None = None
     window_start: float = 0.0
@@ -110,10 +112,13 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.loss.startswith("siglip") and model.logit_bias is None:
         raise ConfigError(f"loss 'siglip' needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
-    if env.distributed and cfg.accum_micro_batch is not None:
-        raise ConfigError("accum_micro_batch does not run across processes yet")
+    if env.distributed and (cfg.accum_micro_batch is not None or cfg.cache_features):
+        raise ConfigError("accum_micro_batch and cache_features do not run across processes yet")
+    if cfg.cache_features:
+        check_lockable(model)
     optimizer = build_optimizer(model, cfg.optim, device)
-    return TrainState(model, loss_for(cfg, env), optimizer, env, distributed.wrap(model, env, device))
+    net = distributed.wrap(model, env, device)
+    return TrainState(model, loss_for(cfg, env), optimizer, env, net, cached=cfg.cache_features)
 
 
 def restore(state: TrainState, path: Path) -> None:
@@ -142,7 +147,9 @@ def save(state: TrainState, cfg: TrainConfig, run_dir: Path) -> Path:
 
 
 def compute_loss(state: TrainState, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Forward both towers and the loss."""
+    """Forward both towers (or, with cached features, both heads) and the loss."""
+    if state.cached:
+        return state.loss_fn(state.model.forward_from_features(images, tokens))
     return state.loss_fn((state.net or state.model)(images, tokens))
 
 
@@ -210,18 +217,46 @@ def log_window(state: TrainState, cfg: TrainConfig, logger: MetricLogger, bar: t
     return metrics
 
 
-def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int, env: DistEnv) -> TrainLoader:
+def sampling_options(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
+    """How batches are drawn (epoch length, resampling, shuffle window, this rank's slice)."""
+    return {
+        "epoch_samples": cfg.data.epoch_samples,
+        "resampled": cfg.data.resampled,
+        "window": cfg.data.shuffle_window,
+        "rank": env.rank,
+        "world_size": env.world_size,
+    }
+
+
+def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int, env: DistEnv) -> Iterable:
     """The deterministic loader for the run's remaining steps (this rank's slice of each global batch).
 
     JPEGs are decoded at the smallest DCT scale that still covers the model's input, allowing for the
-    smallest random crop, so most of the decoding cost of large images is skipped.
+    smallest random crop, so most of the decoding cost of large images is skipped. With
+    ``cache_features`` the batches hold frozen-trunk features instead of images and tokens.
     """
+    mixture = open_mixture(cfg.data.train)
+    if cfg.cache_features:
+        device = next(model.parameters()).device
+        image, text = cached_features(
+            model, mixture.concatenated(), cfg.feature_cache_dir, workers=cfg.data.workers, device=device
+        )
+        return make_feature_loader(
+            mixture,
+            image,
+            text,
+            cfg.data.batch_size,
+            cfg.seed,
+            start_step,
+            cfg.steps - start_step,
+            **sampling_options(cfg, env),
+        )
     preprocess = preprocess_config(model.cfg)
     side = preprocess.image_size
     if cfg.data.augment:
         side = math.ceil(side / math.sqrt(preprocess.train_scale[0]))
     return make_train_loader(
-        open_mixture(cfg.data.train),
+        mixture,
         image_transform(model.cfg, train=cfg.data.augment),
         get_tokenizer(model.cfg),
         batch_size=cfg.data.batch_size,
@@ -230,12 +265,8 @@ def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int, env: Dist
         num_steps=cfg.steps - start_step,
         workers=cfg.data.workers,
         pin_memory=torch.cuda.is_available(),
-        epoch_samples=cfg.data.epoch_samples,
-        resampled=cfg.data.resampled,
-        window=cfg.data.shuffle_window,
         draft=(side, side),
-        rank=env.rank,
-        world_size=env.world_size,
+        **sampling_options(cfg, env),
     )
 
 
