@@ -55,3 +55,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def update_digest(h: Any, module: torch.nn.Module, skip_prefix: str | None = None) -> None:
+    """Feed every tensor of ``module``'s state (name, dtype, shape and bytes) into hash ``h``."""
+    for name, tensor in sorted(module.state_dict().items()):
+        if skip_prefix and name.startswith(skip_prefix):
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+
+
+def cache_root() -> Path:
+    """lipkit's cache folder: ``$LIPKIT_CACHE_DIR``, else ``~/.cache/lipkit``."""
+    return Path(os.environ.get("LIPKIT_CACHE_DIR") or Path.home() / ".cache" / "lipkit")

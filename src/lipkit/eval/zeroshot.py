@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from lipkit.errors import LipkitError
 from lipkit.eval.features import LabelledImages, check_prompts, image_features, text_classifier
 from lipkit.models import DualEncoder
-from lipkit.utils import atomic_write
+from lipkit.utils import atomic_write, cache_root, update_digest
 
 
 def classification_metrics(
@@ -64,16 +63,13 @@ def classification_metrics(
 def model_fingerprint(model: DualEncoder) -> str:
     """A hash of what class embeddings depend on: the model config and the text tower's tensors."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.text.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(flat.view(torch.uint8).numpy().tobytes())
+    update_digest(h, model.text)
     return h.hexdigest()
 
 
 def default_cache_dir() -> Path:
     """``$LIPKIT_CACHE_DIR/classifiers``, by default ``~/.cache/lipkit/classifiers``."""
-    return Path(os.environ.get("LIPKIT_CACHE_DIR") or Path.home() / ".cache" / "lipkit") / "classifiers"
+    return cache_root() / "classifiers"
 
 
 def classifier_key(fingerprint: str, classnames: Sequence[str], templates: Sequence[str]) -> str:

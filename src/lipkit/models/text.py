@@ -129,7 +129,7 @@ class HFTextEncoder(nn.Module):
         """Recompute activations in the backward pass to save memory."""
         if enable:
             self.encoder.gradient_checkpointing_enable()
-        else:
+        elif getattr(self.encoder, "is_gradient_checkpointing", False):
             self.encoder.gradient_checkpointing_disable()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,12 @@ from lipkit.data.sources import PairSource
 from lipkit.data.spec import Mixture
 from lipkit.errors import ConfigError
 from lipkit.models import DualEncoder, get_tokenizer, image_transform
-from lipkit.utils import atomic_write
+from lipkit.utils import atomic_write, cache_root, update_digest
 
 
 def default_cache_dir() -> Path:
     """``$LIPKIT_CACHE_DIR/features``, else ``~/.cache/lipkit/features``."""
-    root = os.environ.get("LIPKIT_CACHE_DIR") or Path.home() / ".cache" / "lipkit"
-    return Path(root) / "features"
+    return cache_root() / "features"
 
 
 def check_lockable(model: DualEncoder) -> None:
@@ -43,20 +41,13 @@ def check_lockable(model: DualEncoder) -> None:
         )
 
 
-def _trunk_digest(tower: torch.nn.Module, h: Any) -> None:
-    for name, tensor in sorted(tower.state_dict().items()):
-        if not name.startswith("proj."):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-
-
 def cache_key(model: DualEncoder, source: PairSource) -> str:
     """A digest of everything the cached features depend on (trunk weights, configs, data)."""
     h = hashlib.sha256()
     cfg = to_dict(model.cfg)
     h.update(json.dumps([cfg["vision"], cfg["text"], cfg["preprocess"], cfg["tokenizer"]], sort_keys=True).encode())
-    _trunk_digest(model.visual, h)
-    _trunk_digest(model.text, h)
+    update_digest(h, model.visual, skip_prefix="proj.")
+    update_digest(h, model.text, skip_prefix="proj.")
     for i in range(len(source)):
         h.update(f"{source.key(i)}\t{source.caption(i)}\n".encode())
     return h.hexdigest()[:24]
