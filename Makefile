@@ -1,5 +1,5 @@
 # lipkit: one command sets up and runs the main job, one runs the tests.
-#   make quickstart   set up (venv, Python and Debian packages), then train on built-in data
+#   make quickstart   set up (venv, Python and Debian packages), then train, evaluate and report on built-in data
 #   make test         set up if needed, then lint and run the test suite
 # Both are safe to run again: set-up steps are skipped when already done.
 
@@ -36,8 +36,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 quickstart: setup
-	$(BIN)/lipkit train tiny-tuxpaint overwrite=true
-	$(BIN)/lipkit eval retrieval runs/tiny-tuxpaint --data tuxpaint:test --out runs/tiny-tuxpaint/retrieval.json
+	$(BIN)/lipkit quickstart
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

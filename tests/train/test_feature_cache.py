@@ -42,6 +42,7 @@ def test_cached_training_resumes_exactly(run_overrides, tmp_path):
     resumed = loop.train(
         resolve_config("tiny-synthetic", overrides=[*base, "name=cut", "checkpoint_every=4", "resume=latest"])
     )
+
     def losses(run_dir):
         return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)]
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from lipkit import __version__
 from lipkit.errors import LipkitError
 
-SUBCOMMANDS = ("models", "train", "eval", "data", "export", "tokenize")
+SUBCOMMANDS = ("quickstart", "models", "train", "eval", "data", "export", "tokenize")
 
 DESCRIPTION = """\
 lipkit: language-image pre-training (CLIP / SigLIP dual encoders), from data to search.

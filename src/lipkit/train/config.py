@@ -222,3 +222,30 @@ PRESETS.add(
         "optim": {"lr": 1e-3, "warmup_steps": 2000, "weight_decay": 1e-4, "betas": [0.9, 0.95]},
     },
 )
+PRESETS.add(
+    "lit-quickstart",
+    {
+        "name": "lit",
+        "model": "lit-effnet-minilm",
+        "cache_features": True,
+        "steps": 150,
+        "log_every": 10,
+        "checkpoint_every": 150,
+        "keep_checkpoints": 1,
+        "data": {"train": "tuxpaint:train,emoji:train", "batch_size": 256, "workers": 2},
+        "optim": {"lr": 1e-3, "warmup_steps": 20, "weight_decay": 0.05},
+    },
+)
+PRESETS.add(
+    "tiny-quickstart",
+    {
+        "name": "tiny",
+        "model": "tiny",
+        "steps": 300,
+        "log_every": 10,
+        "checkpoint_every": 300,
+        "keep_checkpoints": 1,
+        "data": {"train": "tuxpaint:train,emoji:train", "batch_size": 64, "workers": 2},
+        "optim": {"lr": 1e-3, "warmup_steps": 30, "weight_decay": 0.1},
+    },
+)

