@@ -36,6 +36,19 @@ MAX_REPLACEMENTS = 16
 log = logging.getLogger("lipkit.data")
 
 
+class TransformedPairs(Dataset):
+    """``index`` -> ``(transformed image, caption)``, in source order (for embedding a whole source)."""
+
+    def __init__(self, source: PairSource, transform: Transform) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.transform(self.source.image(index)), self.source.caption(index)
+
+
 class PairDataset(Dataset):
     """Turns ``(index, seed)`` into ``(image_tensor, caption, key, failures)``; the seed drives augmentation.
 

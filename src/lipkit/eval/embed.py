@@ -6,20 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lipkit.data.loader import Collate
+from lipkit.data.loader import Collate, TransformedPairs
 from lipkit.data.sources import PairSource
 from lipkit.models import DualEncoder, get_tokenizer, image_transform
-
-
-class _Items(torch.utils.data.Dataset):
-    def __init__(self, source: PairSource, transform) -> None:
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.transform(self.source.image(index)), self.source.caption(index)
 
 
 @torch.no_grad()
@@ -33,7 +22,7 @@ def embed_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image and caption embeddings of every pair in ``source``: two (N, D) tensors."""
     loader = DataLoader(
-        _Items(source, image_transform(model.cfg)),
+        TransformedPairs(source, image_transform(model.cfg)),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=Collate(get_tokenizer(model.cfg)),

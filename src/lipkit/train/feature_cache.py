@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lipkit.config import to_dict
-from lipkit.data.loader import ResumableBatchSampler
+from lipkit.data.loader import ResumableBatchSampler, TransformedPairs
 from lipkit.data.sources import PairSource
 from lipkit.data.spec import Mixture
 from lipkit.errors import ConfigError
@@ -53,23 +53,14 @@ def cache_key(model: DualEncoder, source: PairSource) -> str:
     return h.hexdigest()[:24]
 
 
-class _Items(Dataset):
-    def __init__(self, source: PairSource, transform: Any) -> None:
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.transform(self.source.image(index)), self.source.caption(index)
-
-
 @torch.no_grad()
 def _compute(
     model: DualEncoder, source: PairSource, batch_size: int, workers: int, device: torch.device, progress: bool
 ):
     tokenizer = get_tokenizer(model.cfg)
-    loader = DataLoader(_Items(source, image_transform(model.cfg)), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(
+        TransformedPairs(source, image_transform(model.cfg)), batch_size=batch_size, num_workers=workers
+    )
     was_training = model.training
     model.eval()
     images, texts = [], []
