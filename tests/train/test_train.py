@@ -151,3 +151,27 @@ def test_streaming_loss_trains_like_the_plain_loss(run_overrides):
     )
     for (s1, a), (s2, b) in zip(losses(plain.run_dir), losses(tiled.run_dir)):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-4)
+
+
+def test_training_from_shards_counts_undecodable_images(run_overrides, tmp_path):
+    import io
+    import tarfile
+
+    from lipkit.data.sources import SyntheticPairs
+
+    pairs = SyntheticPairs(size=20, image_size=32)
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i in range(20):
+            buf = io.BytesIO()
+            pairs.image(i).save(buf, format="JPEG")
+            image = b"not a jpeg at all" if i == 7 else buf.getvalue()
+            for name, payload in ((f"{i:05d}.jpg", image), (f"{i:05d}.txt", pairs.caption(i).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    overrides = [*run_overrides, f"data.train={tmp_path}/{{00000..00000}}.tar", "data.batch_size=4", "steps=5"]
+    result = loop.train(resolve_config("tiny-synthetic", overrides=overrides))
+    assert result.step == 5
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert sum(summary["data"]["replaced"].values()) == 1
+    assert "replaced 1 samples" in result.data_summary

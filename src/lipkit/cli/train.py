@@ -53,4 +53,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {result.step} steps, final loss {result.loss:.4f}")
     print(f"run directory: {result.run_dir}")
     print(f"checkpoint:    {result.checkpoint}")
+    if result.data_summary:
+        print(f"data:          {result.data_summary}")
     return 0

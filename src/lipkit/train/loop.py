@@ -47,12 +47,14 @@ class TrainResult:
         step: Optimizer steps completed.
         loss: Mean loss over the last logging window.
         checkpoint: The final checkpoint.
+        data_summary: Samples the loader dropped or replaced (unreadable images, truncated shards), or "".
     """
 
     run_dir: Path
     step: int
     loss: float
     checkpoint: Path
+    data_summary: str = ""
 
 
 @dataclass
@@ -300,16 +302,19 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequ
     path = ckpt.checkpoint_path(run_dir, state.step)
     state.window, state.window_start = [], time.perf_counter()
     try:
-        for images, tokens in make_loader(cfg, state.model, state.step, env):
+        loader = make_loader(cfg, state.model, state.step, env)
+        for images, tokens in loader:
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
     finally:
         bar.close()
         logger.close()
+    stats = getattr(loader, "stats", None)
+    data = {"lost": dict(stats.lost), "replaced": dict(stats.replaced)} if stats else {}
     if env.is_main:
-        summary = json.dumps({"step": state.step, "loss": state.last_loss}) + "\n"
+        summary = json.dumps({"step": state.step, "loss": state.last_loss, "data": data}) + "\n"
         atomic_write_text(run_dir / "summary.json", summary)
-    return TrainResult(run_dir, state.step, state.last_loss, path)
+    return TrainResult(run_dir, state.step, state.last_loss, path, stats.summary() if stats else "")
 
 
 def run_one(
