@@ -503,7 +503,7 @@ def _training_section(records: list[dict[str, Any]] | None, bad_lines: int, plot
         return _section("training", "Training", _missing("metrics.jsonl holds no records yet."))
     last = records[-1]
     body = f"<p>{len(records)} records up to step {_number(last['step'])}"
-    loss = last.get("loss")
+    loss = next((r["loss"] for r in reversed(records) if isinstance(r.get("loss"), (int, float))), None)
     body += f", last loss {loss:.4g}.</p>" if isinstance(loss, (int, float)) else ".</p>"
     if bad_lines:
         body += _missing(f"{bad_lines} unreadable lines of metrics.jsonl were skipped.")

@@ -56,6 +56,27 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training (split across ranks under torchrun).
+
+    Attributes:
+        every: Steps between evaluations (also after the last step); 0 turns them off.
+        zeroshot: Labelled sets for zero-shot top-1 (e.g. ``fashion-mnist:test``).
+        retrieval: Pair sources for retrieval Recall@k (e.g. ``tuxpaint:test``).
+        max_samples: Images used from each labelled set (a fixed subset); ``None`` uses all.
+    """
+
+    every: int = 0
+    zeroshot: list[str] = field(default_factory=list)
+    retrieval: list[str] = field(default_factory=list)
+    max_samples: int | None = 1000
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+
+
+@dataclass
 class OptimConfig:
     """AdamW with warmup and a decaying schedule.
 
@@ -119,6 +140,7 @@ class TrainConfig:
             gradients of the full batch with the activation memory of one micro-batch.
         data: Data settings.
         optim: Optimizer settings.
+        eval: Evaluation during training.
     """
 
     name: str = "run"
@@ -145,6 +167,7 @@ class TrainConfig:
     feature_cache_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16"):

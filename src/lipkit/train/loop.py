@@ -30,6 +30,7 @@ from lipkit.train import distributed
 from lipkit.train.accumulate import cached_accumulation_backward
 from lipkit.train.config import TrainConfig
 from lipkit.train.distributed import DistEnv
+from lipkit.train.evaluate import evaluate_now
 from lipkit.train.feature_cache import cached_features, check_lockable, make_feature_loader
 from lipkit.train.metrics import MetricLogger
 from lipkit.train.optim import build_optimizer, lr_at
@@ -338,6 +339,11 @@ def run_one(
             check_window(state)
         path = save(state, cfg, run_dir) if state.env.is_main else ckpt.checkpoint_path(run_dir, state.step)
         distributed.barrier(state.env)
+    if cfg.eval.every and (state.step % cfg.eval.every == 0 or last) and (cfg.eval.zeroshot or cfg.eval.retrieval):
+        device = next(state.model.parameters()).device
+        scalars = evaluate_now(state.model, cfg.eval, state.step, run_dir, state.env, device)
+        logger.log(state.step, scalars)
+        metrics = {**metrics, **scalars}
     for cb in callbacks:
         cb(state.step, metrics)
     return path

@@ -1,0 +1,142 @@
+"""Evaluation during training: zero-shot and retrieval every N steps, split across ranks.
+
+Each rank embeds every ``world``-th sample of a set (shares may differ by one, or be empty); the
+ranks then combine fixed-size results (confusion counts are summed; retrieval features are padded to
+a common length and gathered), so every rank makes the same collective calls in the same order and
+an unequal split can never deadlock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lipkit.data.labelled import open_labelled
+from lipkit.data.spec import open_mixture
+from lipkit.eval.embed import embed_pairs
+from lipkit.eval.features import image_features, text_classifier
+from lipkit.eval.results import describe_model, make_result, split_metrics, write_results
+from lipkit.eval.retrieval import retrieval_metrics
+from lipkit.eval.templates import default_templates
+from lipkit.models import DualEncoder
+from lipkit.train.distributed import DistEnv
+
+
+class _Share:
+    """Every ``world``-th item of a set, starting at ``rank`` (pairs or labelled images)."""
+
+    def __init__(self, data: Any, rank: int, world: int) -> None:
+        self.data, self.indices = data, list(range(rank, len(data), world))
+        self.classnames = getattr(data, "classnames", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image(self, i: int) -> Any:
+        return self.data.image(self.indices[i])
+
+    def label(self, i: int) -> int:
+        return self.data.label(self.indices[i])
+
+    def caption(self, i: int) -> str:
+        return self.data.caption(self.indices[i])
+
+
+def _sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(x)
+    return x
+
+
+def gather_rows(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Concatenate every rank's rows (N_r, D), whatever each N_r is (zero included)."""
+    if not env.distributed:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(env.world_size)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]]))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def _interleave(rows: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """Undo the rank::world split: row i of the result is sample i of the set."""
+    order = torch.cat([torch.arange(r, n, world) for r in range(world)])
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
+
+
+def zeroshot_during_training(model: DualEncoder, spec: str, max_samples: int | None, env: DistEnv, device) -> dict:
+    """Zero-shot metrics on a labelled set; confusion counts summed over ranks."""
+    data = open_labelled(spec, max_samples=max_samples)
+    templates, _ = default_templates(getattr(data, "name", None), getattr(data, "templates", None))
+    weights = text_classifier(model, data.classnames, templates, device=device)
+    share = _Share(data, env.rank, env.world_size)
+    c = len(data.classnames)
+    counts = torch.zeros(c, c + 1, dtype=torch.float64)  # confusion matrix, then top-5 hits per true class
+    if len(share):
+        feats, labels = image_features(model, share, device=device, progress=False)
+        scores = feats @ weights.T  # (n, C)
+        counts[:, :c] += torch.bincount(labels * c + scores.argmax(1), minlength=c * c).view(c, c).double()
+        top5 = (scores.topk(min(5, c), dim=1).indices == labels[:, None]).any(1)
+        counts[:, c] += torch.bincount(labels[top5], minlength=c).double()
+    counts = _sum(counts, env)
+    return _metrics_from_counts(counts, data.classnames)
+
+
+def _metrics_from_counts(counts: torch.Tensor, classnames: list[str]) -> dict[str, Any]:
+    c = len(classnames)
+    confusion, top5 = counts[:, :c], counts[:, c]
+    per_class = confusion.sum(1)
+    recall = [100 * float(confusion[i, i] / per_class[i]) if per_class[i] else None for i in range(c)]
+    seen = [r for r in recall if r is not None]
+    total = float(per_class.sum())
+    return {
+        "top1": 100 * float(confusion.diagonal().sum()) / max(total, 1),
+        f"top{min(5, c)}": 100 * float(top5.sum()) / max(total, 1),
+        "mean_per_class_recall": sum(seen) / max(len(seen), 1),
+        "per_class_recall": recall,
+        "confusion_matrix": confusion.long().tolist(),
+        "classnames": list(classnames),
+    }
+
+
+def retrieval_during_training(model: DualEncoder, spec: str, env: DistEnv, device) -> dict[str, Any]:
+    """Retrieval Recall@k on a pair source; each rank embeds a share, features are gathered."""
+    source = open_mixture(spec).as_source()
+    share = _Share(source, env.rank, env.world_size)
+    images = torch.zeros(0, model.cfg.embed_dim)
+    texts = torch.zeros(0, model.cfg.embed_dim)
+    if len(share):
+        images, texts = embed_pairs(model, share, device=device, progress=False)
+    images = _interleave(gather_rows(images, env), len(source), env.world_size)
+    texts = _interleave(gather_rows(texts, env), len(source), env.world_size)
+    return {**retrieval_metrics(images, texts), "n": len(source)}
+
+
+def evaluate_now(model: DualEncoder, eval_cfg: Any, step: int, run_dir: Path, env: DistEnv, device) -> dict[str, float]:
+    """Run every configured evaluation; the main rank writes ``RUN/eval/*_stepN.json``; returns log scalars."""
+    was_training = model.training
+    model.eval()
+    scalars: dict[str, float] = {}
+    jobs = [("zeroshot", s) for s in eval_cfg.zeroshot] + [("retrieval", s) for s in eval_cfg.retrieval]
+    for task, spec in jobs:
+        if task == "zeroshot":
+            values = zeroshot_during_training(model, spec, eval_cfg.max_samples, env, device)
+            scalars[f"zeroshot/{spec}/top1"] = values["top1"]
+        else:
+            values = retrieval_during_training(model, spec, env, device)
+            scalars[f"retrieval/{spec}/mean_R@1"] = (values["image_to_text_R@1"] + values["text_to_image_R@1"]) / 2
+        if env.is_main:
+            metrics, details = split_metrics({**values, "step": step})
+            result = make_result(task, describe_model(model), None, spec, metrics, details)
+            write_results(run_dir / "eval" / f"{task}_{spec.replace(':', '_')}_step{step:08d}.json", result)
+    model.train(was_training)
+    return scalars
