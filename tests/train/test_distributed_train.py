@@ -65,3 +65,22 @@ def test_killing_one_rank_ends_the_run_promptly(tmp_path):
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0
     assert time.time() - start < 60, out
+
+
+def test_resume_under_another_number_of_processes(tmp_path):
+    extra = ["steps=6", "checkpoint_every=3", "data.batch_size=16", f"out_dir={tmp_path}"]
+    full = train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=full"]))
+
+    def stop(step, _metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=moved"]), callbacks=[stop])
+    proc = torchrun([PRESET, *COMMON, *extra, "name=moved", "resume=latest"])  # 1 process -> 2 processes
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    one = [(r["step"], r["loss"]) for r in read_metrics(full.run_dir)]
+    moved = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "moved")]
+    assert [s for s, _ in moved] == [s for s, _ in one]
+    assert [loss for _, loss in moved] == pytest.approx([loss for _, loss in one], rel=1e-4, abs=1e-5)
