@@ -175,3 +175,10 @@ def test_training_from_shards_counts_undecodable_images(run_overrides, tmp_path)
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert sum(summary["data"]["replaced"].values()) == 1
     assert "replaced 1 samples" in result.data_summary
+
+
+def test_pure_bf16_keeps_weights_in_bf16(run_overrides):
+    result = loop.train(resolve_config("tiny-synthetic", overrides=[*run_overrides, "steps=4", "precision=bf16-pure"]))
+    assert result.loss == result.loss  # finite
+    state = torch.load(result.checkpoint, weights_only=False)["model"]
+    assert state["visual.patch_embed.weight"].dtype == torch.bfloat16

@@ -27,8 +27,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back, so bf16/fp16 activations stay stable."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):

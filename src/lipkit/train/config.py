@@ -121,7 +121,8 @@ class TrainConfig:
             ``infonce-streaming`` / ``siglip-streaming``.
         loss_options: Keyword arguments of the loss, e.g. ``{tile: 2048}`` for the streaming losses.
         steps: Optimizer steps.
-        precision: ``fp32`` or ``bf16`` (autocast).
+        precision: ``fp32``, ``bf16`` (autocast: bf16 matmuls, fp32 weights) or ``bf16-pure`` (weights,
+            gradients and optimizer state in bf16: half the memory, less precise updates).
         seed: Seed for initialisation, data order and augmentation.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         log_every: Steps between metric records.
@@ -170,8 +171,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "bf16-pure"):
+            raise ConfigError(f"precision must be fp32, bf16 or bf16-pure, got {self.precision!r}")
         for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")

@@ -112,6 +112,8 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
     """Model, loss and optimizer, on ``device``, seeded by ``cfg.seed``."""
     seed_everything(cfg.seed)
     model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_overrides).to(device).train()
+    if cfg.precision == "bf16-pure":
+        model.to(torch.bfloat16)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.loss.startswith("siglip") and model.logit_bias is None:
         raise ConfigError(f"loss 'siglip' needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
@@ -306,6 +308,10 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequ
         loader = make_loader(cfg, state.model, state.step, env)
         for images, tokens in loader:
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            if cfg.precision == "bf16-pure" and images.is_floating_point():
+                images = images.to(torch.bfloat16)
+            if cfg.precision == "bf16-pure" and tokens.is_floating_point():  # cached text features
+                tokens = tokens.to(torch.bfloat16)
             path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
     finally:
         bar.close()
