@@ -121,7 +121,12 @@ class HFTextEncoder(nn.Module):
         if not (path / "config.json").is_file():
             raise LipkitError(f"no Hugging Face model (config.json) in {path}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+        if torch.empty(0).device.type == "meta":  # building on the meta device (e.g. to count parameters)
+            from transformers import AutoConfig
+
+            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
+        else:
+            self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
         self.proj = make_head(self.encoder.config.hidden_size, embed_dim, cfg.proj, cfg.proj_bias)
         self.output_dim = embed_dim
 
