@@ -182,3 +182,14 @@ def test_pure_bf16_keeps_weights_in_bf16(run_overrides):
     assert result.loss == result.loss  # finite
     state = torch.load(result.checkpoint, weights_only=False)["model"]
     assert state["visual.patch_embed.weight"].dtype == torch.bfloat16
+
+
+def test_compiled_and_channels_last_runs_match_eager(run_overrides):
+    base = [*run_overrides, "steps=3", "log_every=1"]
+    eager = loop.train(resolve_config("tiny-synthetic", overrides=[*base, "name=eager"]))
+    fast = loop.train(
+        resolve_config("tiny-synthetic", overrides=[*base, "name=fast", "compile=aot_eager", "channels_last=true"])
+    )
+    a = [r["loss"] for r in read_metrics(eager.run_dir)]
+    b = [r["loss"] for r in read_metrics(fast.run_dir)]
+    assert b == pytest.approx(a, rel=1e-4)

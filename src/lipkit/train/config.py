@@ -137,6 +137,10 @@ class TrainConfig:
             on disk, and train only the projection heads on them (LiT): re-runs take seconds.
         feature_cache_dir: Where cached features live (default ``$LIPKIT_CACHE_DIR/features`` or
             ``~/.cache/lipkit/features``).
+        compile: Compile the forward pass with ``torch.compile`` using this backend (``inductor`` for
+            speed on GPUs); ``None`` runs eagerly.
+        channels_last: Keep images and convolution weights in channels-last memory format (faster
+            convolutional image towers on GPUs and recent CPUs).
         accum_micro_batch: Run each batch as micro-batches of this size through a feature cache: the
             gradients of the full batch with the activation memory of one micro-batch.
         data: Data settings.
@@ -163,6 +167,8 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     grad_checkpointing: bool = False
+    compile: str | None = None
+    channels_last: bool = False
     accum_micro_batch: int | None = None
     cache_features: bool = False
     feature_cache_dir: str | None = None

@@ -121,8 +121,12 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
         raise ConfigError("accum_micro_batch and cache_features do not run across processes yet")
     if cfg.cache_features:
         check_lockable(model)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, device)
     net = distributed.wrap(model, env, device)
+    if cfg.compile:
+        net = torch.compile(net, backend=cfg.compile)
     return TrainState(model, loss_for(cfg, env), optimizer, env, net, cached=cfg.cache_features)
 
 
@@ -155,7 +159,7 @@ def compute_loss(state: TrainState, images: torch.Tensor, tokens: torch.Tensor) 
     """Forward both towers (or, with cached features, both heads) and the loss."""
     if state.cached:
         return state.loss_fn(state.model.forward_from_features(images, tokens))
-    return state.loss_fn((state.net or state.model)(images, tokens))
+    return state.loss_fn((state.model if state.net is None else state.net)(images, tokens))
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> AbstractContextManager:
@@ -310,6 +314,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequ
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             if cfg.precision == "bf16-pure" and images.is_floating_point():
                 images = images.to(torch.bfloat16)
+            if cfg.channels_last and images.ndim == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
             if cfg.precision == "bf16-pure" and tokens.is_floating_point():  # cached text features
                 tokens = tokens.to(torch.bfloat16)
             path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
