@@ -67,7 +67,8 @@ def test_killing_one_rank_ends_the_run_promptly(tmp_path):
     assert time.time() - start < 60, out
 
 
-def test_resume_under_another_number_of_processes(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_resume_under_another_number_of_processes(tmp_path, fsdp):
     extra = ["steps=6", "checkpoint_every=3", "data.batch_size=16", f"out_dir={tmp_path}"]
     full = train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=full"]))
 
@@ -77,10 +78,35 @@ def test_resume_under_another_number_of_processes(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=moved"]), callbacks=[stop])
-    proc = torchrun([PRESET, *COMMON, *extra, "name=moved", "resume=latest"])  # 1 process -> 2 processes
+    proc = torchrun([PRESET, *COMMON, *extra, "name=moved", "resume=latest", f"fsdp={str(fsdp).lower()}"])  # 1 -> 2
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     one = [(r["step"], r["loss"]) for r in read_metrics(full.run_dir)]
     moved = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "moved")]
     assert [s for s, _ in moved] == [s for s, _ in one]
     assert [loss for _, loss in moved] == pytest.approx([loss for _, loss in one], rel=1e-4, abs=1e-5)
+
+
+def test_fsdp_matches_one_process(tmp_path):
+    extra = ["steps=4", "checkpoint_every=2", "data.batch_size=16", f"out_dir={tmp_path}"]
+    single = train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=single"]))
+    proc = torchrun([PRESET, *COMMON, *extra, "name=fsdp", "fsdp=true"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    one = [r["loss"] for r in read_metrics(single.run_dir)]
+    two = [r["loss"] for r in read_metrics(tmp_path / "fsdp")]
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
+    a = torch.load(single.checkpoint, weights_only=False)["model"]
+    b = torch.load(ckpt.list_checkpoints(tmp_path / "fsdp")[-1], weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-3), key
+    resumed = torch.load(ckpt.list_checkpoints(tmp_path / "fsdp")[0], weights_only=False)
+    assert resumed["step"] == 2
+
+
+def test_fsdp_needs_torchrun(run_overrides):
+    from lipkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="torchrun"):
+        train(resolve_config(PRESET, overrides=[*run_overrides, "fsdp=true"]))

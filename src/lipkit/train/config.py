@@ -139,6 +139,8 @@ class TrainConfig:
             ``~/.cache/lipkit/features``).
         compile: Compile the forward pass with ``torch.compile`` using this backend (``inductor`` for
             speed on GPUs); ``None`` runs eagerly.
+        fsdp: Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2)
+            instead of replicating the model (DDP): for towers too large for one device.
         channels_last: Keep images and convolution weights in channels-last memory format (faster
             convolutional image towers on GPUs and recent CPUs).
         accum_micro_batch: Run each batch as micro-batches of this size through a feature cache: the
@@ -169,6 +171,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: str | None = None
     channels_last: bool = False
+    fsdp: bool = False
     accum_micro_batch: int | None = None
     cache_features: bool = False
     feature_cache_dir: str | None = None

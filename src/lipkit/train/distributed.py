@@ -105,3 +105,61 @@ def teardown(env: DistEnv) -> None:
     """Leave the process group."""
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard(model: nn.Module) -> list[nn.Parameter]:
+    """FSDP2: shard each transformer block, then the rest of the model, over the process group.
+
+    Scalar parameters (the temperature and bias) cannot be sharded; they stay replicated and their
+    gradients are averaged by :func:`average_replicated_grads`. Returns those parameters.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for tower in (model.visual, model.text):
+        transformer = getattr(tower, "transformer", None)
+        for block in getattr(transformer, "blocks", []):
+            fully_shard(block)
+    scalars = [p for p in (model.logit_scale, model.logit_bias) if p is not None]
+    fully_shard(model, ignored_params=set(scalars))
+    return scalars
+
+
+def average_replicated_grads(params: list[nn.Parameter], env: DistEnv) -> None:
+    """Average the gradients of parameters FSDP leaves replicated (what DDP would do for them)."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= env.world_size
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Model and optimizer state as full tensors on CPU, optimizer state keyed by parameter name.
+
+    One format whether or not the model is sharded, so a checkpoint moves between one process, DDP
+    and FSDP. A collective call when sharded.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options) if sharded else model.state_dict()
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, optim: dict, sharded: bool):
+    """Load what :func:`full_state` saved into a model (sharded or not) and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    if sharded:
+        set_model_state_dict(model, state, options=options)
+    else:
+        model.load_state_dict(state)
+    set_optimizer_state_dict(model, optimizer, optim, options=options)

@@ -68,6 +68,7 @@ class TrainState:
     env: DistEnv = field(default_factory=DistEnv)
     net: nn.Module | None = None  # what the forward pass runs: the model, or its DDP wrapper
     cached: bool = False  # batches hold cached frozen-trunk features instead of images and tokens
+    replicated: list[nn.Parameter] = field(default_factory=list)  # FSDP: parameters left unsharded
     step: int = 0
     window: list[torch.Tensor] | None = None
     window_start: float = 0.0
@@ -119,32 +120,40 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
         raise ConfigError(f"loss 'siglip' needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
     if env.distributed and (cfg.accum_micro_batch is not None or cfg.cache_features):
         raise ConfigError("accum_micro_batch and cache_features do not run across processes yet")
+    if cfg.fsdp and not env.distributed:
+        raise ConfigError("fsdp=true shards the model over processes: launch with torchrun")
+    if cfg.fsdp and cfg.eval.every:
+        raise ConfigError("evaluation during training does not run with fsdp=true yet; set eval.every=0")
     if cfg.cache_features:
         check_lockable(model)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    replicated = distributed.shard(model) if cfg.fsdp else []
     optimizer = build_optimizer(model, cfg.optim, device)
-    net = distributed.wrap(model, env, device)
+    net = model if cfg.fsdp else distributed.wrap(model, env, device)
     if cfg.compile:
         net = torch.compile(net, backend=cfg.compile)
-    return TrainState(model, loss_for(cfg, env), optimizer, env, net, cached=cfg.cache_features)
+    return TrainState(model, loss_for(cfg, env), optimizer, env, net, cfg.cache_features, replicated)
 
 
 def restore(state: TrainState, path: Path) -> None:
     """Load model, optimizer, step and random generators from a checkpoint."""
     saved = ckpt.load_checkpoint(path)
-    state.model.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
+    sharded = bool(state.replicated)
+    distributed.load_full_state(state.model, state.optimizer, saved["model"], saved["optimizer"], sharded)
     state.step = int(saved["step"])
     ckpt.set_rng_state(saved["rng"])
 
 
 def save(state: TrainState, cfg: TrainConfig, run_dir: Path) -> Path:
-    """Write a checkpoint for the current step and prune old ones."""
+    """Write a checkpoint for the current step (main rank) and prune old ones; every rank calls it."""
     path = ckpt.checkpoint_path(run_dir, state.step)
+    model_state, optim_state = distributed.full_state(state.model, state.optimizer, bool(state.replicated))
+    if not state.env.is_main:
+        return path
     payload = {
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optim_state,
         "step": state.step,
         "rng": ckpt.rng_state(),
         "config": to_dict(cfg),
@@ -186,9 +195,11 @@ def train_step(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens
         group["lr"] = lr
     state.optimizer.zero_grad(set_to_none=True)
     loss = backward(state, cfg, images, tokens)
+    distributed.average_replicated_grads(state.replicated, state.env)
     params = [p for p in state.model.parameters() if p.grad is not None]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     state.optimizer.step()
     state.step += 1
     return torch.stack([loss.float(), grad_norm.detach().float()])
@@ -349,7 +360,7 @@ def run_one(
     if state.step % cfg.checkpoint_every == 0 or last:
         if state.window:
             check_window(state)
-        path = save(state, cfg, run_dir) if state.env.is_main else ckpt.checkpoint_path(run_dir, state.step)
+        path = save(state, cfg, run_dir)
         distributed.barrier(state.env)
     if cfg.eval.every and (state.step % cfg.eval.every == 0 or last) and (cfg.eval.zeroshot or cfg.eval.retrieval):
         device = next(state.model.parameters()).device
