@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lipkit.config import to_dict
-from lipkit.data.labelled import open_labelled
+from lipkit.data.labelled import Subset, open_labelled
 from lipkit.data.spec import open_mixture
 from lipkit.errors import LipkitError
 from lipkit.eval.embed import embed_pairs
@@ -183,7 +183,7 @@ def fewshot_result(model: DualEncoder, cfg: QuickstartConfig, device: torch.devi
     pool = open_labelled(cfg.fewshot_train)
     shots = sample_k_shot(torch.as_tensor([pool.label(i) for i in range(len(pool))]), max(cfg.shots), 0)
     key = f"{cfg.fewshot_train}|shots|{hashlib.sha256(str(shots.tolist()).encode()).hexdigest()}"
-    train_feats, train_labels = cached_image_features(model, _Subset(pool, shots.tolist()), key, device)
+    train_feats, train_labels = cached_image_features(model, Subset(pool, shots.tolist()), key, device)
     test = open_labelled(cfg.fewshot_test, max_samples=cfg.max_eval_images)
     test_feats, test_labels = cached_image_features(model, test, f"{cfg.fewshot_test}|{cfg.max_eval_images}", device)
     templates, _ = default_templates(getattr(test, "name", None), getattr(test, "templates", None))
@@ -200,22 +200,6 @@ def fewshot_result(model: DualEncoder, cfg: QuickstartConfig, device: torch.devi
         device=device,
     )
     return {"task": "fewshot", "data": {"train": cfg.fewshot_train, "test": cfg.fewshot_test}, "values": values}
-
-
-class _Subset:
-    """Some items of a labelled set, in the given order."""
-
-    def __init__(self, data: Any, indices: list[int]) -> None:
-        self.data, self.indices, self.classnames = data, indices, data.classnames
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def image(self, i: int) -> Any:
-        return self.data.image(self.indices[i])
-
-    def label(self, i: int) -> int:
-        return self.data.label(self.indices[i])
 
 
 def evaluate(name: str, weights: Path, cfg: QuickstartConfig, device: torch.device) -> list[dict[str, Any]]:

@@ -293,11 +293,11 @@ def _sample(shard: Path, key: str, entries: dict[str, tarfile.TarInfo], tar: tar
 
 
 class Subset:
-    """Some samples of a labelled set, keeping its class names, name and templates."""
+    """Some samples of a labelled set (or of a pair source), keeping its class names, name and templates."""
 
     def __init__(self, data: Any, indices: Sequence[int]) -> None:
-        self.data, self.indices = data, list(indices)
-        self.classnames = data.classnames
+        self.data, self.indices = data, [int(i) for i in indices]
+        self.classnames = getattr(data, "classnames", None)
         self.name = getattr(data, "name", None)
         self.templates = getattr(data, "templates", None)
 
@@ -311,6 +311,10 @@ class Subset:
     def label(self, index: int) -> int:
         """The class index of image ``index`` of the subset."""
         return self.data.label(self.indices[index])
+
+    def caption(self, index: int) -> str:
+        """The caption of pair ``index`` of the subset (for pair sources)."""
+        return self.data.caption(self.indices[index])
 
 
 def subsample(data: Any, max_samples: int, seed: int = 0) -> Any:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
+from lipkit.data.labelled import Subset
 from lipkit.errors import LipkitError
 from lipkit.eval.adapters import ADAPTERS, cv_folds, top1
 from lipkit.eval.adapters.base import Fold, shot_positions
@@ -245,23 +245,6 @@ def run_fewshot(
     }
 
 
-class _Subset:
-    """Some items of a labelled image set, by index (a :class:`LabelledImages` itself)."""
-
-    def __init__(self, data: LabelledImages, indices: torch.Tensor) -> None:
-        self.data, self.indices = data, indices.tolist()
-        self.classnames = data.classnames
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def image(self, index: int) -> Image.Image:
-        return self.data.image(self.indices[index])
-
-    def label(self, index: int) -> int:
-        return self.data.label(self.indices[index])
-
-
 def spread_indices(n: int, limit: int | None) -> torch.Tensor:
     """``limit`` evenly spaced indices of ``range(n)`` (all of them when ``limit`` is None or >= n).
 
@@ -327,12 +310,12 @@ def fewshot_report(
             raise LipkitError(f"{len(classnames)} class names given, but the {name} set has {len(data.classnames)}")
     zeroshot_weights = text_classifier(model, classnames, templates, device=device, batch_size=batch_size)
     embed = {"batch_size": batch_size, "workers": workers, "device": device, "progress": progress}
-    test_set = _Subset(test_data, spread_indices(len(test_data), max_test))
+    test_set = Subset(test_data, spread_indices(len(test_data), max_test))
     test_feats, test_labels = image_features(model, test_set, **embed)
     pool = spread_indices(len(train_data), max_train)
     pool_labels = torch.tensor([train_data.label(int(i)) for i in pool], dtype=torch.long)
     shots = torch.unique(torch.cat([sample_k_shot(pool_labels, max(ks), seed, classnames) for seed in seeds]))
-    train_feats, train_labels = image_features(model, _Subset(train_data, pool[shots]), **embed)
+    train_feats, train_labels = image_features(model, Subset(train_data, pool[shots]), **embed)
     coop_fn = None
     if COOP in methods:
         coop_fn = coop_hook(model, classnames, train_feats, train_labels, test_feats, coop, device)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lipkit.data.labelled import open_labelled
+from lipkit.data.labelled import Subset, open_labelled
 from lipkit.data.spec import open_mixture
 from lipkit.eval.embed import embed_pairs
 from lipkit.eval.features import image_features, text_classifier
@@ -23,26 +23,6 @@ from lipkit.eval.retrieval import retrieval_metrics
 from lipkit.eval.templates import default_templates
 from lipkit.models import DualEncoder
 from lipkit.train.distributed import DistEnv
-
-
-class _Share:
-    """Every ``world``-th item of a set, starting at ``rank`` (pairs or labelled images)."""
-
-    def __init__(self, data: Any, rank: int, world: int) -> None:
-        self.data, self.indices = data, list(range(rank, len(data), world))
-        self.classnames = getattr(data, "classnames", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def image(self, i: int) -> Any:
-        return self.data.image(self.indices[i])
-
-    def label(self, i: int) -> int:
-        return self.data.label(self.indices[i])
-
-    def caption(self, i: int) -> str:
-        return self.data.caption(self.indices[i])
 
 
 def _sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -78,7 +58,7 @@ def zeroshot_during_training(model: DualEncoder, spec: str, max_samples: int | N
     data = open_labelled(spec, max_samples=max_samples)
     templates, _ = default_templates(getattr(data, "name", None), getattr(data, "templates", None))
     weights = text_classifier(model, data.classnames, templates, device=device)
-    share = _Share(data, env.rank, env.world_size)
+    share = Subset(data, range(env.rank, len(data), env.world_size))
     c = len(data.classnames)
     counts = torch.zeros(c, c + 1, dtype=torch.float64)  # confusion matrix, then top-5 hits per true class
     if len(share):
@@ -111,7 +91,7 @@ def _metrics_from_counts(counts: torch.Tensor, classnames: list[str]) -> dict[st
 def retrieval_during_training(model: DualEncoder, spec: str, env: DistEnv, device) -> dict[str, Any]:
     """Retrieval Recall@k on a pair source; each rank embeds a share, features are gathered."""
     source = open_mixture(spec).as_source()
-    share = _Share(source, env.rank, env.world_size)
+    share = Subset(source, range(env.rank, len(source), env.world_size))
     images = torch.zeros(0, model.cfg.embed_dim)
     texts = torch.zeros(0, model.cfg.embed_dim)
     if len(share):
