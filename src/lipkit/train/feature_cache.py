@@ -41,11 +41,15 @@ def check_lockable(model: DualEncoder) -> None:
         )
 
 
+HEAD_KEYS = ("proj", "proj_bias")  # the projection heads train; cached trunk features do not depend on them
+
+
 def cache_key(model: DualEncoder, source: PairSource) -> str:
     """A digest of everything the cached features depend on (trunk weights, configs, data)."""
     h = hashlib.sha256()
     cfg = to_dict(model.cfg)
-    h.update(json.dumps([cfg["vision"], cfg["text"], cfg["preprocess"], cfg["tokenizer"]], sort_keys=True).encode())
+    towers = [{k: v for k, v in cfg[t].items() if k not in HEAD_KEYS} for t in ("vision", "text")]
+    h.update(json.dumps([*towers, cfg["preprocess"], cfg["tokenizer"]], sort_keys=True).encode())
     update_digest(h, model.visual, skip_prefix="proj.")
     update_digest(h, model.text, skip_prefix="proj.")
     for i in range(len(source)):
