@@ -2,8 +2,11 @@
 
 Both libraries build the same architecture (ViT image tower + CLIP text transformer) with the same
 widths, depths, batch, precision and synthetic data; each step is forward + InfoNCE loss + backward
-+ AdamW (fused on CUDA). Rounds alternate between the two so that machine noise hits both alike.
-Prints samples/s, peak GPU memory, model FLOPs utilisation and the lipkit/OpenCLIP ratios.
++ AdamW, the same optimizer on both sides: fused where lipkit's trainer fuses it (CUDA, CPU), or
+PyTorch's default with --unfused. Rounds alternate between the two so that machine noise hits both alike.
+Prints samples/s, peak GPU memory, model FLOPs utilisation and the lipkit/OpenCLIP ratios. Model FLOPs
+are those of the full computation (OpenCLIP's count); lipkit may execute fewer (it skips the last
+block's work for tokens that pooling discards), and prints that count too.
 
     python benchmarks/train_throughput.py                 # the `tiny` config, batch 64, fp32, CPU
     python benchmarks/train_throughput.py --model ViT-B-32 --batch-size 1024 --device cuda --precision bf16
@@ -22,6 +25,7 @@ import torch
 import lipkit
 from lipkit.losses import create_loss
 from lipkit.models import get_model_config
+from lipkit.train.optim import FUSED_DEVICES
 
 
 def openclip_model(name: str) -> torch.nn.Module:
@@ -55,11 +59,13 @@ def openclip_step(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tenso
     return step
 
 
-def make_runner(model: torch.nn.Module, loss_step, device: torch.device, precision: str, compile: bool = False):
+def make_runner(
+    model: torch.nn.Module, loss_step, device: torch.device, precision: str, compile: bool = False, fused: bool = True
+):
     model.to(device).train()
     if compile:
         loss_step = torch.compile(loss_step)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused and device.type in FUSED_DEVICES)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
     def run(images: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -102,6 +108,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--unfused", action="store_true", help="PyTorch's default AdamW, not the fused one (both)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16: 989)")
     args = parser.parse_args()
 
@@ -115,11 +122,12 @@ def main() -> None:
 
     ours = lipkit.create_model(args.model)
     theirs = openclip_model(args.model)
+    fused = not args.unfused
     runners = {
-        "lipkit": make_runner(ours, lipkit_step(ours), device, args.precision, args.compile),
-        "openclip": make_runner(theirs, openclip_step(theirs), device, args.precision, args.compile),
+        "lipkit": make_runner(ours, lipkit_step(ours), device, args.precision, args.compile, fused),
+        "openclip": make_runner(theirs, openclip_step(theirs), device, args.precision, args.compile, fused),
     }
-    flops = step_flops(runners["lipkit"], images, tokens)
+    flops = {name: step_flops(run, images, tokens) for name, run in runners.items()}
     peak = {}
     for name, run in runners.items():  # warm-up (and compilation), then peak memory of a few steps
         time_steps(run, images, tokens, 3, device)
@@ -134,15 +142,20 @@ def main() -> None:
     report(args, ours, device, flops, rates, peak)
 
 
-def report(args, model, device, flops: float, rates: dict[str, list[float]], peak: dict[str, float]) -> None:
+def report(args, model, device, counts: dict[str, float], rates: dict[str, list[float]], peak: dict[str, float]):
     """Print the side-by-side table and the ratios."""
     med = {name: statistics.median(r) for name, r in rates.items()}
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
         f"model {args.model} ({params:.1f}M params), batch {args.batch_size}, {args.precision}, {device}, "
-        f"compile={args.compile}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"compile={args.compile}, AdamW {'unfused' if args.unfused else 'fused'}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
     )
-    print(f"model FLOPs per step (forward + backward): {flops / 1e12:.4f} TFLOP")
+    flops = counts["openclip"]  # the full computation: the same model FLOPs for both sides
+    print(
+        f"model FLOPs per step (forward + backward): {flops / 1e12:.4f} TFLOP; "
+        f"executed by lipkit: {counts['lipkit'] / 1e12:.4f} TFLOP"
+    )
     for name, value in med.items():
         tflops = flops * value / args.batch_size / 1e12
         mem = f"  peak {peak[name]:.1f} GiB" if name in peak else ""

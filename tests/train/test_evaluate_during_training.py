@@ -1,4 +1,4 @@
-"""Evaluation every N steps, in one process and split unequally over two torchrun ranks."""
+"""Evaluation every N steps, in one process and split unequally over two torchrun ranks (DDP, FSDP)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ from lipkit.train.config import resolve_config
 from lipkit.train.loop import train
 
 pytestmark = pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist is not installed"
+    not Path("/usr/share/datasets/fashion-mnist").is_dir()
+    or not Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").is_file(),
+    reason="dataset-fashion-mnist or fonts-noto-color-emoji is not installed",
 )
 EVAL = [
     "eval.every=2",
     "eval.zeroshot=[fashion-mnist:test]",
-    "eval.retrieval=[synthetic:val]",
+    # 125 pairs, every caption distinct: with repeated captions Recall@k would turn on ties that rounding
+    # noise (1e-7, from a different thread count per process) decides, not on the evaluation's split.
+    "eval.retrieval=[emoji:val]",
     "eval.max_samples=41",
     "steps=4",
     "checkpoint_every=4",
@@ -36,8 +40,8 @@ def test_eval_every_n_steps_matches_a_separate_evaluation(run_overrides):
     assert set(found) == {
         "zeroshot_fashion-mnist_test_step00000002.json",
         "zeroshot_fashion-mnist_test_step00000004.json",
-        "retrieval_synthetic_val_step00000002.json",
-        "retrieval_synthetic_val_step00000004.json",
+        "retrieval_emoji_val_step00000002.json",
+        "retrieval_emoji_val_step00000004.json",
     }
     last = found["zeroshot_fashion-mnist_test_step00000004.json"]
     assert last["details"]["step"] == 4
@@ -52,15 +56,20 @@ def test_eval_every_n_steps_matches_a_separate_evaluation(run_overrides):
     assert last["details"]["confusion_matrix"] == want["confusion_matrix"]
 
 
-def test_two_ranks_with_unequal_shares_give_the_same_results(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_ranks_with_unequal_shares_give_the_same_results(tmp_path, fsdp):
+    """DDP: shares of 21 and 20 images, 63 and 62 pairs. FSDP, where every forward pass is collective:
+    shares of one zero-shot image and none (the second rank must join the forward anyway)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("ddp_tests", Path(__file__).with_name("test_distributed_train.py"))
     ddp_tests = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ddp_tests)
     common = ["progress=false", "tensorboard=false", "device=cpu", f"out_dir={tmp_path}", *EVAL]
+    if fsdp:
+        common.append("eval.max_samples=1")
     single = train(resolve_config("tiny-synthetic", overrides=[*common, "name=one"]))
-    proc = ddp_tests.torchrun(["tiny-synthetic", *common, "name=two"])
+    proc = ddp_tests.torchrun(["tiny-synthetic", *common, "name=two", f"fsdp={str(fsdp).lower()}"])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     one, two = _results(single.run_dir), _results(tmp_path / "two")

@@ -25,7 +25,7 @@ from torch import nn
 
 from lipkit.errors import LipkitError
 from lipkit.models import DualEncoder, get_tokenizer
-from lipkit.models.text import TextTransformer, pool_tokens
+from lipkit.models.text import TextTransformer
 from lipkit.models.tokenizer import ClipTokenizer
 
 PLACEHOLDER = "X"
@@ -151,8 +151,7 @@ class CoopPrompts(nn.Module):
         x = text.token_embed(tokens)  # (C, T, W)
         ctx = self.ctx.to(x.dtype).unsqueeze(0).expand(len(tokens), -1, -1)  # (C, M, W)
         x = torch.cat([x[:, :1], ctx, x[:, 1 + self.n_ctx :]], dim=1) + text.pos_embed[: tokens.shape[1]]
-        x = text.norm(text.transformer(x, causal=text.cfg.causal))  # (C, T, W)
-        return text.proj(pool_tokens(x, tokens, text.cfg.pool, text.cfg.pad_id))
+        return text.proj(text.features_from_hidden(x, tokens, 0))  # the tower's own blocks, norm and pooling
 
 
 def coop_loss(

@@ -36,7 +36,8 @@ def sigmoid_loss(image_features: Tensor, text_features: Tensor, logit_scale: Ten
     check_pair(image_features, text_features)
     logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, B)
     batch = logits.shape[0]
-    labels = 2 * torch.eye(batch, device=logits.device, dtype=logits.dtype) - 1  # (B, B): +1 diagonal, -1 off it
+    labels = torch.full_like(logits, -1.0)  # (B, B): -1 off the diagonal ...
+    labels.fill_diagonal_(1.0)  # ... and +1 on it, built in place (no eye, no scaled and shifted copies)
     return -F.logsigmoid(labels * logits).sum() / batch
 
 

@@ -43,10 +43,33 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
-        q, k, v = qkv.unbind(0)
+        # Unbind along the (B, T, 3, H, hd) layout, then transpose each to (B, H, T, hd): the backward pass
+        # stacks the three gradients straight into the qkv layout, with no extra copy of a permuted stack.
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, T, 3, self.heads, C // self.heads).unbind(2))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         return self.proj(out.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+    def attend(self, x: torch.Tensor, xq: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of a few query tokens over all tokens, projecting only those queries.
+
+        Equal to ``forward(x)`` at the query positions when ``xq`` holds those rows of ``x``.
+
+        Args:
+            x: Tokens (B, T, C), the keys and values.
+            xq: Query tokens (B, Q, C).
+            mask: Boolean or additive mask broadcastable to (B, heads, Q, T), or ``None``.
+
+        Returns:
+            (B, Q, C).
+        """
+        B, T, C = x.shape
+        Q, hd = xq.shape[1], C // self.heads
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(xq, weight[:C], None if bias is None else bias[:C]).view(B, Q, self.heads, hd).transpose(1, 2)
+        kv = F.linear(x, weight[C:], None if bias is None else bias[C:]).view(B, T, 2, self.heads, hd)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # (B, H, T, hd) each
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, Q, C))  # (B, Q, C)
 
 
 class Mlp(nn.Module):
@@ -98,6 +121,37 @@ class Block(nn.Module):
         x = x + self.ls1(self.attn(self.norm1(x), causal=causal, mask=mask))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
+    def forward_at(self, x: torch.Tensor, index: int | torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """The block's output at one position per row, computing nothing for the other positions.
+
+        Equal to ``self(x, causal)[rows, index]``: every token still serves as a key and value, but only the
+        selected one is projected as a query and goes through the attention output and the MLP.
+
+        Args:
+            x: Tokens (B, T, W).
+            index: The position, the same for every row (an int; negative counts from the end) or one per
+                row (a (B,) integer tensor).
+            causal: The selected token attends only to positions up to its own.
+
+        Returns:
+            (B, W).
+        """
+        B, T, _ = x.shape
+        h = self.norm1(x)
+        mask = None
+        if isinstance(index, int):
+            index = index % T
+            x_q, h_q = x[:, index], h[:, index : index + 1]  # (B, W), (B, 1, W)
+            if causal:
+                h = h[:, : index + 1]  # the keys the query may see
+        else:  # gather (its backward is a scatter-add) rather than advanced indexing (a sort and index_put)
+            at = index.reshape(B, 1, 1).expand(B, 1, x.shape[2])
+            x_q, h_q = x.gather(1, at)[:, 0], h.gather(1, at)  # (B, W), (B, 1, W)
+            if causal:
+                mask = (torch.arange(T, device=x.device) <= index.unsqueeze(1)).view(B, 1, 1, T)
+        x_q = x_q + self.ls1(self.attn.attend(h, h_q, mask)[:, 0])
+        return x_q + self.ls2(self.mlp(self.norm2(x_q)))
+
 
 class Transformer(nn.Module):
     """A stack of pre-norm blocks, with optional activation checkpointing."""
@@ -107,13 +161,39 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, **block_kwargs) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
+    def forward(
+        self,
+        x: torch.Tensor,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Run blocks ``start`` to ``stop`` (all by default) on ``x`` (B, T, W)."""
+        for block in self.blocks[start:stop]:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, causal, mask, use_reentrant=False)
             else:
                 x = block(x, causal=causal, mask=mask)
         return x
+
+    def forward_pooled(
+        self, x: torch.Tensor, index: int | torch.Tensor, causal: bool = False, start: int = 0
+    ) -> torch.Tensor:
+        """Run blocks ``start`` onwards and return only the token at ``index`` of each row: (B, W).
+
+        Equal to ``self(x, causal, start=start)[rows, index]``, but the last block computes its output
+        for the selected tokens only (see :meth:`Block.forward_at`), which skips most of that block's work
+        when a tower pools a single token (class token, end-of-text token).
+        """
+        last = len(self.blocks) - 1
+        if start > last:
+            return x[:, index] if isinstance(index, int) else x[torch.arange(x.shape[0], device=x.device), index]
+        x = self(x, causal=causal, start=start, stop=last)
+        block = self.blocks[last]
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block.forward_at, x, index, causal, use_reentrant=False)
+        return block.forward_at(x, index, causal)
 
     def init_weights(self, width: int, layers: int) -> None:
         """CLIP-style init: projections scaled down with depth, zero biases."""

@@ -33,6 +33,17 @@ def pool_tokens(x: torch.Tensor, tokens: torch.Tensor, how: str, pad_id: int = 0
     return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
 
 
+def pool_index(tokens: torch.Tensor, how: str) -> int | torch.Tensor | None:
+    """The position :func:`pool_tokens` selects for ``how``: an int, a (B,) tensor (``eot``) or ``None`` (``mean``)."""
+    if how == "eot":
+        return tokens.argmax(dim=-1)
+    if how == "last":
+        return -1
+    if how in ("first", "cls"):
+        return 0
+    return None
+
+
 class TextTransformer(nn.Module):
     """CLIP's text transformer: token + position embeddings, pre-norm blocks, final norm, pooling, projection.
 
@@ -70,12 +81,40 @@ class TextTransformer(nn.Module):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pooled feature before the projection head: (B, width)."""
+        return self.features_from_hidden(*self.hidden(tokens, 0), 0)
+
+    def trunk_layers(self) -> nn.ModuleList:
+        """The transformer blocks, bottom to top."""
+        return self.transformer.blocks
+
+    def top_modules(self) -> list[nn.Module]:
+        """What follows the blocks before the projection head (the final norm)."""
+        return [self.norm]
+
+    def hidden(self, tokens: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states (B, T, W) after the embeddings and the first ``stop`` blocks, and the token ids."""
         T = tokens.shape[1]
         if self.context_length < T:
             raise LipkitError(f"text has {T} tokens but the model's context_length is {self.context_length}")
         x = self.token_embed(tokens) + self.pos_embed[:T]  # (B, T, W)
-        x = self.norm(self.transformer(x, causal=self.cfg.causal))
+        return self.transformer(x, causal=self.cfg.causal, stop=stop), tokens
+
+    def features_from_hidden(self, x: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """The pooled feature from token states ``x`` that went through the first ``start`` blocks."""
+        index = pool_index(tokens, self.cfg.pool)
+        if index is not None:  # one token per text: the last block computes only that one, then the norm
+            return self.norm(self.transformer.forward_pooled(x, index, causal=self.cfg.causal, start=start))
+        x = self.norm(self.transformer(x, causal=self.cfg.causal, start=start))
         return pool_tokens(x, tokens, self.cfg.pool, self.cfg.pad_id)
+
+    def trim(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop trailing positions that cannot change any pooled feature (only exact with causal attention)."""
+        if not self.cfg.causal:
+            return x, tokens
+        used = tokens != self.cfg.pad_id
+        used[torch.arange(tokens.shape[0]), tokens.argmax(dim=-1)] = True  # the end-of-text token pools
+        keep = int(used.nonzero()[:, 1].max()) + 1 if used.any() else 1
+        return x[:, :keep], tokens[:, :keep]
 
 
 def resolve_local_path(path: str) -> Path:
@@ -144,7 +183,52 @@ class HFTextEncoder(nn.Module):
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pooled encoder output before the projection head: (B, hidden_size)."""
         ids, mask = tokens[:, 0], tokens[:, 1]
-        x = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, W)
+        return self._pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+    def _pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.cfg.pool == "eot":
             return x[torch.arange(x.shape[0], device=x.device), mask.sum(dim=1) - 1]
         return pool_tokens(x, mask, "cls" if self.cfg.pool == "cls" else "mean", pad_id=0)
+
+    def trunk_layers(self) -> nn.ModuleList:
+        """The encoder's transformer layers, bottom to top (BERT-style encoders: ``encoder.layer``)."""
+        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ConfigError(
+                f"unlocking or caching text layers needs a BERT-style encoder (encoder.layer); "
+                f"{type(self.encoder).__name__} has none"
+            )
+        return layers
+
+    def top_modules(self) -> list[nn.Module]:
+        """What follows the layers before the projection head (nothing: pooling has no weights)."""
+        return []
+
+    def _layer_mask(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask in the form the encoder's layers take."""
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+        except ImportError:  # transformers 4.x
+            return self.encoder.get_extended_attention_mask(mask, tuple(mask.shape))
+        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=x, attention_mask=mask)
+
+    def _run_layers(self, x: torch.Tensor, mask: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+        layer_mask = self._layer_mask(mask, x)
+        for layer in self.trunk_layers()[start:stop]:
+            out = layer(x, attention_mask=layer_mask)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+    def hidden(self, tokens: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states (B, T, W) after the embeddings and the first ``stop`` layers, and the attention mask."""
+        ids, mask = tokens[:, 0], tokens[:, 1]
+        return self._run_layers(self.encoder.embeddings(input_ids=ids), mask, 0, stop), mask
+
+    def features_from_hidden(self, x: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+        """The pooled feature from token states ``x`` that went through the first ``start`` layers."""
+        return self._pool(self._run_layers(x, mask, start, None), mask)
+
+    def trim(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop trailing positions that are padding in every row (masked, so the result is unchanged)."""
+        keep = max(int(mask.sum(dim=1).max()), 1)
+        return x[:, :keep], mask[:, :keep]

@@ -92,6 +92,10 @@ class VisionTransformer(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled feature before the projection head: (B, width)."""
+        if self.attn_pool is None and self.cfg.pool == "cls":
+            # Only the first token is kept: the last block computes just that one, and the norm follows.
+            x = self.transformer.forward_pooled(self.norm_pre(self.drop_patches(self.embed(images))), 0)
+            return self.norm(x)
         return self.pool(self.forward_features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

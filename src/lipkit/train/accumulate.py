@@ -6,22 +6,26 @@ micro-batches changes the loss. Instead (as in GradCache):
 1. embed every micro-batch without autograd and cache the features;
 2. compute the full-batch loss on the cached features and back-propagate it to them (and to the
    temperature and bias), which gives the gradient of the loss with respect to every feature;
-3. embed each micro-batch again with autograd and back-propagate those feature gradients.
+3. embed each micro-batch again with autograd and back-propagate those feature gradients (with the
+   last micro-batch, also the temperature and bias gradients).
 
 The parameter gradients equal the full-batch ones; activation memory is that of one micro-batch. The
 random state is replayed per micro-batch, so stochastic layers (patch dropout) draw the same values in
 both passes.
+
+Across processes each rank runs this on its share of the global batch with the distributed loss, so
+the gradients are those of the global batch once DDP or FSDP has averaged them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
-from lipkit.models import DualEncoder, DualEncoderOutput
+from lipkit.models import DualEncoderOutput
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -35,27 +39,34 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _embed(model: DualEncoder, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
-
-
 def cached_accumulation_backward(
-    model: DualEncoder,
+    net: nn.Module,
     loss_fn: nn.Module,
     images: torch.Tensor,
     tokens: torch.Tensor,
     micro_batch: int,
     autocast: Callable[[], AbstractContextManager],
+    no_sync: Callable[[], AbstractContextManager] = nullcontext,
 ) -> torch.Tensor:
     """Back-propagate the full-batch loss micro-batch by micro-batch; returns the (detached) loss.
 
+    Across processes, ``images`` and ``tokens`` are this rank's share of the global batch and
+    ``loss_fn`` the distributed loss, which gathers the cached features of every rank, so step 2 gives
+    each rank the gradients of the global loss with respect to its own features. The gradients of the
+    temperature and bias are passed back through the last micro-batch, so every parameter receives its
+    gradient in the one backward pass that DDP reduces.
+
     Args:
-        model: The dual encoder (in training mode).
+        net: The dual encoder in training mode, or what wraps it (DDP, FSDP): called on a micro-batch,
+            it returns a :class:`DualEncoderOutput`. Every forward pass goes through it, so its hooks
+            (parameter gathering, gradient reduction) see them.
         loss_fn: A loss module taking a :class:`DualEncoderOutput`.
         images: The full batch of images (B, 3, H, W).
         tokens: The full batch of tokens (B, T).
         micro_batch: Samples per forward pass.
         autocast: Factory of the precision context (e.g. bf16 autocast) for every forward pass.
+        no_sync: Factory of a context that keeps gradients local (DDP's ``no_sync``); every micro-batch
+            but the last runs in it, so gradients are reduced once per batch.
     """
     chunks = list(zip(images.split(micro_batch), tokens.split(micro_batch)))
     states, cached_img, cached_txt = [], [], []
@@ -63,21 +74,32 @@ def cached_accumulation_backward(
         for img, tok in chunks:
             states.append(_rng_state(img.device))
             with autocast():
-                f_img, f_txt = _embed(model, img, tok)
-            cached_img.append(f_img)
-            cached_txt.append(f_txt)
+                out = net(img, tok)
+            cached_img.append(out.image_features)
+            cached_txt.append(out.text_features)
     feats_img = torch.cat(cached_img).requires_grad_()
     feats_txt = torch.cat(cached_txt).requires_grad_()
+    scale = out.logit_scale.detach().requires_grad_()
+    bias = None if out.logit_bias is None else out.logit_bias.detach().requires_grad_()
     with autocast():
-        loss = loss_fn(DualEncoderOutput(feats_img, feats_txt, model.scale(), model.logit_bias))
+        loss = loss_fn(DualEncoderOutput(feats_img, feats_txt, scale, bias))
     loss.backward()
     after = _rng_state(images.device)
-    for (img, tok), state, g_img, g_txt in zip(
-        chunks, states, feats_img.grad.split(micro_batch), feats_txt.grad.split(micro_batch)
+    last = len(chunks) - 1
+    for i, ((img, tok), state, g_img, g_txt) in enumerate(
+        zip(chunks, states, feats_img.grad.split(micro_batch), feats_txt.grad.split(micro_batch))
     ):
         _set_rng_state(state, img.device)
-        with autocast():
-            f_img, f_txt = _embed(model, img, tok)
-        torch.autograd.backward([f_img, f_txt], [g_img.to(f_img.dtype), g_txt.to(f_txt.dtype)])
+        with no_sync() if i < last else nullcontext():
+            with autocast():
+                out = net(img, tok)
+            outputs = [out.image_features, out.text_features]
+            grads = [g_img.to(out.image_features.dtype), g_txt.to(out.text_features.dtype)]
+            if i == last:
+                for output, leaf in ((out.logit_scale, scale), (out.logit_bias, bias)):
+                    if leaf is not None and leaf.grad is not None and output.requires_grad:
+                        outputs.append(output)
+                        grads.append(leaf.grad.to(output.dtype))
+            torch.autograd.backward(outputs, grads)
     _set_rng_state(after, images.device)
     return loss.detach()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +88,18 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def deferred_sync(net: nn.Module) -> Callable[[], AbstractContextManager]:
+    """A context factory for backward passes whose gradients ``net`` should keep local for now.
+
+    DDP's ``no_sync`` (gradients accumulate locally and are all-reduced by the first backward pass
+    outside it); a null context otherwise. FSDP2 needs none: it reduce-scatters each backward pass's
+    gradients into the sharded gradients, whose sum is the same, and keeping them local instead would
+    hold unsharded gradients of the whole model.
+    """
+    ddp = getattr(net, "_orig_mod", net)  # the module under torch.compile
+    return ddp.no_sync if isinstance(ddp, nn.parallel.DistributedDataParallel) else nullcontext
+
+
 def mean_across_ranks(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """The mean of ``x`` over all ranks (``x`` itself in one process)."""
     if not env.distributed:
@@ -108,17 +122,23 @@ def teardown(env: DistEnv) -> None:
 
 
 def shard(model: nn.Module) -> list[nn.Parameter]:
-    """FSDP2: shard each transformer block, then the rest of the model, over the process group.
+    """FSDP2: shard each transformer block, then the rest of each tower, over the process group.
 
-    Scalar parameters (the temperature and bias) cannot be sharded; they stay replicated and their
-    gradients are averaged by :func:`average_replicated_grads`. Returns those parameters.
+    Each tower is a unit of its own, so calling one tower alone (``encode_image`` and ``encode_text``,
+    as evaluation does) gathers its parameters too; like a root unit, it keeps them gathered from the
+    forward to the backward pass. A block's ``forward_at`` (a tower's last block, when it pools one
+    token) gathers the block's parameters as its ``forward`` does. Scalar parameters (the temperature
+    and bias) cannot be sharded; they stay replicated and their gradients are averaged by
+    :func:`average_replicated_grads`. Returns those parameters.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for tower in (model.visual, model.text):
         transformer = getattr(tower, "transformer", None)
         for block in getattr(transformer, "blocks", []):
             fully_shard(block)
+            register_fsdp_forward_method(block, "forward_at")
+        fully_shard(tower, reshard_after_forward=False)
     scalars = [p for p in (model.logit_scale, model.logit_bias) if p is not None]
     fully_shard(model, ignored_params=set(scalars))
     return scalars

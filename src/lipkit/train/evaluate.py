@@ -1,9 +1,11 @@
 """Evaluation during training: zero-shot and retrieval every N steps, split across ranks.
 
-Each rank embeds every ``world``-th sample of a set (shares may differ by one, or be empty); the
-ranks then combine fixed-size results (confusion counts are summed; retrieval features are padded to
-a common length and gathered), so every rank makes the same collective calls in the same order and
-an unequal split can never deadlock.
+Each rank embeds every ``world``-th sample of a set (shares may differ by one, or be empty), padded
+with copies of the first sample to the longest share, so every rank runs the same number of forward
+passes (each a collective call when FSDP shards the model). The ranks then combine fixed-size
+results (confusion counts are summed; retrieval features are padded to a common length and
+gathered), so every rank makes the same collective calls in the same order and an unequal split can
+never deadlock.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def gather_rows(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def _share(n: int, env: DistEnv) -> tuple[list[int], int]:
+    """This rank's sample indices, padded with sample 0 to ``ceil(n / world)``, and how many are its own."""
+    own = list(range(env.rank, n, env.world_size))
+    return own + [0] * (-(-n // env.world_size) - len(own)), len(own)
+
+
 def _interleave(rows: torch.Tensor, n: int, world: int) -> torch.Tensor:
     """Undo the rank::world split: row i of the result is sample i of the set."""
     order = torch.cat([torch.arange(r, n, world) for r in range(world)])
@@ -58,11 +66,12 @@ def zeroshot_during_training(model: DualEncoder, spec: str, max_samples: int | N
     data = open_labelled(spec, max_samples=max_samples)
     templates, _ = default_templates(getattr(data, "name", None), getattr(data, "templates", None))
     weights = text_classifier(model, data.classnames, templates, device=device)
-    share = Subset(data, range(env.rank, len(data), env.world_size))
+    indices, own = _share(len(data), env)
     c = len(data.classnames)
     counts = torch.zeros(c, c + 1, dtype=torch.float64)  # confusion matrix, then top-5 hits per true class
-    if len(share):
-        feats, labels = image_features(model, share, device=device, progress=False)
+    if indices:
+        feats, labels = image_features(model, Subset(data, indices), device=device, progress=False)
+        feats, labels = feats[:own], labels[:own]
         scores = feats @ weights.T  # (n, C)
         counts[:, :c] += torch.bincount(labels * c + scores.argmax(1), minlength=c * c).view(c, c).double()
         top5 = (scores.topk(min(5, c), dim=1).indices == labels[:, None]).any(1)
@@ -91,13 +100,13 @@ def _metrics_from_counts(counts: torch.Tensor, classnames: list[str]) -> dict[st
 def retrieval_during_training(model: DualEncoder, spec: str, env: DistEnv, device) -> dict[str, Any]:
     """Retrieval Recall@k on a pair source; each rank embeds a share, features are gathered."""
     source = open_mixture(spec).as_source()
-    share = Subset(source, range(env.rank, len(source), env.world_size))
+    indices, own = _share(len(source), env)
     images = torch.zeros(0, model.cfg.embed_dim)
     texts = torch.zeros(0, model.cfg.embed_dim)
-    if len(share):
-        images, texts = embed_pairs(model, share, device=device, progress=False)
-    images = _interleave(gather_rows(images, env), len(source), env.world_size)
-    texts = _interleave(gather_rows(texts, env), len(source), env.world_size)
+    if indices:
+        images, texts = embed_pairs(model, Subset(source, indices), device=device, progress=False)
+    images = _interleave(gather_rows(images[:own], env), len(source), env.world_size)
+    texts = _interleave(gather_rows(texts[:own], env), len(source), env.world_size)
     return {**retrieval_metrics(images, texts), "n": len(source)}
 
 

@@ -118,12 +118,10 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.loss.startswith("siglip") and model.logit_bias is None:
         raise ConfigError(f"loss 'siglip' needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
-    if env.distributed and (cfg.accum_micro_batch is not None or cfg.cache_features):
-        raise ConfigError("accum_micro_batch and cache_features do not run across processes yet")
+    if env.distributed and cfg.cache_features:
+        raise ConfigError("cache_features does not run across processes yet")
     if cfg.fsdp and not env.distributed:
         raise ConfigError("fsdp=true shards the model over processes: launch with torchrun")
-    if cfg.fsdp and cfg.eval.every:
-        raise ConfigError("evaluation during training does not run with fsdp=true yet; set eval.every=0")
     if cfg.cache_features:
         check_lockable(model)
     if cfg.channels_last:
@@ -177,11 +175,17 @@ def precision(cfg: TrainConfig, device: torch.device) -> AbstractContextManager:
 
 
 def backward(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Forward and backward one batch (through the feature cache when micro-batching); returns the loss."""
+    """Forward and backward one batch (through the feature cache when micro-batching); returns the loss.
+
+    Micro-batches run through the DDP or FSDP form of the model; under DDP gradients are all-reduced
+    once, in the last micro-batch's backward pass.
+    """
     micro = cfg.accum_micro_batch
     if micro is not None and micro < images.shape[0]:
         context = partial(precision, cfg, images.device)
-        return cached_accumulation_backward(state.model, state.loss_fn, images, tokens, micro, context)
+        net = state.model if state.net is None else state.net
+        no_sync = distributed.deferred_sync(net)
+        return cached_accumulation_backward(net, state.loss_fn, images, tokens, micro, context, no_sync)
     with precision(cfg, images.device):
         loss = compute_loss(state, images, tokens)
     loss.backward()
@@ -197,8 +201,10 @@ def train_step(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens
     loss = backward(state, cfg, images, tokens)
     distributed.average_replicated_grads(state.replicated, state.env)
     params = [p for p in state.model.parameters() if p.grad is not None]
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if cfg.optim.grad_clip is not None:  # rescales on the device by min(1, clip / norm): no sync
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+    else:  # only the norm, for the record: no pass over every gradient multiplying it by 1
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     state.optimizer.step()
     state.step += 1
@@ -322,13 +328,9 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequ
     try:
         loader = make_loader(cfg, state.model, state.step, env)
         for images, tokens in loader:
-            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-            if cfg.precision == "bf16-pure" and images.is_floating_point():
-                images = images.to(torch.bfloat16)
+            images, tokens = to_device(images, device, cfg), to_device(tokens, device, cfg)
             if cfg.channels_last and images.ndim == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
-            if cfg.precision == "bf16-pure" and tokens.is_floating_point():  # cached text features
-                tokens = tokens.to(torch.bfloat16)
             path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
     finally:
         bar.close()
@@ -339,6 +341,17 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequ
         summary = json.dumps({"step": state.step, "loss": state.last_loss, "data": data}) + "\n"
         atomic_write_text(run_dir / "summary.json", summary)
     return TrainResult(run_dir, state.step, state.last_loss, path, stats.summary() if stats else "")
+
+
+def to_device(batch: Any, device: torch.device, cfg: TrainConfig) -> Any:
+    """Move a batch part (a tensor, or a tuple of them: cached text states) to ``device``.
+
+    Floating-point data (images, cached features) become bf16 under ``precision=bf16-pure``.
+    """
+    if isinstance(batch, (tuple, list)):
+        return tuple(to_device(t, device, cfg) for t in batch)
+    batch = batch.to(device, non_blocking=True)
+    return batch.to(torch.bfloat16) if cfg.precision == "bf16-pure" and batch.is_floating_point() else batch
 
 
 def run_one(

@@ -9,6 +9,7 @@ from torch import nn
 
 from lipkit.train.config import OptimConfig
 
+FUSED_DEVICES = ("cuda", "cpu")  # where torch.optim.AdamW(fused=True) has a kernel
 NO_DECAY_NAMES = ("logit_scale", "logit_bias", "cls_token", "pos_embed", "token_embed", "latent", "gamma")
 
 
@@ -29,13 +30,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; fused on CUDA."""
+    """AdamW over :func:`param_groups`, fused on CUDA and CPU.
+
+    The fused kernel updates every parameter in one vectorised pass; on CPU it is several times faster than
+    PyTorch's default there (a Python loop of per-tensor ops), which matters most for large embedding tables.
+    """
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,
-        fused=device.type == "cuda",
+        fused=device.type in FUSED_DEVICES,
     )
 
 
