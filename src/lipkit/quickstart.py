@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lipkit.cache import cached as checked_cache
 from lipkit.config import to_dict
 from lipkit.data.labelled import Subset, open_labelled
 from lipkit.data.spec import open_mixture
@@ -40,7 +41,7 @@ from lipkit.models import DualEncoder, create_model
 from lipkit.train import checkpoint as ckpt
 from lipkit.train.config import resolve_config
 from lipkit.train.loop import train
-from lipkit.utils import atomic_write, atomic_write_text, cache_root, resolve_device, update_digest
+from lipkit.utils import atomic_write_text, cache_root, resolve_device, update_digest
 
 
 @dataclass
@@ -102,14 +103,10 @@ def _digest(model: DualEncoder) -> str:
 
 
 def cached(model: DualEncoder, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """``compute()``'s tensors, cached on disk under the model's weights and ``key``."""
+    """``compute()``'s tensors, cached on disk under the model's weights and ``key`` (checksummed: a damaged
+    entry is rebuilt)."""
     h = hashlib.sha256(f"{key}|{json.dumps(model.cfg.preprocess, sort_keys=True)}|{_digest(model)}".encode())
-    path = cache_root() / "eval-features" / f"{h.hexdigest()[:24]}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    tensors = compute()
-    atomic_write(path, lambda f: torch.save(tensors, f))
-    return tensors
+    return checked_cache(cache_root() / "eval-features" / f"{h.hexdigest()[:24]}.pt", compute)
 
 
 def _same_run(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:

@@ -156,7 +156,7 @@ def test_a_damaged_cache_file_is_recomputed(tmp_path):
     reference, _ = cached_text_classifier(model, ["cat"], ["a {c}."], cache_dir=tmp_path)
     (cache_file,) = tmp_path.glob("*.pt")
     cache_file.write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning, match="damaged"):
         again, hit = cached_text_classifier(model, ["cat"], ["a {c}."], cache_dir=tmp_path)
     assert not hit and torch.allclose(again, reference)
 

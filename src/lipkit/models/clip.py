@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipkit.errors import ConfigError
 from lipkit.models.config import ModelConfig
 from lipkit.models.towers import TEXT_TOWERS, VISION_TOWERS
 
@@ -51,6 +52,23 @@ class DualEncoder(nn.Module):
             _lock(self.visual)
         if cfg.lock_text:
             _lock(self.text)
+            for module in self.unlocked_text_modules():
+                module.requires_grad_(True)
+
+    def unlocked_text_modules(self) -> list[nn.Module]:
+        """The top text layers (and the norm after them) that ``unlock_text_layers`` keeps trainable."""
+        n = self.cfg.unlock_text_layers
+        if not n:
+            return []
+        layers = self.text.trunk_layers()
+        if n > len(layers):
+            raise ConfigError(f"unlock_text_layers={n} but the text tower has {len(layers)} layers")
+        return [*layers[len(layers) - n :], *self.text.top_modules()]
+
+    def text_cache_layer(self) -> int | None:
+        """Where cached text states stop: the first unlocked text layer, or ``None`` (pooled features)."""
+        n = self.cfg.unlock_text_layers
+        return len(self.text.trunk_layers()) - n if n else None
 
     def locked_towers(self) -> list[nn.Module]:
         """The towers whose trunks are frozen."""
@@ -63,6 +81,8 @@ class DualEncoder(nn.Module):
             for name, module in tower.named_children():
                 if name != "proj":
                     module.eval()
+        for module in self.unlocked_text_modules():
+            module.train(mode)
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -84,8 +104,19 @@ class DualEncoder(nn.Module):
         """The logit scale as a multiplier: ``exp(log_scale)`` clamped at ``cfg.max_logit_scale``."""
         return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
 
-    def forward_from_features(self, image_features: torch.Tensor, text_features: torch.Tensor) -> DualEncoderOutput:
-        """Like :meth:`forward`, from the towers' pre-projection features (cached frozen-trunk outputs)."""
+    def forward_from_features(
+        self, image_features: torch.Tensor, text_features: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    ) -> DualEncoderOutput:
+        """Like :meth:`forward`, from cached frozen-trunk outputs.
+
+        Args:
+            image_features: The image trunk's pooled features (B, F), before the projection head.
+            text_features: The text trunk's pooled features (B, F) or, with ``unlock_text_layers``, the
+                token states entering the first unlocked layer and the tower's token ids or mask, as
+                :meth:`text_cache_layer` and the tower's ``hidden`` give them.
+        """
+        if isinstance(text_features, (tuple, list)):
+            text_features = self.text.features_from_hidden(*text_features, self.text_cache_layer())
         return DualEncoderOutput(
             image_features=F.normalize(self.visual.proj(image_features), dim=-1),
             text_features=F.normalize(self.text.proj(text_features), dim=-1),

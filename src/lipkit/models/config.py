@@ -190,6 +190,8 @@ class ModelConfig:
         preprocess: Overrides for :class:`lipkit.models.transforms.PreprocessConfig` (mean, std, ...).
         lock_image: Freeze the image tower (LiT); its projection head stays trainable.
         lock_text: Freeze the text tower; its projection head stays trainable.
+        unlock_text_layers: With ``lock_text``, keep the top N transformer layers of the text tower
+            (and the final norm that follows them, if any) trainable: LiT's partly unlocked text tower.
     """
 
     embed_dim: int = 512
@@ -202,10 +204,18 @@ class ModelConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     lock_image: bool = False
     lock_text: bool = False
+    unlock_text_layers: int = 0
 
     def validate(self) -> None:
         self.vision_config()
-        self.text_config()
+        text = self.text_config()
+        if self.unlock_text_layers < 0:
+            raise ConfigError(f"unlock_text_layers must be >= 0, got {self.unlock_text_layers}")
+        if self.unlock_text_layers and not self.lock_text:
+            raise ConfigError("unlock_text_layers only applies to a locked text tower: set lock_text=true")
+        layers = getattr(text, "layers", None)
+        if layers is not None and self.unlock_text_layers > layers:
+            raise ConfigError(f"unlock_text_layers={self.unlock_text_layers} but the text tower has {layers} layers")
         _check_choice("tokenizer", self.tokenizer, ("clip", "hf"))
         if self.tokenizer == "hf" and self.text.get("type") != "hf":
             raise ConfigError("tokenizer 'hf' needs a text tower of type 'hf'")

@@ -18,13 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from lipkit.cache import cached
 from lipkit.config import to_dict
 from lipkit.data.loader import ResumableBatchSampler, TransformedPairs
 from lipkit.data.sources import PairSource
 from lipkit.data.spec import Mixture
 from lipkit.errors import ConfigError
 from lipkit.models import DualEncoder, get_tokenizer, image_transform
-from lipkit.utils import atomic_write, cache_root, update_digest
+from lipkit.utils import cache_root, update_digest
 
 
 def default_cache_dir() -> Path:
@@ -43,13 +44,16 @@ def check_lockable(model: DualEncoder) -> None:
 
 HEAD_KEYS = ("proj", "proj_bias")  # the projection heads train; cached trunk features do not depend on them
 
+TextCache = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
 
 def cache_key(model: DualEncoder, source: PairSource) -> str:
-    """A digest of everything the cached features depend on (trunk weights, configs, data)."""
+    """A digest of everything the cached features depend on (trunk weights, configs, data, cut layer)."""
     h = hashlib.sha256()
     cfg = to_dict(model.cfg)
     towers = [{k: v for k, v in cfg[t].items() if k not in HEAD_KEYS} for t in ("vision", "text")]
-    h.update(json.dumps([*towers, cfg["preprocess"], cfg["tokenizer"]], sort_keys=True).encode())
+    parts = [*towers, cfg["preprocess"], cfg["tokenizer"], model.text_cache_layer()]
+    h.update(json.dumps(parts, sort_keys=True).encode())
     update_digest(h, model.visual, skip_prefix="proj.")
     update_digest(h, model.text, skip_prefix="proj.")
     for i in range(len(source)):
@@ -57,22 +61,37 @@ def cache_key(model: DualEncoder, source: PairSource) -> str:
     return h.hexdigest()[:24]
 
 
+def _pad_cat(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (B, T, ...) chunks along B, zero-padding T to the longest."""
+    length = max(c.shape[1] for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, 0) * (c.ndim - 2) + (0, length - c.shape[1])) for c in chunks])
+
+
 @torch.no_grad()
 def _compute(
     model: DualEncoder, source: PairSource, batch_size: int, workers: int, device: torch.device, progress: bool
-):
+) -> dict[str, torch.Tensor]:
     tokenizer = get_tokenizer(model.cfg)
     loader = DataLoader(
         TransformedPairs(source, image_transform(model.cfg)), batch_size=batch_size, num_workers=workers
     )
     was_training = model.training
     model.eval()
-    images, texts = [], []
+    layer = model.text_cache_layer()
+    images, texts, aux = [], [], []
     for batch_images, captions in tqdm(loader, desc="caching frozen features", unit="batch", disable=not progress):
         images.append(model.visual.features(batch_images.to(device)).float().cpu())
-        texts.append(model.text.features(tokenizer(list(captions)).to(device)).float().cpu())
+        tokens = tokenizer(list(captions)).to(device)
+        if layer is None:
+            texts.append(model.text.features(tokens).float().cpu())
+        else:
+            hidden, extra = model.text.trim(*model.text.hidden(tokens, layer))
+            texts.append(hidden.float().cpu())
+            aux.append(extra.cpu())
     model.train(was_training)
-    return torch.cat(images), torch.cat(texts)
+    if layer is None:
+        return {"image": torch.cat(images), "text": torch.cat(texts)}
+    return {"image": torch.cat(images), "text_hidden": _pad_cat(texts), "text_aux": _pad_cat(aux)}
 
 
 def cached_features(
@@ -83,39 +102,50 @@ def cached_features(
     workers: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen-trunk image and text features (N, F_image) and (N, F_text) of every pair, from disk if cached."""
+) -> tuple[torch.Tensor, TextCache]:
+    """Frozen-trunk features of every pair, from disk if cached.
+
+    Returns:
+        The image features (N, F_image) and the text side: pooled features (N, F_text), or, when the
+        model unlocks its top text layers, the token states entering the first unlocked layer
+        (N, T, W) with the tower's token ids or attention mask (N, T).
+    """
     check_lockable(model)
     path = Path(cache_dir or default_cache_dir()) / f"{cache_key(model, source)}.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+    n = len(source)
+
+    def sound(saved: dict[str, torch.Tensor]) -> bool:
+        return all(t.shape[0] == n for t in saved.values()) and ("text" in saved) == (model.text_cache_layer() is None)
+
+    saved = cached(path, lambda: _compute(model, source, batch_size, workers, torch.device(device), progress), sound)
+    if "text" in saved:
         return saved["image"], saved["text"]
-    image, text = _compute(model, source, batch_size, workers, torch.device(device), progress)
-    atomic_write(path, lambda f: torch.save({"image": image, "text": text}, f))
-    return image, text
+    return saved["image"], (saved["text_hidden"], saved["text_aux"])
 
 
 class FeaturePairs(Dataset):
-    """``(index, seed)`` -> the cached (image feature, text feature) pair."""
+    """``(index, seed)`` -> the cached (image feature, text feature or text states) pair."""
 
-    def __init__(self, image: torch.Tensor, text: torch.Tensor) -> None:
+    def __init__(self, image: torch.Tensor, text: TextCache) -> None:
         self.image, self.text = image, text
 
     def __len__(self) -> int:
         return self.image.shape[0]
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, TextCache]:
         index = torch.tensor([i for i, _ in items])
-        return self.image[index], self.text[index]
+        text = self.text[index] if isinstance(self.text, torch.Tensor) else tuple(t[index] for t in self.text)
+        return self.image[index], text
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.image[item[0]], self.text[item[0]]
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, TextCache]:
+        image, text = self.__getitems__([item])
+        return image[0], text[0] if isinstance(text, torch.Tensor) else tuple(t[0] for t in text)
 
 
 def make_feature_loader(
     mixture: Mixture,
     image: torch.Tensor,
-    text: torch.Tensor,
+    text: TextCache,
     batch_size: int,
     seed: int,
     start_step: int = 0,
