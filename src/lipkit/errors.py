@@ -29,6 +29,10 @@ class CheckpointError(LipkitError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
+class FolderInUseError(LipkitError):
+    """Another process is working in the same output folder (see :class:`lipkit.utils.FolderLock`)."""
+
+
 class TrainingDivergedError(LipkitError):
     """The loss became NaN or infinite."""
 

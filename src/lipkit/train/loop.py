@@ -6,8 +6,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from lipkit.config import save_yaml, to_dict
 from lipkit.data.loader import make_train_loader
 from lipkit.data.spec import open_mixture
-from lipkit.errors import ConfigError, TrainingDivergedError
+from lipkit.errors import ConfigError, FolderInUseError, TrainingDivergedError
 from lipkit.losses import create_loss
 from lipkit.losses.distributed import DISTRIBUTED_FORM
 from lipkit.models import DualEncoder, create_model, get_tokenizer, image_transform
@@ -34,7 +34,7 @@ from lipkit.train.evaluate import evaluate_now
 from lipkit.train.feature_cache import cached_features, check_lockable, make_feature_loader
 from lipkit.train.metrics import MetricLogger
 from lipkit.train.optim import build_optimizer, lr_at
-from lipkit.utils import atomic_write_text, seed_everything
+from lipkit.utils import FolderLock, atomic_write_text, seed_everything
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -315,6 +315,34 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
 
 def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequence[Callback]) -> TrainResult:
     distributed.check_batch(cfg.data.batch_size, env)
+    with lock_run_dir(Path(cfg.out_dir) / cfg.name, env, device):
+        return _train_locked(cfg, env, device, callbacks)
+
+
+@contextmanager
+def lock_run_dir(run_dir: Path, env: DistEnv, device: torch.device) -> Iterator[None]:
+    """Hold the run directory's lock (main rank) for the whole run: a second run there is refused.
+
+    Every rank learns whether the main rank got it, so all raise together instead of some waiting.
+    """
+    lock, problem = FolderLock(run_dir, "a training run"), None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except FolderInUseError as exc:
+            problem = exc
+    failed = distributed.mean_across_ranks(torch.tensor([float(problem is not None)], device=device), env)
+    try:
+        if problem is not None:
+            raise problem
+        if float(failed) > 0:
+            raise FolderInUseError(f"cannot start a training run in {run_dir}: another process is working there")
+        yield
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequence[Callback]) -> TrainResult:
     run_dir = prepare_run_dir(cfg, env)
     state = build_state(cfg, env, device)
     if cfg.resume:

