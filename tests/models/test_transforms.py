@@ -200,3 +200,21 @@ def test_palette_image_is_converted_before_resizing(eval_tf) -> None:
     palette = next(im for im in PHOTOS.values() if im.mode == "RGB").convert("P")
     expected = open_clip.image_transform(224, is_train=False)(palette.convert("RGB"))
     torch.testing.assert_close(eval_tf(palette), expected, atol=ATOL, rtol=0)
+
+
+def test_training_grayscale_probability():
+    from PIL import Image as PILImage
+
+    from lipkit.errors import ConfigError
+    from lipkit.models.transforms import PreprocessConfig, image_transform
+
+    colourful = PILImage.new("RGB", (40, 40), (200, 30, 30))
+    grey = image_transform(PreprocessConfig(image_size=32, train_grayscale=1.0, mean=(0, 0, 0), std=(1, 1, 1)), True)
+    out = grey(colourful)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    never = image_transform(PreprocessConfig(image_size=32, mean=(0, 0, 0), std=(1, 1, 1)), train=True)
+    assert not torch.equal(never(colourful)[0], never(colourful)[1])
+    evaluation = image_transform(PreprocessConfig(image_size=32, train_grayscale=1.0), train=False)
+    assert not torch.equal(evaluation(colourful)[0], evaluation(colourful)[1])  # evaluation never greys
+    with pytest.raises(ConfigError, match="train_grayscale"):
+        image_transform(PreprocessConfig(train_grayscale=1.5))

@@ -144,3 +144,57 @@ def _one_process():
     from lipkit.train.distributed import DistEnv
 
     return DistEnv(), torch.device("cpu")
+
+
+VIEWS = [*LOCKED, "feature_views=3", "model_overrides.preprocess.train_grayscale=0.5"]
+
+
+def test_augmented_views_are_cached_per_view_deterministic_and_used(run_overrides, tmp_path):
+    import lipkit
+    from lipkit.data.sources import SyntheticPairs
+
+    cache = tmp_path / "cache"
+    torch.manual_seed(0)
+    model = lipkit.create_model("micro", lock_image=True, lock_text=True, preprocess={"train_grayscale": 0.5})
+    source = SyntheticPairs(size=24)
+    image, text = feature_cache.cached_features(model, source, cache, views=3, progress=False)
+    assert image.shape[:2] == (24, 3) and text.shape[0] == 24
+    assert len(list(cache.glob("*.pt"))) == 3  # the evaluation view (both towers) and two augmented views
+    assert not torch.allclose(image[:, 0], image[:, 1]) and not torch.allclose(image[:, 1], image[:, 2])
+    # The evaluation view does not depend on training-only preprocessing; augmented views do.
+    torch.manual_seed(0)
+    plain = lipkit.create_model("micro", lock_image=True, lock_text=True)  # the same weights
+    assert feature_cache.cache_key(plain, source) == feature_cache.cache_key(model, source)
+    assert feature_cache.cache_key(plain, source, 1) != feature_cache.cache_key(model, source, 1)
+    # Recomputed with worker processes and in another order, a view is the same: seeded by (view, key).
+    again = feature_cache._compute_view(model, source, 2, 5, 2, torch.device("cpu"), False)["image"]
+    torch.testing.assert_close(again, image[:, 2])
+    # Raising the number of views reuses the cached ones.
+    state = torch.get_rng_state()
+    four, _ = feature_cache.cached_features(model, source, cache, views=4, progress=False)
+    assert torch.equal(four[:, :3], image) and len(list(cache.glob("*.pt"))) == 4
+    assert torch.equal(torch.get_rng_state(), state)  # per-sample seeding leaves the caller's random state alone
+    # A batch draws a mix of views, picked by the sample seeds.
+    pairs = feature_cache.FeaturePairs(image, text)
+    got, _ = pairs.__getitems__([(0, s) for s in range(40)])
+    matches = [[torch.equal(g, image[0, v]) for v in range(3)] for g in got]
+    assert all(sum(m) == 1 for m in matches) and all(any(m[v] for m in matches) for v in range(3))
+
+
+def test_training_on_augmented_views_resumes_exactly(run_overrides, tmp_path):
+    base = [*run_overrides, *VIEWS, f"feature_cache_dir={tmp_path / 'c'}", "steps=6", "log_every=1"]
+    full = loop.train(resolve_config("tiny-synthetic", overrides=[*base, "name=full", "checkpoint_every=3"]))
+
+    def crash(step, _metrics):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(resolve_config("tiny-synthetic", overrides=[*base, "name=cut", "checkpoint_every=3"]), [crash])
+    resumed = loop.train(
+        resolve_config("tiny-synthetic", overrides=[*base, "name=cut", "checkpoint_every=3", "resume=latest"])
+    )
+    one = [(r["step"], r["loss"]) for r in read_metrics(full.run_dir)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(resumed.run_dir)] == one
+    with pytest.raises(ConfigError, match="feature_views applies to cached features"):
+        resolve_config("tiny-synthetic", overrides=[*run_overrides, "feature_views=2"])

@@ -54,6 +54,8 @@ class PreprocessConfig:
         train_scale: Range of the crop area, as a fraction of the image area, for ``RandomResizedCrop``.
         train_ratio: Range of the crop aspect ratio (width / height) for ``RandomResizedCrop``.
         fill_alpha: RGB colour that transparent images are composited onto.
+        train_grayscale: Probability that the training transform turns an image grey (all three channels
+            equal); 0 turns it off. Helps transfer to greyscale evaluation sets such as (Fashion-)MNIST.
     """
 
     image_size: int = 224
@@ -64,6 +66,7 @@ class PreprocessConfig:
     train_scale: tuple[float, float] = (0.9, 1.0)
     train_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     fill_alpha: tuple[int, int, int] = (255, 255, 255)
+    train_grayscale: float = 0.0
 
     def validate(self) -> None:
         """Check every field.
@@ -84,6 +87,9 @@ class PreprocessConfig:
         _check_triple("fill_alpha", self.fill_alpha)
         if not all(isinstance(c, int) and 0 <= c <= 255 for c in self.fill_alpha):
             raise ConfigError(f"preprocess fill_alpha must be three integers in [0, 255], got {self.fill_alpha!r}")
+        g = self.train_grayscale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
+            raise ConfigError(f"preprocess train_grayscale must be a probability in [0, 1], got {g!r}")
 
 
 def _check_choice(field: str, value: object, choices: list[str]) -> None:
@@ -150,6 +156,8 @@ def image_transform(cfg: PreprocessConfig, train: bool = False) -> Callable[[Ima
     size = cfg.image_size
     if train:
         geometry = [T.RandomResizedCrop(size, cfg.train_scale, cfg.train_ratio, interpolation, antialias=True)]
+        if cfg.train_grayscale > 0:
+            geometry.append(T.RandomGrayscale(cfg.train_grayscale))
     elif cfg.resize_mode == "squash":
         geometry = [T.Resize((size, size), interpolation, antialias=True)]
     else:  # shortest: short side -> size (long side truncated to int, as in CLIP), then the centre square

@@ -137,6 +137,11 @@ class TrainConfig:
             on disk, and train only the projection heads on them (LiT): re-runs take seconds.
         feature_cache_dir: Where cached features live (default ``$LIPKIT_CACHE_DIR/features`` or
             ``~/.cache/lipkit/features``).
+        feature_views: With ``cache_features``, how many views of each training image are cached: the
+            evaluation view and ``feature_views - 1`` draws of the training augmentation (random crop,
+            ``model_overrides.preprocess.train_grayscale``), each seeded by (sample, view); every step
+            uses one view per sample, chosen by the sample's seed. Each view is its own cache entry,
+            so raising the number reuses the views already cached.
         compile: Compile the forward pass with ``torch.compile`` using this backend (``inductor`` for
             speed on GPUs); ``None`` runs eagerly.
         fsdp: Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2)
@@ -175,6 +180,7 @@ class TrainConfig:
     accum_micro_batch: int | None = None
     cache_features: bool = False
     feature_cache_dir: str | None = None
+    feature_views: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -182,7 +188,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16", "bf16-pure"):
             raise ConfigError(f"precision must be fp32, bf16 or bf16-pure, got {self.precision!r}")
-        for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if self.feature_views != 1 and not self.cache_features:
+            raise ConfigError("feature_views applies to cached features: set cache_features=true")
+        for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "feature_views"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
 

@@ -5,6 +5,11 @@ once (with the evaluation transform), saved on disk under a key made of both tru
 configs, the preprocessing, and the data's keys and captions, and reused by every later run: a re-run
 skips straight to training the projection heads, which takes seconds. Batches are drawn by the same
 deterministic sampler as image batches, so resuming stays exact.
+
+With ``feature_views > 1``, augmented views of the training images are cached too (view 0 is the
+evaluation transform; view ``v > 0`` is a draw of the training transform seeded by ``v`` and the
+sample's key), each view a cache entry of its own, and each step picks one view per sample from the
+sample's seed: augmentation at the cost of a few extra trunk passes, not one per step.
 """
 
 from __future__ import annotations
@@ -47,18 +52,49 @@ HEAD_KEYS = ("proj", "proj_bias")  # the projection heads train; cached trunk fe
 TextCache = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def cache_key(model: DualEncoder, source: PairSource) -> str:
-    """A digest of everything the cached features depend on (trunk weights, configs, data, cut layer)."""
+TRAIN_ONLY = ("train_scale", "train_ratio", "train_grayscale")  # preprocessing that only augmented views use
+
+
+def cache_key(model: DualEncoder, source: PairSource, view: int = 0) -> str:
+    """A digest of everything the cached features depend on (trunk weights, configs, data, cut layer).
+
+    View 0 (the evaluation transform, both towers) ignores the training-only preprocessing; an augmented
+    view ``v > 0`` (image features only) depends on the image tower, all the preprocessing and ``v``.
+    """
     h = hashlib.sha256()
     cfg = to_dict(model.cfg)
     towers = [{k: v for k, v in cfg[t].items() if k not in HEAD_KEYS} for t in ("vision", "text")]
-    parts = [*towers, cfg["preprocess"], cfg["tokenizer"], model.text_cache_layer()]
+    if view == 0:
+        preprocess = {k: v for k, v in cfg["preprocess"].items() if k not in TRAIN_ONLY}
+        parts = [*towers, preprocess, cfg["tokenizer"], model.text_cache_layer()]
+    else:
+        parts = [towers[0], cfg["preprocess"], {"augmented_view": view}]
     h.update(json.dumps(parts, sort_keys=True).encode())
     update_digest(h, model.visual, skip_prefix="proj.")
-    update_digest(h, model.text, skip_prefix="proj.")
+    if view == 0:
+        update_digest(h, model.text, skip_prefix="proj.")
     for i in range(len(source)):
         h.update(f"{source.key(i)}\t{source.caption(i)}\n".encode())
     return h.hexdigest()[:24]
+
+
+def view_seed(view: int, key: str) -> int:
+    """The augmentation seed of ``view`` of the sample with ``key``: fixed, whatever the order or workers."""
+    return int.from_bytes(hashlib.sha256(f"{view}|{key}".encode()).digest()[:8], "little") >> 1
+
+
+class AugmentedView(Dataset):
+    """``index`` -> the training transform of image ``index``, seeded by :func:`view_seed`."""
+
+    def __init__(self, source: PairSource, transform: Any, view: int) -> None:
+        self.source, self.transform, self.view = source, transform, view
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        torch.default_generator.manual_seed(view_seed(self.view, self.source.key(index)))
+        return self.transform(self.source.image(index))
 
 
 def _pad_cat(chunks: list[torch.Tensor]) -> torch.Tensor:
@@ -94,6 +130,29 @@ def _compute(
     return {"image": torch.cat(images), "text_hidden": _pad_cat(texts), "text_aux": _pad_cat(aux)}
 
 
+@torch.no_grad()
+def _compute_view(
+    model: DualEncoder,
+    source: PairSource,
+    view: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    data = AugmentedView(source, image_transform(model.cfg, train=True), view)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):  # the per-sample seeding leaves the run's random state untouched
+        images = [
+            model.visual.features(batch.to(device)).float().cpu()
+            for batch in tqdm(loader, desc=f"caching augmented view {view}", unit="batch", disable=not progress)
+        ]
+    model.train(was_training)
+    return {"image": torch.cat(images)}
+
+
 def cached_features(
     model: DualEncoder,
     source: PairSource,
@@ -102,29 +161,56 @@ def cached_features(
     workers: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    views: int = 1,
 ) -> tuple[torch.Tensor, TextCache]:
     """Frozen-trunk features of every pair, from disk if cached.
 
+    Args:
+        views: Image views per pair: the evaluation view, then ``views - 1`` augmented ones.
+
     Returns:
-        The image features (N, F_image) and the text side: pooled features (N, F_text), or, when the
-        model unlocks its top text layers, the token states entering the first unlocked layer
-        (N, T, W) with the tower's token ids or attention mask (N, T).
+        The image features, (N, F_image) for one view or (N, views, F_image), and the text side: pooled
+        features (N, F_text), or, when the model unlocks its top text layers, the token states
+        entering the first unlocked layer (N, T, W) with the tower's token ids or attention mask (N, T).
     """
     check_lockable(model)
-    path = Path(cache_dir or default_cache_dir()) / f"{cache_key(model, source)}.pt"
-    n = len(source)
+    folder = Path(cache_dir or default_cache_dir())
+    n, device = len(source), torch.device(device)
 
     def sound(saved: dict[str, torch.Tensor]) -> bool:
         return all(t.shape[0] == n for t in saved.values()) and ("text" in saved) == (model.text_cache_layer() is None)
 
-    saved = cached(path, lambda: _compute(model, source, batch_size, workers, torch.device(device), progress), sound)
+    saved = cached(
+        folder / f"{cache_key(model, source)}.pt",
+        lambda: _compute(model, source, batch_size, workers, device, progress),
+        sound,
+    )
+    image = saved["image"]
+    if views > 1:
+        extra = [
+            cached(
+                folder / f"{cache_key(model, source, v)}.pt",
+                lambda v=v: _compute_view(model, source, v, batch_size, workers, device, progress),
+                lambda entry: tuple(entry["image"].shape) == tuple(image.shape),
+            )["image"]
+            for v in range(1, views)
+        ]
+        image = torch.stack([image, *extra], dim=1)  # (N, views, F)
     if "text" in saved:
-        return saved["image"], saved["text"]
-    return saved["image"], (saved["text_hidden"], saved["text_aux"])
+        return image, saved["text"]
+    return image, (saved["text_hidden"], saved["text_aux"])
+
+
+def _mix(seed: int) -> int:
+    """Scramble a sample seed (consecutive within a batch) so that its view does not follow its slot."""
+    return ((seed * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)) >> 32
 
 
 class FeaturePairs(Dataset):
-    """``(index, seed)`` -> the cached (image feature, text feature or text states) pair."""
+    """``(index, seed)`` -> the cached (image feature, text feature or text states) pair.
+
+    With several cached views per image (``image`` of shape (N, views, F)), a hash of the seed picks one.
+    """
 
     def __init__(self, image: torch.Tensor, text: TextCache) -> None:
         self.image, self.text = image, text
@@ -135,6 +221,9 @@ class FeaturePairs(Dataset):
     def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, TextCache]:
         index = torch.tensor([i for i, _ in items])
         text = self.text[index] if isinstance(self.text, torch.Tensor) else tuple(t[index] for t in self.text)
+        if self.image.ndim == 3:  # (N, views, F): the sample's seed picks its view
+            views = torch.tensor([_mix(seed) % self.image.shape[1] for _, seed in items])
+            return self.image[index, views], text
         return self.image[index], text
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, TextCache]:

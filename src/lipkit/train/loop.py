@@ -265,7 +265,12 @@ def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int, env: Dist
     if cfg.cache_features:
         device = next(model.parameters()).device
         image, text = cached_features(
-            model, mixture.concatenated(), cfg.feature_cache_dir, workers=cfg.data.workers, device=device
+            model,
+            mixture.concatenated(),
+            cfg.feature_cache_dir,
+            workers=cfg.data.workers,
+            device=device,
+            views=cfg.feature_views,
         )
         return make_feature_loader(
             mixture,
