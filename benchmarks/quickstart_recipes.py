@@ -103,6 +103,18 @@ VARIANTS: dict[str, list[str]] = {
     # evaluation still uses the bare names of emoji:val / emoji:test, as the quickstart does
     "emoji-tpl": [f"data.train=tuxpaint:train,{TPL}"],
     "emoji-tpl-both": [f"data.train=tuxpaint:train,{TPL},emoji:train"],
+    # augmented views of the training images in the feature cache (feature_views), greyscale draws
+    "views4": ["feature_views=4"],
+    "views4-grey0.5": ["feature_views=4", "model_overrides.preprocess.train_grayscale=0.5"],
+    "views8-grey0.5": ["feature_views=8", "model_overrides.preprocess.train_grayscale=0.5"],
+    # the top MiniLM layers trained (LiT's partly unlocked text tower), on cached text states
+    "unlock1": ["model_overrides.unlock_text_layers=1"],
+    "unlock2": ["model_overrides.unlock_text_layers=2"],
+    "views4-grey0.5-unlock1": [
+        "feature_views=4",
+        "model_overrides.preprocess.train_grayscale=0.5",
+        "model_overrides.unlock_text_layers=1",
+    ],
     # combinations of the single changes that scored best on validation
     "mlpv-lr3e-3": ["model_overrides.vision.proj=mlp", "optim.lr=3e-3"],
     "scale30-mix": ["model_overrides.init_logit_scale=3.4012", "data.train=tuxpaint:train::0.5,emoji:train::0.5"],

