@@ -107,6 +107,18 @@ VARIANTS: dict[str, list[str]] = {
     "views4": ["feature_views=4"],
     "views4-grey0.5": ["feature_views=4", "model_overrides.preprocess.train_grayscale=0.5"],
     "views8-grey0.5": ["feature_views=8", "model_overrides.preprocess.train_grayscale=0.5"],
+    "views4-grey1": ["feature_views=4", "model_overrides.preprocess.train_grayscale=1.0"],
+    "views4-grey0.5-crop0.5": [
+        "feature_views=4",
+        "model_overrides.preprocess.train_grayscale=0.5",
+        "model_overrides.preprocess.train_scale=[0.5,1.0]",
+    ],
+    "views4-grey0.5-steps300": [
+        "feature_views=4",
+        "model_overrides.preprocess.train_grayscale=0.5",
+        "steps=300",
+        "checkpoint_every=300",
+    ],
     # the top MiniLM layers trained (LiT's partly unlocked text tower), on cached text states
     "unlock1": ["model_overrides.unlock_text_layers=1"],
     "unlock2": ["model_overrides.unlock_text_layers=2"],
