@@ -1,6 +1,8 @@
 """Recipe variants of the quickstart's LiT run, trained and evaluated side by side.
 
-Each variant is a list of ``key=value`` training overrides on the ``lit-quickstart`` preset. Every
+Each variant is a list of ``key=value`` training overrides on the ``lit-quickstart`` preset, applied
+after ``BASE``, which returns the preset to where the study started (one cached view, text tower locked;
+the preset has since taken the winning recipe, ``views4-grey0.5-unlock1``). Every
 variant is trained with the Python API into ``OUT_DIR/NAME`` (a finished run with the same config is
 reused, as the quickstart does; the frozen trunk features are cached, so a run takes seconds after
 the first) and evaluated with the quickstart's own functions (``zeroshot_result``,
@@ -59,7 +61,11 @@ OCC = "{occ}/train"  # replaced by --occ
 TPL = "{tpl}/train.csv"  # replaced by --templated-emoji
 EMOJI_TEMPLATE = "an emoji of {c}."
 
-# name -> overrides on the lit-quickstart preset
+# Every variant starts from the preset as the study began (heads only on one cached view, text tower
+# locked); the preset has since taken the winner, views4-grey0.5-unlock1, so these undo it first.
+BASE = ["feature_views=1", "model_overrides.unlock_text_layers=0", "model_overrides.preprocess.train_grayscale=0.0"]
+
+# name -> overrides on BASE
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     # heads
@@ -122,6 +128,11 @@ VARIANTS: dict[str, list[str]] = {
     # the top MiniLM layers trained (LiT's partly unlocked text tower), on cached text states
     "unlock1": ["model_overrides.unlock_text_layers=1"],
     "unlock2": ["model_overrides.unlock_text_layers=2"],
+    "views4-grey1-unlock1": [
+        "feature_views=4",
+        "model_overrides.preprocess.train_grayscale=1.0",
+        "model_overrides.unlock_text_layers=1",
+    ],
     "views4-grey0.5-unlock1": [
         "feature_views=4",
         "model_overrides.preprocess.train_grayscale=0.5",
@@ -180,7 +191,8 @@ class TrunkMemo:
 
 
 def overrides_of(name: str, occ: str, tpl: str) -> list[str]:
-    return [o.replace("{occ}", occ).replace("{tpl}", tpl) for o in VARIANTS[name]]
+    """The run's overrides: :data:`BASE` (the study's fixed starting point), then the variant's."""
+    return [o.replace("{occ}", occ).replace("{tpl}", tpl) for o in [*BASE, *VARIANTS[name]]]
 
 
 def build_templated_emoji(out: Path, template: str = EMOJI_TEMPLATE) -> None:

@@ -157,7 +157,9 @@ def test_augmented_views_are_cached_per_view_deterministic_and_used(run_override
     torch.manual_seed(0)
     model = lipkit.create_model("micro", lock_image=True, lock_text=True, preprocess={"train_grayscale": 0.5})
     source = SyntheticPairs(size=24)
+    state = torch.get_rng_state()
     image, text = feature_cache.cached_features(model, source, cache, views=3, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # computing leaves the caller's random state as reading does
     assert image.shape[:2] == (24, 3) and text.shape[0] == 24
     assert len(list(cache.glob("*.pt"))) == 3  # the evaluation view (both towers) and two augmented views
     assert not torch.allclose(image[:, 0], image[:, 1]) and not torch.allclose(image[:, 1], image[:, 2])
@@ -173,7 +175,7 @@ def test_augmented_views_are_cached_per_view_deterministic_and_used(run_override
     state = torch.get_rng_state()
     four, _ = feature_cache.cached_features(model, source, cache, views=4, progress=False)
     assert torch.equal(four[:, :3], image) and len(list(cache.glob("*.pt"))) == 4
-    assert torch.equal(torch.get_rng_state(), state)  # per-sample seeding leaves the caller's random state alone
+    assert torch.equal(torch.get_rng_state(), state)
     # A batch draws a mix of views, picked by the sample seeds.
     pairs = feature_cache.FeaturePairs(image, text)
     got, _ = pairs.__getitems__([(0, s) for s in range(40)])

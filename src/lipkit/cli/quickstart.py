@@ -7,8 +7,9 @@ import argparse
 DESCRIPTION = """\
 Train and evaluate two models on lipkit's built-in data, offline, and write a report:
 
-  lit   ImageNet EfficientNet-Lite0 + MiniLM towers, locked (LiT); only the projection
-        heads train, on cached tower features (preset lit-quickstart)
+  lit   ImageNet EfficientNet-Lite0 + MiniLM towers, locked but for MiniLM's top layer
+        (LiT); the heads and that layer train on cached trunk outputs, with three
+        augmented views per training image (preset lit-quickstart)
   tiny  a small ViT + text transformer trained from scratch, as the baseline
         (preset tiny-quickstart)
 

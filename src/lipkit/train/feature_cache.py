@@ -144,11 +144,10 @@ def _compute_view(
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[]):  # the per-sample seeding leaves the run's random state untouched
-        images = [
-            model.visual.features(batch.to(device)).float().cpu()
-            for batch in tqdm(loader, desc=f"caching augmented view {view}", unit="batch", disable=not progress)
-        ]
+    images = [
+        model.visual.features(batch.to(device)).float().cpu()
+        for batch in tqdm(loader, desc=f"caching augmented view {view}", unit="batch", disable=not progress)
+    ]
     model.train(was_training)
     return {"image": torch.cat(images)}
 
@@ -174,6 +173,22 @@ def cached_features(
         entering the first unlocked layer (N, T, W) with the tower's token ids or attention mask (N, T).
     """
     check_lockable(model)
+    # Computing features iterates DataLoaders, which draw from the global random state; a run must train
+    # the same whether its features were computed now or read from the cache (dropout in unlocked layers).
+    with torch.random.fork_rng(devices=[]):
+        return _cached_features(model, source, cache_dir, batch_size, workers, device, progress, views)
+
+
+def _cached_features(
+    model: DualEncoder,
+    source: PairSource,
+    cache_dir: str | Path | None,
+    batch_size: int,
+    workers: int,
+    device: torch.device | str,
+    progress: bool,
+    views: int,
+) -> tuple[torch.Tensor, TextCache]:
     folder = Path(cache_dir or default_cache_dir())
     n, device = len(source), torch.device(device)
 
