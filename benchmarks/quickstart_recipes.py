@@ -128,6 +128,17 @@ VARIANTS: dict[str, list[str]] = {
     # the top MiniLM layers trained (LiT's partly unlocked text tower), on cached text states
     "unlock1": ["model_overrides.unlock_text_layers=1"],
     "unlock2": ["model_overrides.unlock_text_layers=2"],
+    "views4-grey0.5-unlock2": [
+        "feature_views=4",
+        "model_overrides.preprocess.train_grayscale=0.5",
+        "model_overrides.unlock_text_layers=2",
+    ],
+    "views4-grey0.5-unlock1-embed512": [
+        "feature_views=4",
+        "model_overrides.preprocess.train_grayscale=0.5",
+        "model_overrides.unlock_text_layers=1",
+        "model_overrides.embed_dim=512",
+    ],
     "views4-grey1-unlock1": [
         "feature_views=4",
         "model_overrides.preprocess.train_grayscale=1.0",
