@@ -1,8 +1,8 @@
 """Recipe variants of the quickstart's LiT run, trained and evaluated side by side.
 
 Each variant is a list of ``key=value`` training overrides on the ``lit-quickstart`` preset, applied
-after ``BASE``, which returns the preset to where the study started (one cached view, text tower locked;
-the preset has since taken the winning recipe, ``views4-grey0.5-unlock1``). Every
+after ``BASE``, which returns the preset to where the study started (one cached view, text tower locked,
+256-d; the preset has since taken the winning recipe, ``views4-grey0.5-unlock1-embed512``). Every
 variant is trained with the Python API into ``OUT_DIR/NAME`` (a finished run with the same config is
 reused, as the quickstart does; the frozen trunk features are cached, so a run takes seconds after
 the first) and evaluated with the quickstart's own functions (``zeroshot_result``,
@@ -62,8 +62,13 @@ TPL = "{tpl}/train.csv"  # replaced by --templated-emoji
 EMOJI_TEMPLATE = "an emoji of {c}."
 
 # Every variant starts from the preset as the study began (heads only on one cached view, text tower
-# locked); the preset has since taken the winner, views4-grey0.5-unlock1, so these undo it first.
-BASE = ["feature_views=1", "model_overrides.unlock_text_layers=0", "model_overrides.preprocess.train_grayscale=0.0"]
+# locked, 256-d); the preset has since taken the winner, views4-grey0.5-unlock1-embed512, so these undo it.
+BASE = [
+    "feature_views=1",
+    "model_overrides.unlock_text_layers=0",
+    "model_overrides.preprocess.train_grayscale=0.0",
+    "model_overrides.embed_dim=256",
+]
 
 # name -> overrides on BASE
 VARIANTS: dict[str, list[str]] = {

@@ -269,8 +269,9 @@ PRESETS.add(
         "name": "lit",
         "model": "lit-effnet-minilm",
         # chosen on validation over 5 seeds (docs/quickstart_recipes.md): the top MiniLM layer trains on
-        # cached text states, and 3 augmented views per training image (half of them greyed) are cached
-        "model_overrides": {"unlock_text_layers": 1, "preprocess": {"train_grayscale": 0.5}},
+        # cached text states, 3 augmented views per training image (half of them greyed) are cached, and
+        # the shared space is 512-d
+        "model_overrides": {"embed_dim": 512, "unlock_text_layers": 1, "preprocess": {"train_grayscale": 0.5}},
         "cache_features": True,
         "feature_views": 4,
         "steps": 150,
