@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lipkit.utils import atomic_write
+from lipkit.utils import atomic_write, digest_tensor
 
 FORMAT = "lipkit-cache-1"
 
@@ -28,9 +28,7 @@ def payload_digest(payload: dict[str, Any]) -> str:
     for key in sorted(payload):
         value = payload[key]
         if isinstance(value, torch.Tensor):
-            flat = value.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{key}:{flat.dtype}:{tuple(value.shape)}".encode())
-            h.update(flat.view(torch.uint8).numpy().tobytes())
+            digest_tensor(h, key, value)
         else:
             h.update(f"{key}={json.dumps(value, sort_keys=True)}".encode())
     return h.hexdigest()

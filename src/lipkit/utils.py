@@ -64,9 +64,14 @@ def update_digest(h: Any, module: torch.nn.Module, skip_prefix: str | None = Non
     for name, tensor in sorted(module.state_dict().items()):
         if skip_prefix and name.startswith(skip_prefix):
             continue
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(flat.view(torch.uint8).numpy().tobytes())
+        digest_tensor(h, name, tensor)
+
+
+def digest_tensor(h: Any, name: str, tensor: torch.Tensor) -> None:
+    """Feed one named tensor (name, dtype, shape and bytes, whatever its memory layout) into hash ``h``."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    h.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+    h.update(flat.view(torch.uint8).numpy().tobytes())
 
 
 def cache_root() -> Path:

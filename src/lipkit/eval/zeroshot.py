@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lipkit.cache import load_cached, save_cached
+from lipkit.cache import cached
 from lipkit.errors import LipkitError
 from lipkit.eval.features import LabelledImages, check_prompts, image_features, text_classifier
 from lipkit.models import DualEncoder
@@ -103,19 +102,19 @@ def cached_text_classifier(
         Path(cache_dir or default_cache_dir()) / f"{classifier_key(model_fingerprint(model), classnames, templates)}.pt"
     )
     names, prompts = list(classnames), list(templates)
+    hit = True
+
+    def compute() -> dict[str, Any]:
+        nonlocal hit
+        hit = False
+        classifier = text_classifier(model, classnames, templates, device=device)
+        return {"classifier": classifier, "classnames": names, "templates": prompts}
 
     def sound(entry: dict) -> bool:  # the key hashes these too; a collision or a moved file is rejected
         return entry.get("classnames") == names and entry.get("templates") == prompts
 
-    entry = load_cached(path, sound)
-    if entry is not None:
-        return entry["classifier"], True
-    classifier = text_classifier(model, classnames, templates, device=device)
-    try:
-        save_cached(path, {"classifier": classifier, "classnames": names, "templates": prompts})
-    except OSError as exc:
-        warnings.warn(f"cannot cache class embeddings in {path.parent}: {exc}", stacklevel=2)
-    return classifier, False
+    entry = cached(path, compute, sound)  # a cache that cannot be written only costs a warning
+    return entry["classifier"], hit
 
 
 def zeroshot_classify(
