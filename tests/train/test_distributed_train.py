@@ -132,3 +132,29 @@ def test_fsdp_needs_torchrun(run_overrides):
 
     with pytest.raises(ConfigError, match="torchrun"):
         train(resolve_config(PRESET, overrides=[*run_overrides, "fsdp=true"]))
+
+
+def test_cached_features_on_two_processes_match_one_process(tmp_path):
+    """LiT on cached features under torchrun: each rank computes half the features; same run as one process."""
+    locked = ["model_overrides.lock_image=true", "model_overrides.lock_text=true", "cache_features=true"]
+    extra = [*locked, "steps=4", "checkpoint_every=4", "data.batch_size=16", f"out_dir={tmp_path}"]
+    single = train(
+        resolve_config(PRESET, overrides=[*COMMON, *extra, "name=single", f"feature_cache_dir={tmp_path / 'a'}"])
+    )
+    proc = torchrun([PRESET, *COMMON, *extra, "name=ddp", f"feature_cache_dir={tmp_path / 'b'}"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    (want,), (got,) = list((tmp_path / "a").glob("*.pt")), list((tmp_path / "b").glob("*.pt"))
+    assert got.name == want.name  # the same cache key: a later run in either setting reuses the entry
+    a_feats, b_feats = (torch.load(p, weights_only=True)["payload"] for p in (want, got))
+    for key in a_feats:  # the halves are computed in other batches: equal up to float rounding
+        torch.testing.assert_close(b_feats[key], a_feats[key], atol=1e-5, rtol=1e-4)
+    one = [(r["loss"], r["grad_norm"]) for r in read_metrics(single.run_dir)]
+    two = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "ddp")]
+    assert len(one) == len(two) == 4
+    for g, w in zip(two, one):
+        assert g == pytest.approx(w, rel=1e-4)
+    a = torch.load(single.checkpoint, weights_only=False)["model"]
+    b = torch.load(ckpt.list_checkpoints(tmp_path / "ddp")[-1], weights_only=False)["model"]
+    for key in a:  # tight: a gradient left unaveraged would move the heads by twice Adam's step
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key

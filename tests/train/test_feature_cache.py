@@ -186,3 +186,9 @@ def test_augmented_views_are_cached_per_view_deterministic_and_used(run_override
 def test_feature_views_need_cached_features(run_overrides):
     with pytest.raises(ConfigError, match="feature_views applies to cached features"):
         resolve_config("tiny-synthetic", overrides=[*run_overrides, "feature_views=2"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["accum_micro_batch=4"], "micro"), (["fsdp=true"], "DDP")])
+def test_cached_features_refuse_what_does_not_apply(run_overrides, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        loop.train(resolve_config("tiny-synthetic", overrides=[*run_overrides, *LOCKED, *extra]))

@@ -153,8 +153,14 @@ def synthetic_batch(state: loop.TrainState, batch: int, device: torch.device) ->
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
     "extra",
-    [[], ["optim.grad_clip=null"], ["precision=bf16"], ["model=tiny-siglip", "loss=siglip"]],
-    ids=["clip", "no-clip", "bf16", "siglip"],
+    [
+        ["compile=null"],
+        ["compile=null", "optim.grad_clip=null"],
+        ["compile=null", "precision=bf16"],
+        ["compile=null", "model=tiny-siglip", "loss=siglip"],
+        ["compile=auto", "precision=bf16"],
+    ],
+    ids=["clip", "no-clip", "bf16", "siglip", "compiled-bf16"],
 )
 def test_train_step_does_not_synchronise_on_cuda(tmp_path, extra):
     cfg = resolve_config(

@@ -193,3 +193,12 @@ def test_compiled_and_channels_last_runs_match_eager(run_overrides):
     a = [r["loss"] for r in read_metrics(eager.run_dir)]
     b = [r["loss"] for r in read_metrics(fast.run_dir)]
     assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_compile_auto_compiles_on_cuda_only():
+    assert loop.compile_backend("auto", torch.device("cuda")) == "inductor"
+    assert loop.compile_backend("auto", torch.device("cpu")) is None
+    assert loop.compile_backend(None, torch.device("cuda")) is None
+    assert loop.compile_backend("aot_eager", torch.device("cpu")) == "aot_eager"
+    assert resolve_config("tiny-synthetic").compile == "auto"
+    assert resolve_config("tiny-synthetic", overrides=["compile=null"]).compile is None

@@ -142,8 +142,12 @@ class TrainConfig:
             ``model_overrides.preprocess.train_grayscale``), each seeded by (sample, view); every step
             uses one view per sample, chosen by the sample's seed. Each view is its own cache entry,
             so raising the number reuses the views already cached.
-        compile: Compile the forward pass with ``torch.compile`` using this backend (``inductor`` for
-            speed on GPUs); ``None`` runs eagerly.
+        compile: Compile the forward pass with ``torch.compile`` using this backend. ``auto`` (the
+            default) compiles with ``inductor`` on CUDA devices, where it pays off, and runs eagerly
+            elsewhere (on CPUs compiling costs about 30 s and gains nothing for small models); under
+            ``auto`` a part that fails to compile runs eagerly with a warning instead of stopping the
+            run. ``None`` always runs eagerly; any other name (``inductor``, ``aot_eager``...) always
+            compiles with that backend.
         fsdp: Under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2)
             instead of replicating the model (DDP): for towers too large for one device.
         channels_last: Keep images and convolution weights in channels-last memory format (faster
@@ -174,7 +178,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     grad_checkpointing: bool = False
-    compile: str | None = None
+    compile: str | None = "auto"
     channels_last: bool = False
     fsdp: bool = False
     accum_micro_batch: int | None = None

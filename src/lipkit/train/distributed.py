@@ -144,8 +144,14 @@ def shard(model: nn.Module) -> list[nn.Parameter]:
     return scalars
 
 
-def average_replicated_grads(params: list[nn.Parameter], env: DistEnv) -> None:
-    """Average the gradients of parameters FSDP leaves replicated (what DDP would do for them)."""
+def average_grads(params: list[nn.Parameter], env: DistEnv) -> None:
+    """Average ``params``' gradients over the ranks, what DDP does for the parameters it wraps.
+
+    For parameters outside DDP and FSDP: those FSDP leaves replicated, and the heads trained on cached
+    features. A no-op in one process.
+    """
+    if not env.distributed:
+        return
     for p in params:
         if p.grad is not None:
             dist.all_reduce(p.grad)

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from lipkit.cache import cached
+from lipkit.cache import cached, load_cached, save_cached
 from lipkit.config import to_dict
 from lipkit.data.loader import ResumableBatchSampler, TransformedPairs
 from lipkit.data.sources import PairSource
@@ -97,6 +101,11 @@ class AugmentedView(Dataset):
         return self.transform(self.source.image(index))
 
 
+def _rows(data: Dataset, rows: range | None) -> Dataset:
+    """``data`` itself, or the rows of it that this process computes."""
+    return data if rows is None else Subset(data, rows)
+
+
 def _pad_cat(chunks: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate (B, T, ...) chunks along B, zero-padding T to the longest."""
     length = max(c.shape[1] for c in chunks)
@@ -105,12 +114,17 @@ def _pad_cat(chunks: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def _compute(
-    model: DualEncoder, source: PairSource, batch_size: int, workers: int, device: torch.device, progress: bool
+    model: DualEncoder,
+    source: PairSource,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    progress: bool,
+    rows: range | None = None,
 ) -> dict[str, torch.Tensor]:
     tokenizer = get_tokenizer(model.cfg)
-    loader = DataLoader(
-        TransformedPairs(source, image_transform(model.cfg)), batch_size=batch_size, num_workers=workers
-    )
+    data = TransformedPairs(source, image_transform(model.cfg))
+    loader = DataLoader(_rows(data, rows), batch_size=batch_size, num_workers=workers)
     was_training = model.training
     model.eval()
     layer = model.text_cache_layer()
@@ -139,9 +153,10 @@ def _compute_view(
     workers: int,
     device: torch.device,
     progress: bool,
+    rows: range | None = None,
 ) -> dict[str, torch.Tensor]:
     data = AugmentedView(source, image_transform(model.cfg, train=True), view)
-    loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(_rows(data, rows), batch_size=batch_size, num_workers=workers)
     was_training = model.training
     model.eval()
     images = [
@@ -161,11 +176,19 @@ def cached_features(
     device: torch.device | str = "cpu",
     progress: bool = True,
     views: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, TextCache]:
     """Frozen-trunk features of every pair, from disk if cached.
 
+    Across processes (``world_size > 1``, a process group joined), every process calls this: when an
+    entry is missing on any of them, each computes a contiguous share of the pairs, the shares are
+    gathered so that every process holds all features, and rank 0 writes the entry.
+
     Args:
         views: Image views per pair: the evaluation view, then ``views - 1`` augmented ones.
+        rank: This process's rank.
+        world_size: The number of processes sharing the work.
 
     Returns:
         The image features, (N, F_image) for one view or (N, views, F_image), and the text side: pooled
@@ -176,7 +199,45 @@ def cached_features(
     # Computing features iterates DataLoaders, which draw from the global random state; a run must train
     # the same whether its features were computed now or read from the cache (dropout in unlocked layers).
     with torch.random.fork_rng(devices=[]):
-        return _cached_features(model, source, cache_dir, batch_size, workers, device, progress, views)
+        share = _Share(rank, world_size, len(source))
+        progress = progress and rank == 0
+        return _cached_features(model, source, cache_dir, batch_size, workers, device, progress, views, share)
+
+
+@dataclass(frozen=True)
+class _Share:
+    """This process's part in computing a cache entry: rows ``[rank * n // world, (rank + 1) * n // world)``."""
+
+    rank: int
+    world_size: int
+    n: int
+
+    def cached(
+        self,
+        path: Path,
+        compute: Callable[[range | None], dict[str, torch.Tensor]],
+        check: Callable[[dict[str, torch.Tensor]], bool],
+    ) -> dict[str, torch.Tensor]:
+        """:func:`lipkit.cache.cached`, with the computation split over the processes."""
+        if self.world_size == 1:
+            return cached(path, lambda: compute(None), check)
+        if self.n < self.world_size:
+            raise ConfigError(f"{self.n} training pairs cannot be shared by {self.world_size} processes")
+        payload = load_cached(path, check)
+        found: list[bool | None] = [None] * self.world_size
+        dist.all_gather_object(found, payload is not None)  # all compute, or none: a collective decision
+        if all(found):
+            return payload
+        rows = range(self.rank * self.n // self.world_size, (self.rank + 1) * self.n // self.world_size)
+        shares: list[dict[str, torch.Tensor] | None] = [None] * self.world_size
+        dist.all_gather_object(shares, compute(rows))
+        payload = {key: _pad_cat([part[key] for part in shares]) for key in shares[0]}
+        if self.rank == 0:
+            try:
+                save_cached(path, payload)
+            except OSError as exc:
+                warnings.warn(f"cannot write cache entry {path}: {exc}", stacklevel=2)
+        return payload
 
 
 def _cached_features(
@@ -188,6 +249,7 @@ def _cached_features(
     device: torch.device | str,
     progress: bool,
     views: int,
+    share: _Share,
 ) -> tuple[torch.Tensor, TextCache]:
     folder = Path(cache_dir or default_cache_dir())
     n, device = len(source), torch.device(device)
@@ -195,17 +257,17 @@ def _cached_features(
     def sound(saved: dict[str, torch.Tensor]) -> bool:
         return all(t.shape[0] == n for t in saved.values()) and ("text" in saved) == (model.text_cache_layer() is None)
 
-    saved = cached(
+    saved = share.cached(
         folder / f"{cache_key(model, source)}.pt",
-        lambda: _compute(model, source, batch_size, workers, device, progress),
+        lambda rows: _compute(model, source, batch_size, workers, device, progress, rows),
         sound,
     )
     image = saved["image"]
     if views > 1:
         extra = [
-            cached(
+            share.cached(
                 folder / f"{cache_key(model, source, v)}.pt",
-                lambda v=v: _compute_view(model, source, v, batch_size, workers, device, progress),
+                lambda rows, v=v: _compute_view(model, source, v, batch_size, workers, device, progress, rows),
                 lambda entry: tuple(entry["image"].shape) == tuple(image.shape),
             )["image"]
             for v in range(1, views)
