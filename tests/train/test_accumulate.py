@@ -54,3 +54,21 @@ def test_training_with_micro_batches_matches_full_batches(run_overrides):
     micro = loop.train(resolve_config("tiny-synthetic", overrides=[*base, "name=micro", "accum_micro_batch=4"]))
     for a, b in zip(read_metrics(full.run_dir), read_metrics(micro.run_dir)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_micro_batched_steps_move_one_micro_batch_at_a_time(run_overrides, monkeypatch):
+    """The full batch stays where the loader made it; only micro-batches go to the device, in both passes."""
+    moved = []
+    real = loop.to_device
+
+    def counting(batch, device, cfg):
+        if isinstance(batch, torch.Tensor) and batch.ndim == 4:
+            moved.append(batch.shape[0])
+        return real(batch, device, cfg)
+
+    monkeypatch.setattr(loop, "to_device", counting)
+    cfg = resolve_config("tiny-synthetic", overrides=[*run_overrides, "steps=2", "accum_micro_batch=5"])
+    loop.train(cfg)
+    batch = cfg.data.batch_size
+    per_pass = [5] * (batch // 5) + ([batch % 5] if batch % 5 else [])
+    assert moved == per_pass * 2 * 2  # two passes (no-grad, then with gradients) for each of two steps

@@ -47,6 +47,7 @@ def cached_accumulation_backward(
     micro_batch: int,
     autocast: Callable[[], AbstractContextManager],
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
+    place: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Back-propagate the full-batch loss micro-batch by micro-batch; returns the (detached) loss.
 
@@ -67,11 +68,16 @@ def cached_accumulation_backward(
         autocast: Factory of the precision context (e.g. bf16 autocast) for every forward pass.
         no_sync: Factory of a context that keeps gradients local (DDP's ``no_sync``); every micro-batch
             but the last runs in it, so gradients are reduced once per batch.
+        place: Moves one micro-batch (images, tokens) to the model's device, in both passes, so the
+            full batch can stay in host memory (pinned): only one micro-batch of images is ever on the
+            accelerator. ``None`` when the batch is already there.
     """
+    place = place or (lambda img, tok: (img, tok))
     chunks = list(zip(images.split(micro_batch), tokens.split(micro_batch)))
     states, cached_img, cached_txt = [], [], []
     with torch.no_grad():
-        for img, tok in chunks:
+        for host_img, host_tok in chunks:
+            img, tok = place(host_img, host_tok)
             states.append(_rng_state(img.device))
             with autocast():
                 out = net(img, tok)
@@ -84,12 +90,14 @@ def cached_accumulation_backward(
     with autocast():
         loss = loss_fn(DualEncoderOutput(feats_img, feats_txt, scale, bias))
     loss.backward()
-    after = _rng_state(images.device)
+    device = feats_img.device
+    after = _rng_state(device)
     last = len(chunks) - 1
-    for i, ((img, tok), state, g_img, g_txt) in enumerate(
+    for i, ((host_img, host_tok), state, g_img, g_txt) in enumerate(
         zip(chunks, states, feats_img.grad.split(micro_batch), feats_txt.grad.split(micro_batch))
     ):
-        _set_rng_state(state, img.device)
+        img, tok = place(host_img, host_tok)
+        _set_rng_state(state, device)
         with no_sync() if i < last else nullcontext():
             with autocast():
                 out = net(img, tok)
@@ -101,5 +109,5 @@ def cached_accumulation_backward(
                         outputs.append(output)
                         grads.append(leaf.grad.to(output.dtype))
             torch.autograd.backward(outputs, grads)
-    _set_rng_state(after, images.device)
+    _set_rng_state(after, device)
     return loss.detach()

@@ -74,6 +74,11 @@ class TrainState:
     window_start: float = 0.0
     last_loss: float = float("nan")
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model (this rank's shard of it) lives."""
+        return next(self.model.parameters()).device
+
 
 def prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
     """Create the run directory and save the resolved config; refuse to overwrite a run by accident.
@@ -201,13 +206,15 @@ def backward(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens: 
     Micro-batches run through the DDP or FSDP form of the model; under DDP gradients are all-reduced
     once, in the last micro-batch's backward pass.
     """
-    micro = cfg.accum_micro_batch
+    micro, device = cfg.accum_micro_batch, state.device
     if micro is not None and micro < images.shape[0]:
-        context = partial(precision, cfg, images.device)
+        context = partial(precision, cfg, device)
         net = state.model if state.net is None else state.net
         no_sync = distributed.deferred_sync(net)
-        return cached_accumulation_backward(net, state.loss_fn, images, tokens, micro, context, no_sync)
-    with precision(cfg, images.device):
+        place = partial(place_batch, device=device, cfg=cfg)
+        return cached_accumulation_backward(net, state.loss_fn, images, tokens, micro, context, no_sync, place)
+    images, tokens = place_batch(images, tokens, device, cfg)  # no-ops unless the batch stayed on the host
+    with precision(cfg, device):
         loss = compute_loss(state, images, tokens)
     loss.backward()
     return loss.detach()
@@ -384,10 +391,11 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, device: torch.device, callback
     state.window, state.window_start = [], time.perf_counter()
     try:
         loader = make_loader(cfg, state.model, state.step, env)
+        # Micro-batched steps leave the (pinned) batch in host memory and move one micro-batch at a time.
+        on_host = cfg.accum_micro_batch is not None
         for images, tokens in loader:
-            images, tokens = to_device(images, device, cfg), to_device(tokens, device, cfg)
-            if cfg.channels_last and images.ndim == 4:
-                images = images.contiguous(memory_format=torch.channels_last)
+            if not on_host:
+                images, tokens = place_batch(images, tokens, device, cfg)
             path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
     finally:
         bar.close()
@@ -409,6 +417,14 @@ def to_device(batch: Any, device: torch.device, cfg: TrainConfig) -> Any:
         return tuple(to_device(t, device, cfg) for t in batch)
     batch = batch.to(device, non_blocking=True)
     return batch.to(torch.bfloat16) if cfg.precision == "bf16-pure" and batch.is_floating_point() else batch
+
+
+def place_batch(images: torch.Tensor, tokens: Any, device: torch.device, cfg: TrainConfig) -> tuple[torch.Tensor, Any]:
+    """A batch (or micro-batch) on ``device``, in the run's dtype and memory format."""
+    images, tokens = to_device(images, device, cfg), to_device(tokens, device, cfg)
+    if cfg.channels_last and images.ndim == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, tokens
 
 
 def run_one(
