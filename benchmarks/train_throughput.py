@@ -11,11 +11,15 @@ block's work for tokens that pooling discards), and prints that count too.
     python benchmarks/train_throughput.py                 # the `tiny` config, batch 64, fp32, CPU
     python benchmarks/train_throughput.py --model ViT-B-32 --batch-size 1024 --device cuda --precision bf16
     python benchmarks/train_throughput.py --model ViT-B-16 --batch-size 512 --device cuda --precision bf16 --compile
+
+``--json FILE`` appends the figures as one JSON line; ``--profile N`` then profiles a few steps of each
+side and prints its N most expensive kernels (what limits the step).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--unfused", action="store_true", help="PyTorch's default AdamW, not the fused one (both)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16: 989)")
+    parser.add_argument("--json", help="append the results to this file as one JSON line")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print each side's N costliest ops")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -139,11 +145,31 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, run in runners.items():
             rates[name].append(args.steps * args.batch_size / time_steps(run, images, tokens, args.steps, device))
-    report(args, ours, device, flops, rates, peak)
+    results = report(args, ours, device, flops, rates, peak)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"benchmark": "train_throughput", **results}) + "\n")
+    if args.profile:
+        for name, run in runners.items():
+            print(f"--- {name}: the {args.profile} costliest ops over 3 steps ---")
+            print(profile_table(run, images, tokens, device, args.profile))
 
 
-def report(args, model, device, counts: dict[str, float], rates: dict[str, list[float]], peak: dict[str, float]):
-    """Print the side-by-side table and the ratios."""
+def profile_table(run, images: torch.Tensor, tokens: torch.Tensor, device: torch.device, rows: int) -> str:
+    """The ``rows`` ops that take the most device time (self time) over three steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_steps(run, images, tokens, 3, device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
+def report(
+    args, model, device, counts: dict[str, float], rates: dict[str, list[float]], peak: dict[str, float]
+) -> dict:
+    """Print the side-by-side table and the ratios; return them as a dict."""
     med = {name: statistics.median(r) for name, r in rates.items()}
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
@@ -166,6 +192,26 @@ def report(args, model, device, counts: dict[str, float], rates: dict[str, list[
     if peak:
         ratio += f", {peak['lipkit'] / peak['openclip']:.2f}x peak memory"
     print(ratio)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "model": args.model,
+        "batch": args.batch_size,
+        "precision": args.precision,
+        "compile": args.compile,
+        "fused_adamw": not args.unfused,
+        "device": device_name,
+        "torch": torch.__version__,
+        "model_tflop_per_step": flops / 1e12,
+        "lipkit_executed_tflop_per_step": counts["lipkit"] / 1e12,
+        "samples_per_s": med,
+        "rounds": rates,
+        "peak_gib": peak,
+        "mfu": {n: flops * v / args.batch_size / 1e12 / args.peak_tflops for n, v in med.items()}
+        if device.type == "cuda"
+        else {},
+        "ratio_samples_per_s": med["lipkit"] / med["openclip"],
+        "ratio_peak_memory": peak["lipkit"] / peak["openclip"] if peak else None,
+    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""The benchmark scripts (run by hand and by benchmarks/gpu_suite.sh) still run: tiny sizes, CPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> str:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_benchmarks_write_results_the_table_script_reads(tmp_path):
+    results = tmp_path / "results.jsonl"
+    out = run("train_throughput.py", "--model", "micro", "--batch-size", "8", "--rounds", "1", "--steps", "1",
+              "--json", str(results))  # fmt: skip
+    assert "ratio lipkit/openclip" in out
+    out = run("accumulation.py", "--model", "micro", "--batch", "24", "--micro", "8", "--json", str(results))
+    assert "one optimizer step" in out
+    out = run("loss_memory.py", "--batch", "512", "--tile", "128", "--loss", "siglip", "--json", str(results))
+    difference = float(re.search(r"\|loss difference\| (\S+)", out).group(1))
+    assert difference < 1e-5  # the streaming loss equals the plain one
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["benchmark"] for r in records] == ["train_throughput", "accumulation", "loss_memory"]
+    assert records[0]["samples_per_s"]["lipkit"] > 0 and records[0]["samples_per_s"]["openclip"] > 0
+    assert records[1]["effective_batch"] == 24 and records[1]["seconds_per_step"] > 0
+    table = run("suite_table.py", str(results), "--date", "2026-01-01")
+    assert "| micro, batch 8, fp32 | no |" in table
+    assert "| micro | 24 / 8 |" in table
+    assert "siglip (plain)" in table and "siglip (streaming)" in table
