@@ -19,7 +19,7 @@ class Out:
         self.image_features, self.text_features, self.logit_scale, self.logit_bias = image, text, scale, bias
 
 
-def _data(n: int = 8, d: int = 6):
+def _data(n: int = 12, d: int = 6):
     g = torch.Generator().manual_seed(0)
     image = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
     text = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64) + image, dim=-1)
@@ -33,7 +33,7 @@ def _reference(name: str):
     return loss.detach(), image.grad, text.grad, scale.grad, bias.grad
 
 
-def _worker(rank: int, world: int, port: int, name: str, queue) -> None:
+def _worker(rank: int, world: int, port: int, name: str, queue, form: str, options: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     image, text, scale, bias = _data()
@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, port: int, name: str, queue) -> None:
     mine = slice(rank * b, (rank + 1) * b)
     local_image, local_text = image[mine].clone().requires_grad_(), text[mine].clone().requires_grad_()
     scale, bias = scale.clone().requires_grad_(), bias.clone().requires_grad_()
-    loss = create_loss(f"{name}-distributed")(Out(local_image, local_text, scale, bias))
+    loss = create_loss(form, **options)(Out(local_image, local_text, scale, bias))
     loss.backward()
     for grad in (scale.grad, bias.grad):  # what DDP does to parameter gradients: the mean over ranks
         if grad is not None:
@@ -60,12 +60,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("name", ["infonce", "siglip"])
-def test_two_gloo_ranks_match_one_process(name):
+@pytest.mark.parametrize(
+    ("name", "form", "world", "options"),
+    [
+        ("infonce", "infonce-distributed", 2, {}),
+        ("siglip", "siglip-distributed", 2, {}),
+        ("infonce", "infonce-streaming-distributed", 2, {"tile": 4}),
+        ("infonce", "infonce-streaming-distributed", 3, {"tile": 3}),
+        ("siglip", "siglip-ring", 2, {"tile": 4}),
+        ("siglip", "siglip-ring", 3, {"tile": 3}),  # three ranks: the previous and next ranks differ
+    ],
+)
+def test_gloo_ranks_match_one_process(name, form, world, options):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, name, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, name, queue, form, options)) for r in range(world)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
@@ -74,10 +84,11 @@ def test_two_gloo_ranks_match_one_process(name):
         p.join(timeout=60)
         assert p.exitcode == 0
     loss, g_image, g_text, g_scale, g_bias = _reference(name)
-    assert torch.allclose(results[0][1], loss, atol=1e-10) and torch.allclose(results[1][1], loss, atol=1e-10)
+    for r in results:
+        assert torch.allclose(r[1], loss, atol=1e-10)
     # Each rank scales its share by the world size, so its feature gradients are world x the global ones.
-    got_image = torch.cat([r[2] for r in results]) / 2
-    got_text = torch.cat([r[3] for r in results]) / 2
+    got_image = torch.cat([r[2] for r in results]) / world
+    got_text = torch.cat([r[3] for r in results]) / world
     assert torch.allclose(got_image, g_image, atol=1e-10)
     assert torch.allclose(got_text, g_text, atol=1e-10)
     assert torch.allclose(results[0][4], g_scale, atol=1e-10)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,3 +80,37 @@ def test_registered_modules_and_tile_validation():
     assert torch.allclose(create_loss("siglip-streaming", tile=2)(Out), sigmoid_loss(image, text, scale, bias))
     with pytest.raises(ConfigError, match="tile"):
         create_loss("infonce-streaming", tile=0)
+
+
+def test_streaming_local_share_equals_the_plain_share_in_fp32():
+    """One rank's share (rows 6..11 of 16) with gathered features: value and gradients within 1e-5."""
+    from lipkit.losses.distributed import local_infonce_loss
+    from lipkit.losses.streaming import streaming_local_infonce_loss
+
+    g = torch.Generator().manual_seed(3)
+    leaves = [F.normalize(torch.randn(16, 8, generator=g), dim=-1).requires_grad_() for _ in range(2)]
+    scale = torch.tensor(20.0, requires_grad=True)
+
+    def run(fn, *extra):
+        for t in (*leaves, scale):
+            t.grad = None
+        all_image, all_text = leaves
+        loss = fn(all_image[6:12], all_text[6:12], all_image, all_text, scale, 6, *extra)
+        loss.backward()
+        return [loss.detach(), *(t.grad.clone() for t in (*leaves, scale))]
+
+    want, got = run(local_infonce_loss), run(streaming_local_infonce_loss, 5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("form", "reference"), [("siglip-ring", "siglip"), ("infonce-streaming-distributed", "infonce")]
+)
+def test_distributed_streaming_forms_equal_their_loss_in_one_process(form, reference):
+    image, text = (F.normalize(torch.randn(10, 4, dtype=torch.float64), dim=-1) for _ in range(2))
+    out = SimpleNamespace(
+        image_features=image, text_features=text, logit_scale=torch.tensor(5.0, dtype=torch.float64),
+        logit_bias=torch.tensor(-3.0, dtype=torch.float64),
+    )  # fmt: skip
+    torch.testing.assert_close(create_loss(form, tile=3)(out), create_loss(reference)(out))

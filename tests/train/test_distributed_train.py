@@ -27,11 +27,14 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+@pytest.mark.parametrize("loss", ["infonce", "siglip", "infonce-streaming", "siglip-streaming"])
 def test_two_processes_match_one_process(tmp_path, loss):
+    """The streaming forms run across processes as infonce-streaming-distributed and siglip-ring."""
     extra = [f"loss={loss}", "steps=4", "checkpoint_every=4", "data.batch_size=16", f"out_dir={tmp_path}"]
-    if loss == "siglip":
+    if loss.startswith("siglip"):
         extra.append("model=tiny-siglip")
+    if loss.endswith("streaming"):
+        extra.append("loss_options.tile=3")  # several tiles per rank's 8 rows
     single = train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=single"]))
     proc = torchrun([PRESET, *COMMON, *extra, "name=ddp"])
     out, _ = proc.communicate(timeout=300)

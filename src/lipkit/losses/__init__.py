@@ -33,7 +33,12 @@ class LossInputs(Protocol):
 
 # The loss modules register themselves into LOSSES on import, so they are imported after it exists.
 from lipkit.losses.contrastive import InfoNCELoss, infonce_loss  # noqa: E402
-from lipkit.losses.distributed import DistributedInfoNCELoss, DistributedSigmoidLoss  # noqa: E402
+from lipkit.losses.distributed import (  # noqa: E402
+    DistributedInfoNCELoss,
+    DistributedSigmoidLoss,
+    DistributedStreamingInfoNCELoss,
+    RingSigmoidLoss,
+)
 from lipkit.losses.sigmoid import SigmoidLoss, sigmoid_loss  # noqa: E402
 from lipkit.losses.streaming import (  # noqa: E402
     StreamingInfoNCELoss,
@@ -46,8 +51,10 @@ __all__ = [
     "LOSSES",
     "DistributedInfoNCELoss",
     "DistributedSigmoidLoss",
+    "DistributedStreamingInfoNCELoss",
     "InfoNCELoss",
     "LossInputs",
+    "RingSigmoidLoss",
     "SigmoidLoss",
     "StreamingInfoNCELoss",
     "StreamingSigmoidLoss",

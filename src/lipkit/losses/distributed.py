@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lipkit.losses import LOSSES, LossInputs
 from lipkit.losses.contrastive import check_pair
 from lipkit.losses.sigmoid import SigmoidLoss
+from lipkit.losses.streaming import check_tile, sigmoid_block_loss, streaming_local_infonce_loss
 
 
 def world() -> tuple[int, int]:
@@ -107,4 +108,85 @@ class DistributedSigmoidLoss(SigmoidLoss):
         return local_sigmoid_loss(out.image_features, all_text, out.logit_scale, bias, offset) * size
 
 
-DISTRIBUTED_FORM = {"infonce": "infonce-distributed", "siglip": "siglip-distributed"}
+@LOSSES.register("infonce-streaming-distributed")
+class DistributedStreamingInfoNCELoss(nn.Module):
+    """InfoNCE over the global batch, each rank's share computed tile by tile (O(tile^2) loss memory)."""
+
+    def __init__(self, tile: int = 4096) -> None:
+        super().__init__()
+        self.tile = check_tile(tile)
+
+    def forward(self, out: LossInputs) -> Tensor:
+        """This rank's loss share times the world size (so DDP's mean gives global gradients)."""
+        check_pair(out.image_features, out.text_features)
+        rank, size = world()
+        image, text = out.image_features, out.text_features
+        all_image, all_text = (image, text) if size == 1 else (gather_with_grad(image), gather_with_grad(text))
+        offset = rank * image.shape[0]
+        share = streaming_local_infonce_loss(image, text, all_image, all_text, out.logit_scale, offset, self.tile)
+        return share * size
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Send ``x`` to the next rank and return the previous rank's; gradients travel the other way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        rank, size = world()
+        return _exchange(x, to=(rank + 1) % size, source=(rank - 1) % size)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        rank, size = world()
+        return _exchange(grad, to=(rank - 1) % size, source=(rank + 1) % size)
+
+
+def _exchange(x: Tensor, to: int, source: int) -> Tensor:
+    received = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x.contiguous(), to), dist.P2POp(dist.irecv, received, source)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+def neighbour_exchange(x: Tensor) -> Tensor:
+    """The previous rank's ``x`` (ring order), passing this rank's on to the next; differentiable."""
+    return _NeighbourExchange.apply(x)
+
+
+@LOSSES.register("siglip-ring")
+class RingSigmoidLoss(SigmoidLoss):
+    """The sigmoid loss over the global batch by SigLIP's chunked exchange: texts travel round the ring.
+
+    Each rank scores its images against its own texts, then ``world - 1`` times passes the block of
+    texts it holds to the next rank and receives the previous rank's, scoring each block as it comes
+    (all negatives). Communication is with the two ring neighbours only, and no rank holds logits
+    beyond one tile: each block is scored tile by tile and recomputed in the backward pass (the text
+    blocks received are kept for it, B x D features in all, as an all-gather would keep). Equals
+    ``siglip`` in one process.
+    """
+
+    def __init__(self, tile: int = 4096) -> None:
+        super().__init__()
+        self.tile = check_tile(tile)
+
+    def forward(self, out: LossInputs) -> Tensor:
+        """This rank's loss share times the world size (so DDP's mean gives global gradients)."""
+        check_pair(out.image_features, out.text_features)
+        bias = self.require_bias(out)
+        _, size = world()
+        image, text = out.image_features, out.text_features
+        total = sigmoid_block_loss(image, text, out.logit_scale, bias, True, self.tile)
+        for _ in range(size - 1):
+            text = neighbour_exchange(text)
+            total = total + sigmoid_block_loss(image, text, out.logit_scale, bias, False, self.tile)
+        return total / image.shape[0]  # (share = total / (b * size)) * size
+
+
+DISTRIBUTED_FORM = {
+    "infonce": "infonce-distributed",
+    "siglip": "siglip-distributed",
+    "infonce-streaming": "infonce-streaming-distributed",
+    "siglip-streaming": "siglip-ring",
+    "siglip-ring": "siglip-ring",
+}

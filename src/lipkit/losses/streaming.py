@@ -19,7 +19,14 @@ from lipkit.losses import LOSSES, LossInputs
 from lipkit.losses.contrastive import check_pair
 from lipkit.losses.sigmoid import SigmoidLoss
 
-__all__ = ["StreamingInfoNCELoss", "StreamingSigmoidLoss", "streaming_infonce_loss", "streaming_sigmoid_loss"]
+__all__ = [
+    "StreamingInfoNCELoss",
+    "StreamingSigmoidLoss",
+    "sigmoid_block_loss",
+    "streaming_infonce_loss",
+    "streaming_local_infonce_loss",
+    "streaming_sigmoid_loss",
+]
 
 
 def _tiles(n: int, tile: int) -> Iterator[slice]:
@@ -92,27 +99,34 @@ def streaming_infonce_loss(
 
 
 class _StreamingSigmoid(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, tile: int) -> Tensor:
-        total = torch.zeros((), device=image.device, dtype=_acc(image))
-        for rs in _tiles(image.shape[0], tile):
-            for cs in _tiles(image.shape[0], tile):
-                total += -F.logsigmoid(_signs(rs, cs, image) * _sig_logits(image, text, scale, bias, rs, cs)).sum()
-        ctx.save_for_backward(image, text, scale, bias)
-        ctx.tile = tile
-        return total / image.shape[0]
+    """The summed pairwise sigmoid loss of one block of pairs, tile by tile (divided by the caller).
+
+    ``diagonal``: the block's positives are its diagonal (image i with text i); otherwise every pair is
+    a negative (a block of another rank's texts, in the ring exchange).
+    """
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+    def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, tile: int, diagonal: bool) -> Tensor:
+        total = torch.zeros((), device=image.device, dtype=_acc(image))
+        for rs in _tiles(image.shape[0], tile):
+            for cs in _tiles(text.shape[0], tile):
+                signs = _signs(rs, cs, image, diagonal)
+                total += -F.logsigmoid(signs * _sig_logits(image, text, scale, bias, rs, cs)).sum()
+        ctx.save_for_backward(image, text, scale, bias)
+        ctx.tile, ctx.diagonal = tile, diagonal
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         image, text, scale, bias = ctx.saved_tensors
-        n, coef, acc = image.shape[0], grad / image.shape[0], _acc(image)
+        acc = _acc(image)
         g_image = torch.zeros_like(image, dtype=acc)
         g_text = torch.zeros_like(text, dtype=acc)
         g_scale = torch.zeros((), device=image.device, dtype=acc)
         g_bias = torch.zeros((), device=image.device, dtype=acc)
-        for rs in _tiles(n, ctx.tile):
-            for cs in _tiles(n, ctx.tile):
-                signs = _signs(rs, cs, image).to(acc)
+        for rs in _tiles(image.shape[0], ctx.tile):
+            for cs in _tiles(text.shape[0], ctx.tile):
+                signs = _signs(rs, cs, image, ctx.diagonal).to(acc)
                 dots = (image[rs] @ text[cs].T).to(acc)  # (tile, tile)
                 d_logits = -signs * torch.sigmoid(-signs * (scale * dots + bias))  # d loss / d logit
                 g_image[rs] += scale * d_logits @ text[cs].to(acc)
@@ -120,16 +134,19 @@ class _StreamingSigmoid(torch.autograd.Function):
                 g_scale += (d_logits * dots).sum()
                 g_bias += d_logits.sum()
         return (
-            (coef * g_image).to(image.dtype),
-            (coef * g_text).to(text.dtype),
-            (coef * g_scale).to(scale.dtype),
-            (coef * g_bias).to(bias.dtype),
+            (grad * g_image).to(image.dtype),
+            (grad * g_text).to(text.dtype),
+            (grad * g_scale).to(scale.dtype),
+            (grad * g_bias).to(bias.dtype),
+            None,
             None,
         )
 
 
-def _signs(rs: slice, cs: slice, like: Tensor) -> Tensor:
-    """+1 where the global row index equals the column index, -1 elsewhere: (rows, cols)."""
+def _signs(rs: slice, cs: slice, like: Tensor, diagonal: bool = True) -> Tensor:
+    """+1 where the row index equals the column index (if ``diagonal``), -1 elsewhere: (rows, cols)."""
+    if not diagonal:
+        return torch.full((rs.stop - rs.start, cs.stop - cs.start), -1.0, device=like.device)
     rows = torch.arange(rs.start, rs.stop, device=like.device)[:, None]
     cols = torch.arange(cs.start, cs.stop, device=like.device)[None, :]
     return torch.where(rows == cols, 1.0, -1.0)
@@ -152,10 +169,79 @@ def streaming_sigmoid_loss(
         tile: Rows and columns per tile; memory is O(B x tile).
     """
     check_pair(image_features, text_features)
-    return _StreamingSigmoid.apply(image_features, text_features, logit_scale, logit_bias, tile)
+    total = _StreamingSigmoid.apply(image_features, text_features, logit_scale, logit_bias, tile, True)
+    return total / image_features.shape[0]
 
 
-def _check_tile(tile: int) -> int:
+def sigmoid_block_loss(
+    image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor, diagonal: bool, tile: int
+) -> Tensor:
+    """The summed sigmoid loss of images (b, D) against a block of texts (b', D), tile by tile.
+
+    ``diagonal``: image i and text i are the positive pairs; otherwise all pairs are negatives. Holds
+    no logits between the forward and backward passes (they are recomputed).
+    """
+    return _StreamingSigmoid.apply(image_features, text_features, logit_scale, logit_bias, tile, diagonal)
+
+
+class _StreamingRowCE(torch.autograd.Function):
+    """``sum_i [logsumexp_j(s q_i . k_j) - s q_i . k_(offset + i)]``, tile by tile: one direction of InfoNCE."""
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, keys: Tensor, scale: Tensor, offset: int, tile: int) -> Tensor:
+        b, acc = queries.shape[0], _acc(queries)
+        lse = torch.full((b,), -torch.inf, device=queries.device, dtype=acc)
+        for rs in _tiles(b, tile):
+            for cs in _tiles(keys.shape[0], tile):
+                logits = (scale * queries[rs] @ keys[cs].T).to(acc)
+                lse[rs] = torch.logaddexp(lse[rs], torch.logsumexp(logits, dim=1))
+        positives = (scale * (queries * keys[offset : offset + b]).sum(dim=1)).to(acc)
+        ctx.save_for_backward(queries, keys, scale, lse)
+        ctx.offset, ctx.tile = offset, tile
+        return (lse - positives).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        queries, keys, scale, lse = ctx.saved_tensors
+        b, acc, offset = queries.shape[0], lse.dtype, ctx.offset
+        g_q = torch.zeros_like(queries, dtype=acc)
+        g_k = torch.zeros_like(keys, dtype=acc)
+        g_scale = torch.zeros((), device=queries.device, dtype=acc)
+        for rs in _tiles(b, ctx.tile):
+            for cs in _tiles(keys.shape[0], ctx.tile):
+                dots = (queries[rs] @ keys[cs].T).to(acc)
+                probs = torch.exp(scale * dots - lse[rs, None])  # the softmax over keys, this tile of it
+                g_q[rs] += probs @ keys[cs].to(acc)
+                g_k[cs] += probs.T @ queries[rs].to(acc)
+                g_scale += (probs * dots).sum()
+        q, own = queries.to(acc), keys[offset : offset + b].to(acc)
+        g_q -= own
+        g_k[offset : offset + b] -= q
+        g_scale -= (q * own).sum()
+        coef = grad * scale
+        return (coef * g_q).to(queries.dtype), (coef * g_k).to(keys.dtype), (grad * g_scale).to(scale.dtype), None, None
+
+
+def streaming_local_infonce_loss(
+    image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, scale: Tensor, offset: int, tile: int = 4096
+) -> Tensor:
+    """:func:`lipkit.losses.distributed.local_infonce_loss` tile by tile: memory O(tile^2), not O(b x B).
+
+    Args:
+        image: This rank's image features (b, D); rows ``offset .. offset + b`` of ``all_image``.
+        text: This rank's text features (b, D).
+        all_image: Every rank's image features (B, D).
+        all_text: Every rank's text features (B, D).
+        scale: The exponentiated temperature.
+        offset: Global index of this rank's first sample.
+        tile: Rows and columns per tile.
+    """
+    i2t = _StreamingRowCE.apply(image, all_text, scale, offset, tile)
+    t2i = _StreamingRowCE.apply(text, all_image, scale, offset, tile)
+    return (i2t + t2i) / (2 * all_image.shape[0])
+
+
+def check_tile(tile: int) -> int:
     if tile < 1:
         raise ConfigError(f"loss tile must be positive, got {tile}")
     return tile
@@ -167,7 +253,7 @@ class StreamingInfoNCELoss(nn.Module):
 
     def __init__(self, tile: int = 4096) -> None:
         super().__init__()
-        self.tile = _check_tile(tile)
+        self.tile = check_tile(tile)
 
     def forward(self, out: LossInputs) -> Tensor:
         """Compute the loss from a model output."""
@@ -180,7 +266,7 @@ class StreamingSigmoidLoss(SigmoidLoss):
 
     def __init__(self, tile: int = 4096) -> None:
         super().__init__()
-        self.tile = _check_tile(tile)
+        self.tile = check_tile(tile)
 
     def forward(self, out: LossInputs) -> Tensor:
         """Compute the loss from a model output (which must carry a logit bias)."""

@@ -109,7 +109,8 @@ def loss_for(cfg: TrainConfig, env: DistEnv) -> nn.Module:
     name = cfg.loss
     if env.distributed:
         if name not in DISTRIBUTED_FORM:
-            raise ConfigError(f"loss {name!r} does not run across processes yet; use infonce or siglip")
+            forms = ", ".join(sorted(DISTRIBUTED_FORM))
+            raise ConfigError(f"loss {name!r} does not run across processes; these do: {forms}")
         name = DISTRIBUTED_FORM[name]
     return create_loss(name, **cfg.loss_options)
 
