@@ -12,6 +12,11 @@ block's work for tokens that pooling discards), and prints that count too.
     python benchmarks/train_throughput.py --model ViT-B-32 --batch-size 1024 --device cuda --precision bf16
     python benchmarks/train_throughput.py --model ViT-B-16 --batch-size 512 --device cuda --precision bf16 --compile
 
+``--captions SOURCE`` (e.g. ``tuxpaint:train``, or a text file with one caption per line) replaces the
+random full-length tokens with real captions, cycled to fill the batch. Each side then gets what its
+own loader would give it: OpenCLIP the captions padded to the context length, lipkit the same ids
+without the padding columns that every caption of the batch shares (exact for causal text towers).
+
 ``--json FILE`` appends the figures as one JSON line; ``--profile N`` then profiles a few steps of each
 side and prints its N most expensive kernels (what limits the step).
 """
@@ -114,6 +119,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--unfused", action="store_true", help="PyTorch's default AdamW, not the fused one (both)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16: 989)")
+    parser.add_argument("--captions", help="real captions: a lipkit data source or a file, one per line")
     parser.add_argument("--json", help="append the results to this file as one JSON line")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print each side's N costliest ops")
     args = parser.parse_args()
@@ -125,6 +131,12 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, size, size, device=device)
     tokens = torch.randint(1, 49406, (args.batch_size, ctx), device=device)
     tokens[:, -1] = 49407
+    ours_tokens = tokens
+    if args.captions:
+        tokens, ours_tokens = caption_tokens(args.captions, args.model, args.batch_size)
+        tokens, ours_tokens = tokens.to(device), ours_tokens.to(device)
+        lengths = f"{tokens.shape[1]} text positions for OpenCLIP, {ours_tokens.shape[1]} for lipkit"
+        print(f"captions from {args.captions}: {lengths}")
 
     ours = lipkit.create_model(args.model)
     theirs = openclip_model(args.model)
@@ -133,26 +145,47 @@ def main() -> None:
         "lipkit": make_runner(ours, lipkit_step(ours), device, args.precision, args.compile, fused),
         "openclip": make_runner(theirs, openclip_step(theirs), device, args.precision, args.compile, fused),
     }
-    flops = {name: step_flops(run, images, tokens) for name, run in runners.items()}
+    batch_tokens = {"lipkit": ours_tokens, "openclip": tokens}
+    flops = {name: step_flops(run, images, batch_tokens[name]) for name, run in runners.items()}
     peak = {}
     for name, run in runners.items():  # warm-up (and compilation), then peak memory of a few steps
-        time_steps(run, images, tokens, 3, device)
+        time_steps(run, images, batch_tokens[name], 3, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            time_steps(run, images, tokens, 2, device)
+            time_steps(run, images, batch_tokens[name], 2, device)
             peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
     rates: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, run in runners.items():
-            rates[name].append(args.steps * args.batch_size / time_steps(run, images, tokens, args.steps, device))
+            seconds = time_steps(run, images, batch_tokens[name], args.steps, device)
+            rates[name].append(args.steps * args.batch_size / seconds)
     results = report(args, ours, device, flops, rates, peak)
+    results["captions"] = args.captions
+    results["text_positions"] = {name: t.shape[1] for name, t in batch_tokens.items()}
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"benchmark": "train_throughput", **results}) + "\n")
     if args.profile:
         for name, run in runners.items():
             print(f"--- {name}: the {args.profile} costliest ops over 3 steps ---")
-            print(profile_table(run, images, tokens, device, args.profile))
+            print(profile_table(run, images, batch_tokens[name], device, args.profile))
+
+
+def caption_tokens(spec: str, model: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full-length tokens, lipkit's training tokens) of ``batch`` real captions, cycled if too few."""
+    from pathlib import Path
+
+    from lipkit.models.factory import training_tokenizer
+
+    if Path(spec).is_file():
+        captions = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+    else:
+        from lipkit.data.spec import open_mixture
+
+        source = open_mixture(spec).concatenated()
+        captions = [source.caption(i) for i in range(len(source))]
+    captions = [captions[i % len(captions)] for i in range(batch)]
+    return lipkit.get_tokenizer(model)(captions), training_tokenizer(model)(captions)
 
 
 def profile_table(run, images: torch.Tensor, tokens: torch.Tensor, device: torch.device, rows: int) -> str:

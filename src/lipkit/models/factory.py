@@ -65,6 +65,51 @@ def get_tokenizer(name: str | ModelConfig, **overrides: Any) -> Callable[..., to
     return ClipTokenizer(context_length=text_cfg.context_length)
 
 
+class TrimPadding:
+    """A tokenizer whose batches drop the trailing positions that are padding in every row.
+
+    Texts are padded to the context length (77 for CLIP), yet most captions are far shorter: a batch
+    only needs as many positions as its longest text, rounded up to ``multiple`` (fewer distinct shapes
+    for compiled graphs and tensor cores). Exact only for towers whose features ignore trailing
+    padding (see :func:`padding_trim_is_exact`). Runs where the tokenizer runs (in the loader's
+    workers), so the training step needs no look at the tokens.
+    """
+
+    def __init__(self, tokenize: Callable[..., torch.Tensor], pad_id: int, multiple: int = 8) -> None:
+        self.tokenize, self.pad_id, self.multiple = tokenize, pad_id, multiple
+
+    def __call__(self, texts: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        tokens = self.tokenize(texts, *args, **kwargs)
+        used = tokens[:, 1].bool() if tokens.ndim == 3 else tokens != self.pad_id  # (B, 2, T): ids, mask
+        columns = used.any(dim=0).nonzero()
+        length = int(columns[-1]) + 1 if len(columns) else 1
+        keep = min(tokens.shape[-1], -(-length // self.multiple) * self.multiple)
+        return tokens[..., :keep].contiguous()
+
+
+def padding_trim_is_exact(name: str | ModelConfig) -> bool:
+    """Whether dropping positions that are padding in every row leaves every text feature as it is.
+
+    True for Hugging Face towers (their attention mask hides padding) and for causal CLIP text towers
+    not pooled at the last position (no token attends to a later one); false for bidirectional CLIP
+    towers, whose tokens attend to the padding.
+    """
+    cfg = _as_config(name, {})
+    if cfg.tokenizer == "hf":
+        return True
+    text = cfg.text_config()
+    return bool(getattr(text, "causal", False)) and text.pool != "last"
+
+
+def training_tokenizer(name: str | ModelConfig) -> Callable[..., torch.Tensor]:
+    """:func:`get_tokenizer`, trimming each batch's shared padding where that is exact."""
+    cfg = _as_config(name, {})
+    tokenize = get_tokenizer(cfg)
+    if not padding_trim_is_exact(cfg):
+        return tokenize
+    return TrimPadding(tokenize, getattr(cfg.text_config(), "pad_id", 0))
+
+
 def preprocess_config(cfg: ModelConfig) -> Any:
     """The :class:`PreprocessConfig` for a model: its image size plus the config's overrides."""
     from lipkit.models.transforms import PreprocessConfig
