@@ -64,6 +64,10 @@ step streaming-sigmoid 90 $PY benchmarks/loss_memory.py --batch $LOSS_B --tile $
 step accumulation 180 $PY benchmarks/accumulation.py "${ACC[@]}" --device $DEV --precision $PREC --json "$RES"
 step throughput-b32-compiled 200 $PY "${TP[@]}" "${B32[@]}" --compile
 step throughput-b16-compiled 200 $PY "${TP[@]}" "${B16[@]}" --compile
+CAPTIONS=${LIPKIT_SUITE_CAPTIONS:-.whl/captions.txt}  # real captions, one per line (see docs/benchmarks.md)
+if [ -f "$CAPTIONS" ]; then
+    step throughput-b32-captions 120 $PY "${TP[@]}" "${B32[@]}" --captions "$CAPTIONS"
+fi
 if [ "$DEV" = cuda ]; then
     step no-sync-on-cuda 150 $PY -m pytest -p no:cacheprovider -q tests/train/test_no_sync.py -k cuda
 fi
