@@ -118,15 +118,23 @@ def test_micro_batches_on_two_processes_match_one_process(tmp_path, loss, fsdp):
     proc = torchrun([PRESET, *COMMON, *extra, "name=micro", "accum_micro_batch=3", f"fsdp={str(fsdp).lower()}"])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    assert_same_run(single, tmp_path / "micro", steps=3)
+
+
+def assert_same_run(single, run_dir, steps: int) -> None:
+    """Losses, gradient norms and final weights of the torchrun run in ``run_dir`` equal ``single``'s.
+
+    Tight on the weights: Adam's steps of ~1e-3 would hide a missing or mis-scaled gradient otherwise.
+    """
     one = [(r["loss"], r["grad_norm"]) for r in read_metrics(single.run_dir)]
-    two = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "micro")]
-    assert len(one) == len(two) == 3
+    two = [(r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)]
+    assert len(one) == len(two) == steps
     for got, want in zip(two, one):
         assert got == pytest.approx(want, rel=1e-4)
     a = torch.load(single.checkpoint, weights_only=False)["model"]
-    b = torch.load(ckpt.list_checkpoints(tmp_path / "micro")[-1], weights_only=False)["model"]
+    b = torch.load(ckpt.list_checkpoints(run_dir)[-1], weights_only=False)["model"]
     assert a.keys() == b.keys()
-    for key in a:  # tight: Adam's steps of ~1e-3 would hide a missing or mis-scaled gradient otherwise
+    for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
 
 
@@ -152,12 +160,4 @@ def test_cached_features_on_two_processes_match_one_process(tmp_path):
     a_feats, b_feats = (torch.load(p, weights_only=True)["payload"] for p in (want, got))
     for key in a_feats:  # the halves are computed in other batches: equal up to float rounding
         torch.testing.assert_close(b_feats[key], a_feats[key], atol=1e-5, rtol=1e-4)
-    one = [(r["loss"], r["grad_norm"]) for r in read_metrics(single.run_dir)]
-    two = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "ddp")]
-    assert len(one) == len(two) == 4
-    for g, w in zip(two, one):
-        assert g == pytest.approx(w, rel=1e-4)
-    a = torch.load(single.checkpoint, weights_only=False)["model"]
-    b = torch.load(ckpt.list_checkpoints(tmp_path / "ddp")[-1], weights_only=False)["model"]
-    for key in a:  # tight: a gradient left unaveraged would move the heads by twice Adam's step
-        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    assert_same_run(single, tmp_path / "ddp", steps=4)  # a gradient left unaveraged would move the heads apart

@@ -225,17 +225,8 @@ class _StreamingRowCE(torch.autograd.Function):
 def streaming_local_infonce_loss(
     image: Tensor, text: Tensor, all_image: Tensor, all_text: Tensor, scale: Tensor, offset: int, tile: int = 4096
 ) -> Tensor:
-    """:func:`lipkit.losses.distributed.local_infonce_loss` tile by tile: memory O(tile^2), not O(b x B).
-
-    Args:
-        image: This rank's image features (b, D); rows ``offset .. offset + b`` of ``all_image``.
-        text: This rank's text features (b, D).
-        all_image: Every rank's image features (B, D).
-        all_text: Every rank's text features (B, D).
-        scale: The exponentiated temperature.
-        offset: Global index of this rank's first sample.
-        tile: Rows and columns per tile.
-    """
+    """:func:`lipkit.losses.distributed.local_infonce_loss` (same arguments) tile by tile, ``tile`` rows
+    and columns at a time: memory O(tile^2), not O(b x B)."""
     i2t = _StreamingRowCE.apply(image, all_text, scale, offset, tile)
     t2i = _StreamingRowCE.apply(text, all_image, scale, offset, tile)
     return (i2t + t2i) / (2 * all_image.shape[0])
