@@ -175,7 +175,7 @@ def caption_tokens(spec: str, model: str, batch: int) -> tuple[torch.Tensor, tor
     """(full-length tokens, lipkit's training tokens) of ``batch`` real captions, cycled if too few."""
     from pathlib import Path
 
-    from lipkit.models.factory import training_tokenizer
+    from lipkit.models.factory import batch_tokenizer
 
     if Path(spec).is_file():
         captions = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
@@ -185,7 +185,7 @@ def caption_tokens(spec: str, model: str, batch: int) -> tuple[torch.Tensor, tor
         source = open_mixture(spec).concatenated()
         captions = [source.caption(i) for i in range(len(source))]
     captions = [captions[i % len(captions)] for i in range(batch)]
-    return lipkit.get_tokenizer(model)(captions), training_tokenizer(model)(captions)
+    return lipkit.get_tokenizer(model)(captions), batch_tokenizer(model)(captions)
 
 
 def profile_table(run, images: torch.Tensor, tokens: torch.Tensor, device: torch.device, rows: int) -> str:

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import lipkit
-from lipkit.models.factory import TrimPadding, padding_trim_is_exact, training_tokenizer
+from lipkit.models.factory import TrimPadding, batch_tokenizer, padding_trim_is_exact
 
 CAPTIONS = ["a cat", "a small red fox jumping over a lazy brown dog in the snow", "tux"]
 
 
 def test_batches_keep_the_longest_text_rounded_up_to_eight():
-    tokenize = training_tokenizer("tiny")
+    tokenize = batch_tokenizer("tiny")
     full = lipkit.get_tokenizer("tiny")(CAPTIONS)
     trimmed = tokenize(CAPTIONS)
     longest = int((full != 0).sum(dim=1).max())  # start, words, end of text
@@ -30,7 +30,7 @@ def test_causal_towers_give_the_same_features_on_trimmed_tokens(name):
     full = lipkit.get_tokenizer(name)(CAPTIONS)
     with torch.no_grad():
         want = model.encode_text(full)
-        got = model.encode_text(training_tokenizer(name)(CAPTIONS))
+        got = model.encode_text(batch_tokenizer(name)(CAPTIONS))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
@@ -38,7 +38,7 @@ def test_bidirectional_towers_are_not_trimmed():
     """Their tokens attend to the padding, so it changes their features: batches keep it."""
     bidirectional = lipkit.create_model("tiny", text={"causal": False})
     assert not padding_trim_is_exact(bidirectional.cfg)
-    assert not isinstance(training_tokenizer(bidirectional.cfg), TrimPadding)
+    assert not isinstance(batch_tokenizer(bidirectional.cfg), TrimPadding)
 
 
 def test_masked_tokens_trim_by_their_mask():

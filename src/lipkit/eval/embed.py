@@ -8,7 +8,8 @@ from tqdm.auto import tqdm
 
 from lipkit.data.loader import Collate, TransformedPairs
 from lipkit.data.sources import PairSource
-from lipkit.models import DualEncoder, get_tokenizer, image_transform
+from lipkit.models import DualEncoder, image_transform
+from lipkit.models.factory import batch_tokenizer
 
 
 @torch.no_grad()
@@ -25,7 +26,7 @@ def embed_pairs(
         TransformedPairs(source, image_transform(model.cfg)),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=Collate(get_tokenizer(model.cfg)),
+        collate_fn=Collate(batch_tokenizer(model.cfg)),
     )
     model.eval().to(device)
     images, texts = [], []

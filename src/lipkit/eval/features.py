@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lipkit.errors import LipkitError
-from lipkit.models import DualEncoder, get_tokenizer, image_transform
+from lipkit.models import DualEncoder, image_transform
+from lipkit.models.factory import batch_tokenizer
 
 
 class LabelledImages(Protocol):
@@ -88,7 +89,7 @@ def text_classifier(
         batch_size: Prompts per forward pass.
     """
     check_prompts(classnames, templates)
-    tokenizer = get_tokenizer(model.cfg)
+    tokenizer = batch_tokenizer(model.cfg)
     model.eval().to(device)
     prompts = [t.replace("{c}", name) for name in classnames for t in templates]
     chunks = [

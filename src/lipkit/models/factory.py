@@ -101,8 +101,12 @@ def padding_trim_is_exact(name: str | ModelConfig) -> bool:
     return bool(getattr(text, "causal", False)) and text.pool != "last"
 
 
-def training_tokenizer(name: str | ModelConfig) -> Callable[..., torch.Tensor]:
-    """:func:`get_tokenizer`, trimming each batch's shared padding where that is exact."""
+def batch_tokenizer(name: str | ModelConfig) -> Callable[..., torch.Tensor]:
+    """:func:`get_tokenizer`, trimming each batch's shared padding where that is exact.
+
+    What the training loader, the zero-shot classifier and pair embedding tokenize with; call
+    :func:`get_tokenizer` for fixed-length ids (exporting, comparing with other libraries).
+    """
     cfg = _as_config(name, {})
     tokenize = get_tokenizer(cfg)
     if not padding_trim_is_exact(cfg):

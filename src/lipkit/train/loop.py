@@ -24,7 +24,7 @@ from lipkit.errors import ConfigError, FolderInUseError, TrainingDivergedError
 from lipkit.losses import create_loss
 from lipkit.losses.distributed import DISTRIBUTED_FORM
 from lipkit.models import DualEncoder, create_model, image_transform
-from lipkit.models.factory import preprocess_config, training_tokenizer
+from lipkit.models.factory import batch_tokenizer, preprocess_config
 from lipkit.train import checkpoint as ckpt
 from lipkit.train import distributed
 from lipkit.train.accumulate import cached_accumulation_backward
@@ -321,7 +321,7 @@ def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int, env: Dist
     return make_train_loader(
         mixture,
         image_transform(model.cfg, train=cfg.data.augment),
-        training_tokenizer(model.cfg),
+        batch_tokenizer(model.cfg),
         batch_size=cfg.data.batch_size,
         seed=cfg.seed,
         start_step=start_step,
