@@ -11,6 +11,17 @@ The configuration is built in layers: defaults < PRESET < --config FILE < key=va
 The resolved configuration is saved as RUN_DIR/config.yaml; pass it back with --config to
 reproduce a run. Keys are dotted paths: steps=500 optim.lr=1e-3 data.batch_size=128
 model=ViT-B-32 precision=bf16 loss=siglip resume=latest.
+
+Scale and speed (docs/guide.md has every key):
+  loss=infonce|siglip              CLIP softmax / SigLIP sigmoid; under torchrun over the global batch
+  loss=infonce-streaming|siglip-streaming
+                                   never hold the B x B logits (loss_options.tile=4096); across
+                                   processes siglip-streaming uses SigLIP's ring exchange
+  accum_micro_batch=N              exact big-batch gradients, N samples per forward pass
+  precision=fp32|bf16|bf16-pure    grad_checkpointing=true   model_overrides.vision.patch_dropout=0.5
+  compile=auto|null|inductor       auto: torch.compile on CUDA, eager on CPU
+  fsdp=true                        under torchrun, shard the model instead of replicating it
+  torchrun --nproc-per-node 8 -m lipkit.cli.main train PRESET ...   one process per GPU
 """
 
 
