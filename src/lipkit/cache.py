@@ -72,8 +72,13 @@ def cached(
     if payload is not None:
         return payload
     payload = compute()
+    try_save_cached(path, payload)
+    return payload
+
+
+def try_save_cached(path: Path, payload: dict[str, Any]) -> None:
+    """:func:`save_cached`, where a cache that cannot be written (read-only, full disk) costs a warning."""
     try:
         save_cached(path, payload)
     except OSError as exc:
-        warnings.warn(f"cannot write cache entry {path}: {exc}", stacklevel=2)
-    return payload
+        warnings.warn(f"cannot write cache entry {path}: {exc}", stacklevel=3)

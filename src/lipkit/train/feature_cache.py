@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from lipkit.cache import cached, load_cached, save_cached
+from lipkit.cache import cached, load_cached, try_save_cached
 from lipkit.config import to_dict
 from lipkit.data.loader import ResumableBatchSampler, TransformedPairs
 from lipkit.data.sources import PairSource
@@ -233,10 +232,7 @@ class _Share:
         dist.all_gather_object(shares, compute(rows))
         payload = {key: _pad_cat([part[key] for part in shares]) for key in shares[0]}
         if self.rank == 0:
-            try:
-                save_cached(path, payload)
-            except OSError as exc:
-                warnings.warn(f"cannot write cache entry {path}: {exc}", stacklevel=2)
+            try_save_cached(path, payload)
         return payload
 
 

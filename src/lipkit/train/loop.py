@@ -205,6 +205,9 @@ def precision(cfg: TrainConfig, device: torch.device) -> AbstractContextManager:
 def backward(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Forward and backward one batch (through the feature cache when micro-batching); returns the loss.
 
+    The batch may be in host memory: this is where it moves to the device, whole, or, when
+    micro-batching, one micro-batch at a time (so the device never holds the whole batch of images).
+
     Micro-batches run through the DDP or FSDP form of the model; under DDP gradients are all-reduced
     once, in the last micro-batch's backward pass.
     """
@@ -215,7 +218,7 @@ def backward(state: TrainState, cfg: TrainConfig, images: torch.Tensor, tokens: 
         no_sync = distributed.deferred_sync(net)
         place = partial(place_batch, device=device, cfg=cfg)
         return cached_accumulation_backward(net, state.loss_fn, images, tokens, micro, context, no_sync, place)
-    images, tokens = place_batch(images, tokens, device, cfg)  # no-ops unless the batch stayed on the host
+    images, tokens = place_batch(images, tokens, device, cfg)
     with precision(cfg, device):
         loss = compute_loss(state, images, tokens)
     loss.backward()
@@ -393,11 +396,7 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, device: torch.device, callback
     state.window, state.window_start = [], time.perf_counter()
     try:
         loader = make_loader(cfg, state.model, state.step, env)
-        # Micro-batched steps leave the (pinned) batch in host memory and move one micro-batch at a time.
-        on_host = cfg.accum_micro_batch is not None
-        for images, tokens in loader:
-            if not on_host:
-                images, tokens = place_batch(images, tokens, device, cfg)
+        for images, tokens in loader:  # the step moves them to the device (see backward)
             path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
     finally:
         bar.close()
