@@ -44,9 +44,11 @@ step() {
 if [ "${LIPKIT_SUITE_SMOKE:-0}" = 1 ]; then
     DEV=cpu PREC=fp32 B32=(--model tiny --batch-size 32) B16=(--model micro --batch-size 16)
     ROUNDS=(--rounds 1 --steps 2) LOSS_B=4096 LOSS_TILE=1024 ACC=(--model micro --batch 64 --micro 16)
+    BLOCK=(--width 64 --heads 4 --tokens 50 --batch-size 4)
 else
     DEV=cuda PREC=bf16 B32=(--model ViT-B-32 --batch-size 1024) B16=(--model ViT-B-16 --batch-size 512)
     ROUNDS=(--rounds 3 --steps 10) LOSS_B=262144 LOSS_TILE=4096 ACC=(--model ViT-B-16 --batch 65536 --micro 512)
+    BLOCK=(--batch-size 512 --steps 10)  # ViT-B-16's image block at batch 512
 fi
 TP=(benchmarks/train_throughput.py --device $DEV --precision $PREC "${ROUNDS[@]}" --json "$RES")
 
@@ -57,13 +59,14 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(p.name, p.total_memory // 2**30, 'GiB', p.multi_processor_count, 'SMs')
 import open_clip; print('open_clip', open_clip.__version__)"
-step throughput-b32-eager 120 $PY "${TP[@]}" "${B32[@]}"
-step throughput-b16-eager 150 $PY "${TP[@]}" "${B16[@]}" --profile 25
+step throughput-b32-eager 120 $PY "${TP[@]}" "${B32[@]}" --trainer
+step throughput-b16-eager 150 $PY "${TP[@]}" "${B16[@]}" --trainer --profile 25
 step streaming-infonce 90 $PY benchmarks/loss_memory.py --batch $LOSS_B --tile $LOSS_TILE --device $DEV --skip-plain --json "$RES"
 step streaming-sigmoid 90 $PY benchmarks/loss_memory.py --batch $LOSS_B --tile $LOSS_TILE --device $DEV --skip-plain --loss siglip --json "$RES"
 step accumulation 180 $PY benchmarks/accumulation.py "${ACC[@]}" --device $DEV --precision $PREC --json "$RES"
 step throughput-b32-compiled 200 $PY "${TP[@]}" "${B32[@]}" --compile
 step throughput-b16-compiled 200 $PY "${TP[@]}" "${B16[@]}" --compile
+step block-cost 60 $PY benchmarks/block_cost.py "${BLOCK[@]}" --device $DEV --precision $PREC --json "$RES"
 CAPTIONS=${LIPKIT_SUITE_CAPTIONS:-.whl/captions.txt}  # real captions, one per line (see docs/benchmarks.md)
 if [ -f "$CAPTIONS" ]; then
     step throughput-b32-captions 120 $PY "${TP[@]}" "${B32[@]}" --captions "$CAPTIONS"

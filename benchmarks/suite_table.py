@@ -7,57 +7,90 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def throughput_rows(records: list[dict], date: str) -> list[str]:
-    rows = [
-        "| date | device | config | compile | OpenCLIP samples/s | lipkit samples/s | ratio | MFU OpenCLIP / lipkit "
-        "| peak GiB OpenCLIP / lipkit | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+def throughput(r: dict) -> Iterator[list[str]]:
+    rate, mfu, peak = r["samples_per_s"], r.get("mfu") or {}, r.get("peak_gib") or {}
+    yield [
+        f"{r['device']}, torch {r['torch']}",
+        f"{r['model']}, batch {r['batch']}, {r['precision']}",
+        "yes" if r["compile"] else "no",
+        f"{rate['openclip']:,.0f}",
+        f"{rate['lipkit']:,.0f}",
+        f"{rate['lipkit train_step']:,.0f}" if "lipkit train_step" in rate else "-",
+        f"**{r['ratio_samples_per_s']:.2f}x**",
+        f"{100 * mfu['openclip']:.1f}% / {100 * mfu['lipkit']:.1f}%" if mfu else "-",
+        f"{peak['openclip']:.1f} / {peak['lipkit']:.1f}" if peak else "-",
+        f"{r['ratio_peak_memory']:.2f}x" if r.get("ratio_peak_memory") else "-",
     ]
-    for r in records:
-        rate, mfu, peak = r["samples_per_s"], r.get("mfu") or {}, r.get("peak_gib") or {}
-        mfu_s = f"{100 * mfu['openclip']:.1f}% / {100 * mfu['lipkit']:.1f}%" if mfu else "-"
-        peak_s = f"{peak['openclip']:.1f} / {peak['lipkit']:.1f}" if peak else "-"
-        mem = f"{r['ratio_peak_memory']:.2f}x" if r.get("ratio_peak_memory") else "-"
-        rows.append(
-            f"| {date} | {r['device']}, torch {r['torch']} | {r['model']}, batch {r['batch']}, {r['precision']} "
-            f"| {'yes' if r['compile'] else 'no'} | {rate['openclip']:,.0f} | {rate['lipkit']:,.0f} "
-            f"| **{r['ratio_samples_per_s']:.2f}x** | {mfu_s} | {peak_s} | {mem} |"
-        )
-    return rows
 
 
-def loss_rows(records: list[dict], date: str) -> list[str]:
-    rows = [
-        "| date | device | loss | batch x dim | dtype | tile | seconds | loss memory | peak total |",
-        "|---|---|---|---|---|---|---|---|---|",
+def loss(r: dict) -> Iterator[list[str]]:
+    for kind, m in r["results"].items():
+        yield [
+            r["device"],
+            f"{r['loss']} ({kind})",
+            f"{r['batch']:,} x {r['dim']}",
+            r["dtype"],
+            str(r["tile"]),
+            f"{m['seconds']:.2f}",
+            f"{m['loss_mib'] / 1024:.2f} GiB",
+            f"{m['total_mib'] / 1024:.2f} GiB" if m.get("total_mib") is not None else "-",
+        ]
+
+
+def accumulation(r: dict) -> Iterator[list[str]]:
+    yield [
+        f"{r['device']}, torch {r['torch']}",
+        r["model"],
+        f"{r['effective_batch']:,} / {r['micro_batch']}",
+        f"{r['precision']}, {r['loss']}",
+        f"{r['seconds_per_step']:.1f}",
+        f"{r['samples_per_s']:,.0f}",
+        f"{r['plain_micro_batch_samples_per_s']:,.0f}",
+        f"{r['peak_device_gib']:.1f} GiB" if r.get("peak_device_gib") else "-",
     ]
-    for r in records:
-        for kind, m in r["results"].items():
-            total = f"{m['total_mib'] / 1024:.2f} GiB" if m.get("total_mib") is not None else "-"
-            rows.append(
-                f"| {date} | {r['device']} | {r['loss']} ({kind}) | {r['batch']:,} x {r['dim']} | {r['dtype']} "
-                f"| {r['tile']} | {m['seconds']:.2f} | {m['loss_mib'] / 1024:.2f} GiB | {total} |"
-            )
-    return rows
 
 
-def accumulation_rows(records: list[dict], date: str) -> list[str]:
-    rows = [
-        "| date | device | model | effective batch / micro | precision, loss | s per step | samples/s "
-        "| plain micro-batch steps | peak device memory |",
-        "|---|---|---|---|---|---|---|---|---|",
+def block_cost(r: dict) -> Iterator[list[str]]:
+    ms, kept = r["ms"], r["kept_bytes_per_token"]
+    yield [
+        f"{r['device']}, torch {r['torch']}",
+        f"width {r['width']}, {r['tokens']} tokens x {r['batch_size']}, {r['precision']}",
+        f"{ms['plain']:.2f} / {ms['lean']:.2f}",
+        f"**{r['ratio_time']:.3f}x**",
+        f"{kept['plain'] / 1024:.1f} / {kept['lean'] / 1024:.1f} KiB",
+        f"**{r['ratio_kept']:.3f}x**",
     ]
-    for r in records:
-        peak = f"{r['peak_device_gib']:.1f} GiB" if r.get("peak_device_gib") else "-"
-        rows.append(
-            f"| {date} | {r['device']}, torch {r['torch']} | {r['model']} | {r['effective_batch']:,} / "
-            f"{r['micro_batch']} | {r['precision']}, {r['loss']} | {r['seconds_per_step']:.1f} "
-            f"| {r['samples_per_s']:,.0f} | {r['plain_micro_batch_samples_per_s']:,.0f} | {peak} |"
-        )
-    return rows
+
+
+TABLES: dict[str, tuple[str, Callable[[dict], Iterator[list[str]]]]] = {  # Markdown header, cells of each row
+    "train_throughput": (
+        "device | config | compile | OpenCLIP samples/s | lipkit samples/s | lipkit train_step samples/s | ratio "
+        "| MFU OpenCLIP / lipkit "
+        "| peak GiB OpenCLIP / lipkit | memory ratio",
+        throughput,
+    ),
+    "loss_memory": ("device | loss | batch x dim | dtype | tile | seconds | loss memory | peak total", loss),
+    "accumulation": (
+        "device | model | effective batch / micro | precision, loss | s per step | samples/s "
+        "| plain micro-batch steps | peak device memory",
+        accumulation,
+    ),
+    "block_cost": (
+        "device | block | ms plain / lean | time ratio | kept per token plain / lean | kept ratio",
+        block_cost,
+    ),
+}
+
+
+def table(header: str, cells: Callable[[dict], Iterator[list[str]]], records: list[dict], date: str) -> str:
+    """A Markdown table: a date column, then ``header``'s, one row per item ``cells`` yields."""
+    lines = [f"| date | {header} |", "|" + "---|" * (header.count("|") + 2)]
+    lines += ["| " + " | ".join([date, *row]) + " |" for r in records for row in cells(r)]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -66,16 +99,11 @@ def main() -> None:
     parser.add_argument("--date", required=True)
     args = parser.parse_args()
     records = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-    kinds = {
-        "train_throughput": throughput_rows,
-        "loss_memory": loss_rows,
-        "accumulation": accumulation_rows,
-    }
-    for kind, rows in kinds.items():
+    for kind, (header, cells) in TABLES.items():
         chosen = [r for r in records if r.get("benchmark") == kind]
         if chosen:
             print(f"\n{kind}\n")
-            print("\n".join(rows(chosen, args.date)))
+            print(table(header, cells, chosen, args.date))
 
 
 if __name__ == "__main__":

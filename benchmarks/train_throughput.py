@@ -17,6 +17,11 @@ random full-length tokens with real captions, cycled to fill the batch. Each sid
 own loader would give it: OpenCLIP the captions padded to the context length, lipkit the same ids
 without the padding columns that every caption of the batch shares (exact for causal text towers).
 
+``--trainer`` adds a third side: lipkit's own training step (``lipkit.train.loop.train_step``, as
+``lipkit train`` runs it, with its defaults: gradient clipping, the learning-rate schedule, the step
+record kept on the device; ``--compile`` gives it ``compile=inductor``), so the cost of everything the
+trainer does beyond model + loss + optimizer shows too.
+
 ``--json FILE`` appends the figures as one JSON line; ``--profile N`` then profiles a few steps of each
 side and prints its N most expensive kernels (what limits the step).
 """
@@ -35,6 +40,8 @@ import lipkit
 from lipkit.losses import create_loss
 from lipkit.models import get_model_config
 from lipkit.train.optim import FUSED_DEVICES
+
+TRAINER = "lipkit train_step"  # the --trainer side
 
 
 def openclip_model(name: str) -> torch.nn.Module:
@@ -87,6 +94,19 @@ def make_runner(
     return run
 
 
+def trainer_runner(model: str, device: torch.device, precision: str, compile: bool):
+    """lipkit's whole training step on one batch, with the trainer's defaults for ``model``."""
+    from lipkit.train import loop
+    from lipkit.train.config import resolve_config
+    from lipkit.train.distributed import DistEnv
+
+    overrides = [f"model={model}", f"precision={precision}", f"device={device.type}", "loss=infonce"]
+    overrides += [f"compile={'inductor' if compile else 'null'}", "optim.warmup_steps=0", "optim.lr=1e-4"]
+    cfg = resolve_config("tiny-synthetic", overrides=overrides)
+    state = loop.build_state(cfg, DistEnv(), device)
+    return lambda images, tokens: loop.train_step(state, cfg, images, tokens)
+
+
 def step_flops(run, images: torch.Tensor, tokens: torch.Tensor) -> float:
     """FLOPs of one training step (forward + backward), counted by PyTorch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -120,6 +140,7 @@ def main() -> None:
     parser.add_argument("--unfused", action="store_true", help="PyTorch's default AdamW, not the fused one (both)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16: 989)")
     parser.add_argument("--captions", help="real captions: a lipkit data source or a file, one per line")
+    parser.add_argument("--trainer", action="store_true", help="also time lipkit's whole training step")
     parser.add_argument("--json", help="append the results to this file as one JSON line")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print each side's N costliest ops")
     args = parser.parse_args()
@@ -146,6 +167,9 @@ def main() -> None:
         "openclip": make_runner(theirs, openclip_step(theirs), device, args.precision, args.compile, fused),
     }
     batch_tokens = {"lipkit": ours_tokens, "openclip": tokens}
+    if args.trainer:
+        runners[TRAINER] = trainer_runner(args.model, device, args.precision, args.compile)
+        batch_tokens[TRAINER] = ours_tokens
     flops = {name: step_flops(run, images, batch_tokens[name]) for name, run in runners.items()}
     peak = {}
     for name, run in runners.items():  # warm-up (and compilation), then peak memory of a few steps
@@ -219,12 +243,14 @@ def report(
         tflops = flops * value / args.batch_size / 1e12
         mem = f"  peak {peak[name]:.1f} GiB" if name in peak else ""
         mfu = f"  MFU {100 * tflops / args.peak_tflops:.1f}%" if device.type == "cuda" else ""
-        print(f"{name:>9}: {value:8.1f} samples/s  {tflops:7.3f} TFLOP/s{mfu}{mem}")
-        print(f"{'':>11}rounds: {', '.join(f'{r:.1f}' for r in rates[name])}")
+        print(f"{name:>17}: {value:8.1f} samples/s  {tflops:7.3f} TFLOP/s{mfu}{mem}")
+        print(f"{'':>19}rounds: {', '.join(f'{r:.1f}' for r in rates[name])}")
     ratio = f"ratio lipkit/openclip: {med['lipkit'] / med['openclip']:.2f}x samples/s"
     if peak:
         ratio += f", {peak['lipkit'] / peak['openclip']:.2f}x peak memory"
     print(ratio)
+    if TRAINER in med:
+        print(f"ratio {TRAINER}/openclip: {med[TRAINER] / med['openclip']:.2f}x samples/s")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "model": args.model,
@@ -244,6 +270,7 @@ def report(
         else {},
         "ratio_samples_per_s": med["lipkit"] / med["openclip"],
         "ratio_peak_memory": peak["lipkit"] / peak["openclip"] if peak else None,
+        "ratio_trainer_samples_per_s": med[TRAINER] / med["openclip"] if TRAINER in med else None,
     }
 
 

@@ -21,18 +21,36 @@ def run(script: str, *args: str) -> str:
 def test_benchmarks_write_results_the_table_script_reads(tmp_path):
     results = tmp_path / "results.jsonl"
     out = run("train_throughput.py", "--model", "micro", "--batch-size", "8", "--rounds", "1", "--steps", "1",
-              "--json", str(results))  # fmt: skip
-    assert "ratio lipkit/openclip" in out
+              "--trainer", "--json", str(results))  # fmt: skip
+    assert "ratio lipkit/openclip" in out and "ratio lipkit train_step/openclip" in out
     out = run("accumulation.py", "--model", "micro", "--batch", "24", "--micro", "8", "--json", str(results))
     assert "one optimizer step" in out
     out = run("loss_memory.py", "--batch", "512", "--tile", "128", "--loss", "siglip", "--json", str(results))
     difference = float(re.search(r"\|loss difference\| (\S+)", out).group(1))
     assert difference < 1e-5  # the streaming loss equals the plain one
+    out = run("block_cost.py", "--width", "64", "--heads", "4", "--tokens", "50", "--batch-size", "2", "--rounds", "1",
+              "--json", str(results))  # fmt: skip
+    assert "ratio lean/plain" in out
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    assert [r["benchmark"] for r in records] == ["train_throughput", "accumulation", "loss_memory"]
+    assert [r["benchmark"] for r in records] == ["train_throughput", "accumulation", "loss_memory", "block_cost"]
+    assert records[3]["kept_bytes_per_token"] == {"lean": 24.5 * 64, "plain": 36.5 * 64}  # see test_lean_layers
     assert records[0]["samples_per_s"]["lipkit"] > 0 and records[0]["samples_per_s"]["openclip"] > 0
     assert records[1]["effective_batch"] == 24 and records[1]["seconds_per_step"] > 0
     table = run("suite_table.py", str(results), "--date", "2026-01-01")
     assert "| micro, batch 8, fp32 | no |" in table
+    assert records[0]["samples_per_s"]["lipkit train_step"] > 0
     assert "| micro | 24 / 8 |" in table
     assert "siglip (plain)" in table and "siglip (streaming)" in table
+    assert "| width 64, 50 tokens x 2, bf16 |" in table
+
+
+def test_memory_benchmark_counts_both_sides_without_allocating(tmp_path):
+    results = tmp_path / "memory.jsonl"
+    out = run("train_memory.py", "--model", "tiny", "--batch-size", "64", "--json", str(results))
+    assert "ratio lipkit/openclip" in out
+    (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+    ours, theirs = row["peak_gib"]["lipkit"], row["peak_gib"]["openclip"]
+    assert ours["parameters"] == theirs["parameters"] > 0  # the same architecture on both sides
+    # lipkit's MLPs and LayerNorms keep less for the backward pass (tests/models/test_lean_layers.py).
+    assert ours["activations"] < 0.6 * theirs["activations"]
+    assert row["ratio_peak_memory"] == ours["total"] / theirs["total"] < 0.9

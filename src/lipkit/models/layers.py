@@ -6,29 +6,105 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class QuickGELU(nn.Module):
-    """``x * sigmoid(1.702 x)``: the activation of OpenAI's original CLIP checkpoints."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+from lipkit.models.config import ACTIVATIONS
 
 
-def make_activation(name: str) -> nn.Module:
-    """Build an activation from its config name (``gelu``, ``quick_gelu`` or ``gelu_tanh``)."""
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The activation ``name`` (one of :data:`ACTIVATIONS`) of ``x``."""
     if name == "quick_gelu":
-        return QuickGELU()
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    return nn.GELU()
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def activation_backward(grad: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The gradient with respect to ``x`` of ``activation(x, name)``, given the gradient of its output."""
+    if name == "quick_gelu":
+        s = torch.sigmoid(1.702 * x)
+        return grad * (s + 1.702 * x * s * (1 - s))
+    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on ``tensors`` (so saving less for the backward pass pays)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """``linear(activation(h))`` that keeps ``h`` for the backward pass, not the activation's output.
+
+    The plain composition keeps both: ``h`` for the activation's gradient and ``activation(h)`` for the
+    linear layer's weight gradient. Recomputing the activation (one elementwise pass) in the backward
+    pass frees the larger of an MLP's saved tensors: in a ViT-B-16 block, a quarter of what it saves.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, name):
+        ctx.save_for_backward(h, weight)
+        ctx.name, ctx.has_bias = name, bias is not None
+        return F.linear(activation(h, name), weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        a = activation(h, ctx.name).flatten(0, -2)  # (N, hidden)
+        g = grad.flatten(0, -2)  # (N, out)
+        grad_weight = g.t().mm(a) if ctx.needs_input_grad[1] else None
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_h = activation_backward(grad.matmul(weight), h, ctx.name) if ctx.needs_input_grad[0] else None
+        return grad_h, grad_weight, grad_bias, None
+
+
+def activation_linear(h: torch.Tensor, linear: nn.Linear, name: str) -> torch.Tensor:
+    """``linear(activation(h, name))``, recomputing the activation in the backward pass.
+
+    Values and gradients equal the plain composition's; under autocast the weights take the autocast
+    dtype, as ``nn.Linear`` would.
+    """
+    weight, bias = linear.weight, linear.bias
+    if not needs_grad(h, weight, bias):
+        return linear(activation(h, name))
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return _ActivationLinear.apply(h, weight, bias, name)
+
+
+class _Float32LayerNorm(torch.autograd.Function):
+    """LayerNorm of a low-precision input computed in float32, keeping the input, not its float32 copy."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, bias, eps):
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x.float(), shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.shape = shape
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+            grad.float(), x.float(), ctx.shape, mean, rstd, weight, bias, mask
+        )
+        return None if grad_x is None else grad_x.to(x.dtype), None, grad_weight, grad_bias, None
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back, so bf16/fp16 activations stay stable."""
+    """LayerNorm computed in float32 and cast back, so bf16/fp16 activations stay stable.
+
+    For a bf16/fp16 input the backward pass keeps that input (and the per-token statistics) and
+    upcasts it again, instead of keeping a float32 copy twice its size.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
+        if x.dtype in (torch.bfloat16, torch.float16) and needs_grad(x, weight, bias):
+            with torch.autocast(x.device.type, enabled=False):
+                return _Float32LayerNorm.apply(x, tuple(self.normalized_shape), weight, bias, self.eps)
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
@@ -77,12 +153,15 @@ class Mlp(nn.Module):
 
     def __init__(self, width: int, hidden: int, act: str = "gelu", out: int | None = None) -> None:
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
         self.fc1 = nn.Linear(width, hidden)
-        self.act = make_activation(act)
+        self.act = act
         self.fc2 = nn.Linear(hidden, out or width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        # The activation is recomputed in the backward pass rather than kept (see activation_linear).
+        return activation_linear(self.fc1(x), self.fc2, self.act)
 
 
 class LayerScale(nn.Module):
