@@ -7,6 +7,12 @@ throughput at batch ``--micro`` without accumulation, so the price of the big ba
 
     python benchmarks/accumulation.py --model tiny --batch 512 --micro 64            # CPU smoke run
     python benchmarks/accumulation.py --model ViT-B-16 --batch 65536 --micro 512 --device cuda --precision bf16
+
+``--count-memory`` runs two such steps on fake tensors instead (any machine; nothing is allocated or
+computed) and prints their peak tensor memory by kind, as ``benchmarks/train_memory.py`` counts it,
+with the batch in host memory set apart: what the device would have to hold.
+
+    python benchmarks/accumulation.py --model ViT-B-16 --batch 65536 --micro 512 --precision bf16 --count-memory
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from lipkit.train.distributed import DistEnv
 
 
 def synthetic_batch(cfg, batch: int, pool: int, pin: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch`` images made of a pool of ``pool`` distinct random ones (filling 39 GiB with randn is slow)."""
+    """``batch`` images made of a pool of ``pool`` distinct random ones (filling 36.8 GiB with randn is slow)."""
     from lipkit.models import get_model_config
 
     model_cfg = get_model_config(cfg.model)
@@ -49,6 +55,30 @@ def timed_step(state, cfg, images, tokens, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def count_memory(cfg, batch: int) -> dict[str, float]:
+    """Peak memory of two micro-batched steps on fake tensors, in GiB by kind, plus ``device``.
+
+    ``device`` is the total without the host batch, plus one micro-batch of images and tokens (on a
+    CPU the step's micro-batches are views of the batch; on a GPU each is copied over).
+    """
+    from lipkit.models import create_model
+    from lipkit.train.optim import build_optimizer
+    from train_memory import count_peak, synthetic_inputs
+
+    def setup():
+        # As loop.build_state, but built in place: moving fake parameters with .to() is not supported.
+        model = create_model(cfg.model).train()
+        optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+        state = loop.TrainState(model, loop.loss_for(cfg, DistEnv()), optimizer, DistEnv(), model)
+        images, tokens = synthetic_inputs(cfg.model, batch)
+        return [model, optimizer, images, tokens], lambda: loop.train_step(state, cfg, images, tokens)
+
+    peak = count_peak(setup)
+    host = peak["inputs"]
+    peak["device"] = peak["total"] - host + host * cfg.accum_micro_batch / batch
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
@@ -61,6 +91,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=4096, help="distinct synthetic images in the batch")
     parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps at the full batch")
     parser.add_argument("--json", help="append the results to this file as one JSON line")
+    parser.add_argument("--count-memory", action="store_true", help="count the peak on fake tensors; no timing")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -74,6 +105,19 @@ def main() -> None:
         "optim.warmup_steps=0",
     ]
     cfg = resolve_config("tiny-synthetic", overrides=overrides)
+    if args.count_memory:
+        peak = count_memory(cfg, args.batch)
+        print(
+            f"{args.model}, effective batch {args.batch} in micro-batches of {args.micro}, {args.precision}, "
+            f"{args.loss}: peak tensor memory of a step (GiB), counted on fake tensors, torch {torch.__version__}"
+        )
+        for kind, gib in peak.items():
+            print(f"{kind:>16}: {gib:7.2f}")
+        if args.json:
+            row = {"benchmark": "accumulation_memory", **vars(args), "peak_gib": peak}
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return
     state = loop.build_state(cfg, DistEnv(), device)
     images, tokens = synthetic_batch(cfg, args.batch, args.pool, pin=device.type == "cuda")
     host_gib = images.numel() * images.element_size() / 2**30

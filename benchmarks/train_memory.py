@@ -22,8 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
 
 import lipkit
 from lipkit.models import get_model_config
@@ -39,36 +42,74 @@ KINDS = {  # MemTracker's categories, in the order printed
 }
 
 
-def peak_memory(build: Callable[[], torch.nn.Module], make_step, name: str, batch: int, precision: str) -> dict:
-    """The peak of tensor memory over two training steps, in GiB, by kind (and ``total``)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
+class PeakTracker(MemTracker):
+    """``MemTracker``'s peak by kind, without its per-module snapshots.
 
-    cfg = get_model_config(name)
-    size, ctx = cfg.vision_config().image_size, cfg.text_config().context_length
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    Those refuse a module that runs twice in one step, as micro-batched steps do; the module hook
+    still tags parameters' gradients as gradients.
+    """
+
+    def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
+        self._track_module_params_and_buffers(module, install_grad_hooks=True)
+
+    def _post_fw_hook(self, module: torch.nn.Module, inputs: Any, outputs: Any) -> None:
+        pass
+
+    def _pre_bw_hook(self, module: torch.nn.Module, args: Any) -> None:
+        pass
+
+    def _post_bw_hook(self, module: torch.nn.Module, args: Any) -> None:
+        pass
+
+
+def count_peak(setup: Callable[[], tuple[list, Callable[[], None]]], steps: int = 2) -> dict[str, float]:
+    """Peak tensor memory, in GiB by kind (and ``total``), of ``steps`` calls of a training step on fake tensors.
+
+    ``setup()`` builds (under the fake mode) what the step needs and returns the modules, optimizers and
+    tensors to track, and the step. Two steps: the second also holds the optimizer state.
+    """
     with FakeTensorMode():
         torch.manual_seed(0)
-        model = build().train()
-        step = make_step(model)
-        images = torch.randn(batch, 3, size, size)
-        tokens = torch.randint(1, 49406, (batch, ctx))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        tracker = MemTracker()
-        tracker.track_external(model, opt, images, tokens)
+        tracked, step = setup()
+        tracker = PeakTracker()
+        tracker.track_external(*tracked)
         with tracker:
-            for _ in range(2):
-                tracker.reset_mod_stats()
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                    loss = step(images, tokens)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            for _ in range(steps):
+                step()
         (snapshot,) = tracker.get_tracker_snapshot("peak").values()
     by_kind = {str(getattr(k, "value", k)): v / 2**30 for k, v in snapshot.items()}
     peak = {label: by_kind.get(kind, 0.0) for kind, label in KINDS.items()}
     peak["total"] = by_kind["Total"]
     return peak
+
+
+def synthetic_inputs(name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random images and full-length token ids for model config ``name``."""
+    cfg = get_model_config(name)
+    size, ctx = cfg.vision_config().image_size, cfg.text_config().context_length
+    return torch.randn(batch, 3, size, size), torch.randint(1, 49406, (batch, ctx))
+
+
+def peak_memory(build: Callable[[], torch.nn.Module], make_step, name: str, batch: int, precision: str) -> dict:
+    """The peak of tensor memory over two training steps of model + loss + fused AdamW, by kind."""
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def setup() -> tuple[list, Callable[[], None]]:
+        model = build().train()
+        loss_step = make_step(model)
+        images, tokens = synthetic_inputs(name, batch)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = loss_step(images, tokens)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return [model, opt, images, tokens], step
+
+    return count_peak(setup)
 
 
 def main() -> None:

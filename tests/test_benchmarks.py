@@ -54,3 +54,14 @@ def test_memory_benchmark_counts_both_sides_without_allocating(tmp_path):
     # lipkit's MLPs and LayerNorms keep less for the backward pass (tests/models/test_lean_layers.py).
     assert ours["activations"] < 0.6 * theirs["activations"]
     assert row["ratio_peak_memory"] == ours["total"] / theirs["total"] < 0.9
+
+
+def test_accumulation_memory_is_counted_with_the_host_batch_set_apart(tmp_path):
+    results = tmp_path / "acc.jsonl"
+    args = ["--model", "tiny", "--precision", "bf16", "--count-memory", "--json", str(results)]
+    run("accumulation.py", "--batch", "256", "--micro", "64", *args)
+    run("accumulation.py", "--batch", "64", "--micro", "64", *args)  # one micro-batch: a plain step
+    big, small = (json.loads(line)["peak_gib"] for line in results.read_text().splitlines())
+    assert big["inputs"] == 4 * small["inputs"] > 0  # the host batch grows with the effective batch...
+    assert big["device"] < big["total"]  # ...and is set apart: the device holds one micro-batch of it
+    assert big["device"] < 1.25 * small["total"]  # four times the batch, about one micro-batch's memory
