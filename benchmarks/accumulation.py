@@ -18,7 +18,6 @@ with the batch in host memory set apart: what the device would have to hold.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from lipkit.train import loop
 from lipkit.train.config import resolve_config
 from lipkit.train.distributed import DistEnv
+from results import append_result
 
 
 def synthetic_batch(cfg, batch: int, pool: int, pin: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +113,7 @@ def main() -> None:
         )
         for kind, gib in peak.items():
             print(f"{kind:>16}: {gib:7.2f}")
-        if args.json:
-            row = {"benchmark": "accumulation_memory", **vars(args), "peak_gib": peak}
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_result(args.json, "accumulation_memory", {**vars(args), "peak_gib": peak})
         return
     state = loop.build_state(cfg, DistEnv(), device)
     images, tokens = synthetic_batch(cfg, args.batch, args.pool, pin=device.type == "cuda")
@@ -134,7 +131,6 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     step_s = min(seconds)
     result = {
-        "benchmark": "accumulation",
         "model": args.model,
         "effective_batch": args.batch,
         "micro_batch": args.micro,
@@ -159,9 +155,7 @@ def main() -> None:
         f"(accumulated / plain: {result['samples_per_s'] / result['plain_micro_batch_samples_per_s']:.2f}x)"
     )
     print(f"  batch in host memory: {host_gib:.1f} GiB" + (f"; peak device memory {peak:.2f} GiB" if peak else ""))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    append_result(args.json, "accumulation", result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ time of each, the bytes each keeps for the backward pass per token, and the rati
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkit.models.layers import Block, activation
+from results import append_result
 
 
 def plain_block(block: Block):
@@ -107,19 +107,11 @@ def main() -> None:
         print(f"{name:>6}: {1e3 * med[name]:9.2f} ms   keeps {kept[name] / 1024:6.2f} KiB per token")
     time_ratio, memory_ratio = med["lean"] / med["plain"], kept["lean"] / kept["plain"]
     print(f"ratio lean/plain: {time_ratio:.3f}x time, {memory_ratio:.3f}x kept for backward")
-    if args.json:
-        row = {
-            "benchmark": "block_cost",
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            **{k: getattr(args, k) for k in ("width", "heads", "tokens", "batch_size", "precision")},
-            "torch": torch.__version__,
-            "ms": {name: 1e3 * m for name, m in med.items()},
-            "kept_bytes_per_token": kept,
-            "ratio_time": time_ratio,
-            "ratio_kept": memory_ratio,
-        }
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    row = {k: getattr(args, k) for k in ("width", "heads", "tokens", "batch_size", "precision")}
+    row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    row |= {"torch": torch.__version__, "ms": {name: 1e3 * m for name, m in med.items()}}
+    row |= {"kept_bytes_per_token": kept, "ratio_time": time_ratio, "ratio_kept": memory_ratio}
+    append_result(args.json, "block_cost", row)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from results import append_result
+
 
 def measure(kind: str, loss_name: str, batch: int, dim: int, tile: int, device: str, dtype: str) -> dict[str, float]:
     """Forward + backward of one loss; returns seconds and peak memory (MiB).
@@ -102,11 +104,9 @@ def main() -> None:
         print(
             f"{kind:>9}: {r['seconds']:7.2f} s  peak loss memory {r['loss_mib']:9.1f} MiB{total}  loss {r['loss']:.6f}"
         )
-    if args.json:
-        with open(args.json, "a") as f:
-            record = {"benchmark": "loss_memory", "loss": args.loss, "batch": args.batch, "dim": args.dim}
-            record |= {"dtype": args.dtype, "tile": args.tile, "device": args.device, "results": results}
-            f.write(json.dumps(record) + "\n")
+    record = {"loss": args.loss, "batch": args.batch, "dim": args.dim}
+    record |= {"dtype": args.dtype, "tile": args.tile, "device": args.device, "results": results}
+    append_result(args.json, "loss_memory", record)
     if len(results) == 2:
         plain, stream = results["plain"], results["streaming"]
         print(

@@ -20,7 +20,6 @@ than counted here (lipkit's compute in float32 on both and keep the bf16 input);
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 import lipkit
 from lipkit.models import get_model_config
+from results import append_result
 from train_throughput import lipkit_step, openclip_model, openclip_step  # the same models and steps
 
 KINDS = {  # MemTracker's categories, in the order printed
@@ -138,18 +138,15 @@ def main() -> None:
         print(f"{label:>16}" + "".join(f"{p[label] * scale:10.2f}" for p in peaks.values()))
     ratio = peaks["lipkit"]["total"] / peaks["openclip"]["total"]
     print(f"ratio lipkit/openclip: {ratio:.2f}x peak memory")
-    if args.json:
-        row = {
-            "benchmark": "train_memory",
-            "model": args.model,
-            "batch": args.batch_size,
-            "precision": args.precision,
-            "torch": torch.__version__,
-            "peak_gib": peaks,
-            "ratio_peak_memory": ratio,
-        }
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    row = {
+        "model": args.model,
+        "batch": args.batch_size,
+        "precision": args.precision,
+        "torch": torch.__version__,
+        "peak_gib": peaks,
+        "ratio_peak_memory": ratio,
+    }
+    append_result(args.json, "train_memory", row)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ side and prints its N most expensive kernels (what limits the step).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ import lipkit
 from lipkit.losses import create_loss
 from lipkit.models import get_model_config
 from lipkit.train.optim import FUSED_DEVICES
+from results import append_result
 
 TRAINER = "lipkit train_step"  # the --trainer side
 
@@ -186,9 +186,7 @@ def main() -> None:
     results = report(args, ours, device, flops, rates, peak)
     results["captions"] = args.captions
     results["text_positions"] = {name: t.shape[1] for name, t in batch_tokens.items()}
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({"benchmark": "train_throughput", **results}) + "\n")
+    append_result(args.json, "train_throughput", results)
     if args.profile:
         for name, run in runners.items():
             print(f"--- {name}: the {args.profile} costliest ops over 3 steps ---")
