@@ -63,7 +63,8 @@ def count_memory(cfg, batch: int) -> dict[str, float]:
     """
     from lipkit.models import create_model
     from lipkit.train.optim import build_optimizer
-    from train_memory import count_peak, synthetic_inputs
+    from train_memory import count_peak
+    from train_throughput import synthetic_inputs
 
     def setup():
         # As loop.build_state, but built in place: moving fake parameters with .to() is not supported.

@@ -33,9 +33,13 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.overrides import TorchFunctionMode
 
 import lipkit
-from lipkit.models import get_model_config
 from results import append_result
-from train_throughput import lipkit_step, openclip_model, openclip_step  # the same models and steps
+from train_throughput import (  # the same models, steps and inputs
+    lipkit_step,
+    openclip_model,
+    openclip_step,
+    synthetic_inputs,
+)
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 KINDS = {  # MemTracker's categories, in the order printed
@@ -110,13 +114,6 @@ def count_peak(
     peak = {label: by_kind.get(kind, 0.0) for kind, label in KINDS.items()}
     peak["total"] = by_kind["Total"]
     return peak
-
-
-def synthetic_inputs(name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of random images and full-length token ids for model config ``name``."""
-    cfg = get_model_config(name)
-    size, ctx = cfg.vision_config().image_size, cfg.text_config().context_length
-    return torch.randn(batch, 3, size, size), torch.randint(1, 49406, (batch, ctx))
 
 
 def peak_memory(

@@ -75,6 +75,16 @@ def openclip_step(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tenso
     return step
 
 
+def synthetic_inputs(name: str, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random images and full-length token ids (ending in end-of-text) for model config ``name``."""
+    cfg = get_model_config(name)
+    size, ctx = cfg.vision_config().image_size, cfg.text_config().context_length
+    images = torch.randn(batch, 3, size, size, device=device)
+    tokens = torch.randint(1, 49406, (batch, ctx), device=device)
+    tokens[:, -1] = 49407
+    return images, tokens
+
+
 def make_runner(
     model: torch.nn.Module, loss_step, device: torch.device, precision: str, compile: bool = False, fused: bool = True
 ):
@@ -147,11 +157,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = get_model_config(args.model)
-    size, ctx = cfg.vision_config().image_size, cfg.text_config().context_length
-    images = torch.randn(args.batch_size, 3, size, size, device=device)
-    tokens = torch.randint(1, 49406, (args.batch_size, ctx), device=device)
-    tokens[:, -1] = 49407
+    images, tokens = synthetic_inputs(args.model, args.batch_size, device)
     ours_tokens = tokens
     if args.captions:
         tokens, ours_tokens = caption_tokens(args.captions, args.model, args.batch_size)
