@@ -242,42 +242,91 @@ def test_random_text_matches_openai_clip(tok, openai_ref, text):
         assert tok.encode(text) == openai_ref.encode(text)
 
 
-# --- the exact ftfy shortcut -----------------------------------------------------------------------------------
+# --- the clean-up shortcut --------------------------------------------------------------------------------------
 
-
-def test_quick_ftfy_is_enabled_for_ftfy_6():
-    if ftfy.__version__.startswith("6."):
-        assert tk._FTFY_QUICK is not None
-
-
-@SETTINGS
-@given(st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)), max_size=30).map("".join))
-def test_quick_ftfy_equals_ftfy_or_declines(text):
-    assert tk._fix_text_quick(text) in (None, ftfy.fix_text(text))
-
-
+ASCII_ALPHABET = st.sampled_from([*map(chr, range(128)), "&amp;", "&lt;", "&#39;", "\r\n", "\x1b[1m", "<"])
 MOJIBAKE_ALPHABET = st.sampled_from(
     list("aeAE .,!?'\n") + list("ÃÂâ€™œ\x9d©®°·»×²³ØÙàéüÖвЂВГРСβΒΓ–—…€¢£¥‚Ä√±∂†≠™´≤≥µø≈π")
 )
 
 
+def takes_shortcut(text: str) -> bool:
+    no_op = tk._ftfy_no_op()
+    return no_op is not None and no_op(text)
+
+
+def test_shortcut_is_on_for_ftfy_6_and_skips_ascii_without_what_ftfy_changes():
+    assert ftfy.__version__.startswith("6.")
+    controls = {*map(chr, range(0x00, 0x09)), "\x0b", "\r", *map(chr, range(0x0E, 0x20)), "\x7f"}
+    assert {char for char in map(chr, range(128)) if not takes_shortcut(char)} == {"&", *controls}
+    assert takes_shortcut("A Photo\tOf\nA CAT!") and takes_shortcut("<b>x</b>")
+    assert not takes_shortcut("fish &amp; chips") and not takes_shortcut("a\r\nb")
+
+
+def test_shortcut_takes_plain_non_ascii_and_leaves_what_ftfy_may_change_to_ftfy():
+    for text in ["café crème", "東京 😀", "Müller\nrésumé", "Москва 25°C €12.99"]:
+        assert takes_shortcut(text) and ftfy.fix_text(text) == text
+    for text in ["sÃ©ance", "it’s", "ＬＯＵＤ", "e\u0301cole", "café &amp; crème", "a\x85b", "\ud83d\ude00"]:
+        assert not takes_shortcut(text)  # mojibake, a curly quote, width, not NFC, an entity, a C1 break, surrogates
+
+
+@SETTINGS
+@given(st.lists(ASCII_ALPHABET, max_size=40).map("".join))
+def test_ascii_shortcut_texts_come_out_of_ftfy_unchanged(text):
+    if takes_shortcut(text):
+        assert ftfy.fix_text(text) == text
+    assert tk._prepare(text).split() == tk.clean_text(text).split()
+
+
 @SETTINGS
 @given(st.text(alphabet=MOJIBAKE_ALPHABET, max_size=40))
-def test_mojibake_check_never_misses(text):
-    quick = tk._FTFY_QUICK
-    if quick is None:
-        pytest.skip("quick ftfy disabled")
-    from ftfy.badness import is_bad
-
-    if is_bad(text):
-        assert tk._may_be_mojibake(text, quick)
-    assert tk._fix_text_quick(text) in (None, ftfy.fix_text(text))
+def test_shortcut_never_takes_what_ftfy_would_change(text):
+    if takes_shortcut(text):
+        assert ftfy.fix_text(text) == text
+    assert tk._prepare(text).split() == tk.clean_text(text).split()
 
 
-def test_quick_ftfy_handles_common_non_ascii_without_ftfy():
-    for text in ["café crème", "東京 😀", "Müller’s “quote”", "ＬＯＵＤ", "naïve\nrésumé", "&eacute;t&eacute; &amp;"]:
-        assert tk._fix_text_quick(text) == ftfy.fix_text(text)
-    assert tk._fix_text_quick("sÃ©ance") is None  # mojibake: ftfy itself runs
+@SETTINGS
+@given(st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)), max_size=30).map("".join))
+def test_prepare_splits_as_the_reference_clean_up(text):
+    if takes_shortcut(text):
+        assert ftfy.fix_text(text) == text
+    assert tk._prepare(text).split() == tk.clean_text(text).split()
+
+
+def tuxpaint_captions() -> list[str]:
+    """Every caption line of the Tux Paint stamps: English and its translations into about 65 languages."""
+    from lipkit.data.corpora import TUXPAINT_ROOT
+
+    if not TUXPAINT_ROOT.is_dir():
+        pytest.skip("tuxpaint-stamps-default is not installed")
+    lines = []
+    for path in sorted(TUXPAINT_ROOT.rglob("*.txt")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition("=")
+            lines.append(value if key.endswith(".utf8") else line)
+    return lines
+
+
+def test_shortcut_on_real_multilingual_captions(tok, ref):
+    captions = sorted(set(tuxpaint_captions()))
+    shortcut = [text for text in captions if takes_shortcut(text)]
+    assert len(captions) > 20_000 and sum(not text.isascii() for text in shortcut) > 10_000
+    assert [ftfy.fix_text(text) for text in shortcut] == shortcut  # so the clean-up only collapses and lower-cases
+    sample = random.Random(0).sample(captions, 2000)
+    assert torch.equal(tok(sample), ref(sample, 77))
+
+
+def test_other_ftfy_versions_clean_every_text_with_ftfy_and_warn_once(tok, ref, monkeypatch):
+    monkeypatch.setattr(ftfy, "__version__", "7.0.0")
+    tk._ftfy_no_op.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="ftfy 7.0.0 is not ftfy 6") as caught:
+            first, second = tok(["A photo of a cat"]), tok(["a dog &amp; a cat"])
+        assert len(caught) == 1 and tk._ftfy_no_op() is None
+        assert torch.equal(first, ref(["A photo of a cat"], 77)) and torch.equal(second, ref(["a dog &amp; a cat"], 77))
+    finally:
+        tk._ftfy_no_op.cache_clear()
 
 
 def test_ftfy_and_unescape_are_no_ops_on_printable_ascii_without_ampersand():

@@ -196,7 +196,7 @@ def _load_file(path: Path) -> Any:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with torch.serialization.safe_globals(numpy_array_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
@@ -211,8 +211,8 @@ def _load_file(path: Path) -> Any:
         ) from None
 
 
-def _numpy_globals() -> list[Any]:
-    """NumPy types in lipkit training checkpoints (the saved RNG state), safe to unpickle."""
+def numpy_array_globals() -> list[Any]:
+    """The NumPy types a pickled array refers to (older lipkit checkpoints hold NumPy's RNG key), safe to unpickle."""
     import numpy as np
 
     try:

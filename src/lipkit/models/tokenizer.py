@@ -4,14 +4,15 @@ r"""CLIP's byte-level BPE tokenizer: the ids of OpenCLIP's ``SimpleTokenizer`` /
 ``SimpleTokenizer``, which differs only in spelling its special-token literals ``<|startoftext|>``). The steps
 are the reference's, each made cheaper without changing its result:
 
-1. **Clean-up** (``ftfy.fix_text``, ``html.unescape`` twice, whitespace collapse, lower-casing). Skipped for
-   printable ASCII without ``&``, where it is a no-op; otherwise ftfy's loop is mirrored by ``_fix_text_quick``
-   (see there), which is exact and falls back to ftfy itself whenever the text may be mojibake.
+1. **Clean-up** (``ftfy.fix_text``, ``html.unescape`` twice, whitespace collapse, lower-casing). ftfy is
+   skipped for text it provably leaves unchanged, told apart with ftfy's public functions only (see
+   ``_FtfyNoOp``): no ``&``, only characters ftfy leaves alone, NFC, and, outside ASCII, no line that
+   ``ftfy.badness.is_bad`` flags. Every other text goes through ftfy itself.
 2. **Pre-tokenisation** with the reference regex (same pattern, same IGNORECASE flag) in Python's ``regex``
-   module, not in Rust: Oniguruma and ``regex`` ship different Unicode versions (with tokenizers 0.23 and regex
-   2026.11, ``\p{L}`` disagrees on 17,144 code points and ``\p{N}`` on 336), and Hugging Face's ``Split`` was
-   slower here anyway. The regex runs per whitespace-free chunk of the cleaned text: no pre-token contains
-   whitespace that survives clean-up, so a text's pre-tokens are its chunks'.
+   module, not in Rust: Oniguruma and ``regex`` ship different Unicode versions, so ``\p{L}`` and ``\p{N}``
+   disagree on many code points, and Hugging Face's ``Split`` was slower here anyway. The regex runs per
+   whitespace-free chunk of the cleaned text: no pre-token contains whitespace that survives clean-up, so a
+   text's pre-tokens are its chunks'.
 3. **BPE** in Rust (Hugging Face ``tokenizers``: byte-level alphabet, ``</w>`` end-of-word suffix). Its
    lowest-rank-first merging equals CLIP's loop because every merge's two parts come from earlier merges, so no
    merge creates a pair that outranks it. A pre-token equal to a special-token literal maps to its id.
@@ -29,31 +30,25 @@ from __future__ import annotations
 import functools
 import gzip
 import html
-import importlib.util
 import os
 import re
 import unicodedata
+import warnings
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any
 
 import ftfy
 import numpy as np
 import regex
 import torch
+from ftfy.badness import is_bad
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lipkit.errors import LipkitError
-
-try:  # the regex parser, to analyse ftfy's mojibake detector (Python 3.11+ / 3.10)
-    from re import _constants as _sre  # type: ignore[attr-defined]
-    from re import _parser as _sre_parse
-except ImportError:  # pragma: no cover
-    import sre_constants as _sre  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+from lipkit.utils import find_in_package
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_ENV_VAR = "LIPKIT_CLIP_VOCAB"
@@ -68,6 +63,7 @@ _SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""
 _REFERENCE_PATTERN = regex.compile(f"{SOT_TOKEN}|{EOT_TOKEN}|{_SPLIT_PATTERN}", regex.IGNORECASE)
 _CACHE_LIMIT = 100_000  # entries per cache and process before a cache starts afresh
 _CACHE_MAX_KEY = 64  # longer chunks and pre-tokens are encoded but not cached
+_ID_SIZE = array("i").itemsize  # cached ids are packed C ints
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -96,255 +92,86 @@ def clean_text(text: str) -> str:
     Returns:
         The text exactly as OpenCLIP's ``SimpleTokenizer`` cleans it before splitting.
     """
-    fixed = _fix_text_quick(text) if _FTFY_QUICK is not None else None
-    text = html.unescape(html.unescape(ftfy.fix_text(text) if fixed is None else fixed)).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).strip().lower()
 
 
-# --- A quicker, exact ``ftfy.fix_text`` ----------------------------------------------------------------------------
-# ftfy 6's ``fix_text`` cuts text into lines and runs ``fix_and_explain`` on each: until nothing changes, it
-# unescapes HTML entities (unless a '<' was seen), fixes mojibake (a no-op unless ``badness.is_bad``), applies the
-# character fixers below, then NFC normalisation. ``_fix_text_quick`` mirrors that loop, calling ftfy's own
-# fixers, with two savings: the fixers are skipped when none of them changes any character of the text (each
-# replaces single characters, and every multi-character sequence they touch, such as '\r\n' or an ANSI escape,
-# holds a character that some fixer changes alone), and ``is_bad`` (one large regex tried at every position, most
-# of ftfy's cost) is answered exactly but cheaply: every branch of ``BADNESS_RE`` needs one character from a small
-# set and spans at most ``width`` characters, so the regex is only tried near those characters. When the text may
-# be mojibake it returns None and ftfy runs. The regex is analysed and ftfy's configuration checked at import; on
-# any surprise the shortcut is off and ftfy always runs.
-_FTFY_LOOP_FIXERS = (
-    "fix_c1_controls",
-    "fix_latin_ligatures",
-    "fix_character_width",
-    "uncurl_quotes",
-    "fix_line_breaks",
-    "fix_surrogates",
-    "remove_terminal_escapes",
-    "remove_control_chars",
-)
-_MAX_MOJIBAKE_WIDTH = 32
-_ID_SIZE = array("i").itemsize  # cached ids are packed C ints
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+class _FtfyNoOp:
+    r"""Tells, through ftfy's public functions only, texts that ``ftfy.fix_text`` returns unchanged.
 
-
-@dataclass(frozen=True)
-class _QuickFtfy:
-    """What ``_fix_text_quick`` needs from ftfy: its fixers and a cheap, exact stand-in for ``is_bad``."""
-
-    unescape: Callable[[str], str]  # ftfy's unescape_html fixer
-    fixers: tuple[Callable[[str], str], ...]  # the character fixers, in ftfy's order
-    badness: re.Pattern[str]  # ftfy.badness.BADNESS_RE
-    anchors: re.Pattern[str]  # one of these characters is in every BADNESS_RE match
-    width: int  # no BADNESS_RE match is longer
-    max_segment: int  # ftfy's max_decode_length
-    ascii_fixable: re.Pattern[str]  # the ASCII characters some fixer changes (controls, '\r')
-    seen: set[str] = field(default_factory=set)  # characters already tried on the fixers
-    fixable: set[str] = field(default_factory=set)  # ... and those some fixer changes
-
-
-def _setup_quick_ftfy() -> _QuickFtfy | None:
-    """Check that the installed ftfy has the structure ``_fix_text_quick`` mirrors, and analyse its badness regex.
-
-    Returns:
-        The shortcut's state, or None to always call ftfy.
+    ftfy 6 changes text in four ways: it decodes HTML entities (which start with ``&``); it fixes mojibake, only
+    in a segment (line) that ``ftfy.badness.is_bad`` flags; its character fixers replace characters, and every
+    longer sequence they touch (``\r\n``, a terminal escape, a surrogate pair) holds a character that they
+    change alone; and it normalises to NFC. So a text without ``&``, of characters that ``ftfy.fix_text`` leaves
+    alone, in NFC, and with no segment that ``is_bad`` flags comes out of ftfy as it went in. ASCII text is in
+    NFC and ftfy never looks for mojibake in it, so there the first two conditions suffice.
     """
-    try:
-        from ftfy import badness, chardata
 
-        config = ftfy.TextFixerConfig()
-        if ftfy.__version__.split(".")[0] != "6" or not chardata.HTML_ENTITY_RE.pattern.startswith("&"):
-            return None
-        expected = dict.fromkeys(_FTFY_LOOP_FIXERS, True) | {"unescape_html": "auto", "fix_encoding": True}
-        if any(getattr(config, name) != value for name, value in expected.items()) or config.normalization != "NFC":
-            return None
-        fixers = tuple(ftfy.FIXERS[name] for name in _FTFY_LOOP_FIXERS)
-        anchors, width = _analyse_badness(badness.BADNESS_RE)
-        ascii_fixable = [char for char in map(chr, range(128)) if any(fixer(char) != char for fixer in fixers)]
-        if any(char.isprintable() for char in ascii_fixable):  # _prepare's ASCII shortcut relies on this
-            return None
-        ascii_re = re.compile(f"[{re.escape(''.join(ascii_fixable))}]" if ascii_fixable else "(?!)")
-        unescape = ftfy.FIXERS["unescape_html"]
-        return _QuickFtfy(unescape, fixers, badness.BADNESS_RE, anchors, width, config.max_decode_length, ascii_re)
-    except Exception:  # any surprise in ftfy's internals: fall back to calling ftfy
-        return None
+    def __init__(self) -> None:
+        ascii_chars = set(map(chr, range(128)))
+        self.changed = {"&"} | {char for char in ascii_chars if ftfy.fix_text(char) != char}  # ftfy may change
+        self.kept = ascii_chars - self.changed  # ftfy leaves them alone; both sets grow as texts come
+        self.ascii_triggers = re.compile(f"[{re.escape(''.join(sorted(self.changed)))}]")
+        self.max_segment = ftfy.TextFixerConfig().max_decode_length
 
+    def __call__(self, text: str) -> bool:
+        """Whether ``ftfy.fix_text(text) == text``; False where that is not certain.
 
-def _analyse_badness(pattern: re.Pattern[str]) -> tuple[re.Pattern[str], int]:
-    """Find characters of which every match of ftfy's badness regex holds one, and the longest match.
+        Args:
+            text: Raw text.
 
-    Args:
-        pattern: ``ftfy.badness.BADNESS_RE``.
+        Returns:
+            True only when ftfy leaves ``text`` unchanged.
+        """
+        if text.isascii():
+            return not self.ascii_triggers.search(text)
+        if len(text) > self.max_segment or not unicodedata.is_normalized("NFC", text):
+            return False
+        if not self._all_kept(set(text)):
+            return False
+        return not any(map(is_bad, _lines(text)))
 
-    Returns:
-        A character-class regex of the anchor characters, and the maximum match width.
-
-    Raises:
-        ValueError: The regex is not a plain alternation whose every branch needs a non-ASCII character class.
-    """
-    parsed = _sre_parse.parse(pattern.pattern, pattern.flags)
-    if pattern.flags & ~(re.VERBOSE | re.UNICODE) or len(parsed.data) != 1 or parsed.data[0][0] != _sre.BRANCH:
-        raise ValueError("unexpected ftfy badness regex")
-    _check_nodes(parsed.data)
-    width = parsed.getwidth()[1]
-    if width > _MAX_MOJIBAKE_WIDTH:
-        raise ValueError("unbounded ftfy badness regex")
-    ranges: list[tuple[int, int]] = []
-    for branch in parsed.data[0][1][1]:
-        options = [r for op, av in branch.data if (r := _char_ranges(op, av)) and min(lo for lo, _ in r) >= 0x80]
-        if not options:
-            raise ValueError("a badness branch needs no non-ASCII character")
-        ranges += min(options, key=lambda r: sum(hi - lo + 1 for lo, hi in r))
-    merged: list[list[int]] = []
-    for lo, hi in sorted(ranges):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    char_class = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in merged)
-    return re.compile(f"[{char_class}]"), width
+    def _all_kept(self, chars: set[str]) -> bool:
+        """Whether ftfy leaves each of ``chars`` alone (memoised per character)."""
+        for char in chars - self.kept:
+            if char in self.changed:
+                return False
+            (self.kept if ftfy.fix_text(char) == char else self.changed).add(char)
+        return chars <= self.kept
 
 
-def _check_nodes(nodes: Iterable[tuple[Any, Any]]) -> None:
-    """Reject regex constructs whose result depends on text outside the match (lookarounds, boundaries, ...).
-
-    Args:
-        nodes: Parsed regex nodes.
-
-    Raises:
-        ValueError: A construct other than characters, classes, repeats, alternation and ``^`` is used.
-    """
-    for op, av in nodes:
-        if op in (_sre.LITERAL, _sre.NOT_LITERAL, _sre.IN, _sre.ANY) or (op == _sre.AT and av == _sre.AT_BEGINNING):
-            continue
-        if op == _sre.BRANCH:
-            for branch in av[1]:
-                _check_nodes(branch.data)
-        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT):
-            _check_nodes(av[2].data)
-        else:
-            raise ValueError(f"unsupported construct in ftfy badness regex: {op}")
-
-
-def _char_ranges(op: Any, av: Any) -> list[tuple[int, int]] | None:
-    """The code-point ranges a mandatory regex element matches, if it is a plain character or positive class.
-
-    Args:
-        op: Node opcode.
-        av: Node argument.
-
-    Returns:
-        Inclusive ranges, or None for anything else.
-    """
-    if op == _sre.LITERAL:
-        return [(av, av)]
-    if op != _sre.IN:
-        return None
-    ranges = []
-    for item_op, item_av in av:
-        if item_op == _sre.LITERAL:
-            ranges.append((item_av, item_av))
-        elif item_op == _sre.RANGE:
-            ranges.append(item_av)
-        else:  # NEGATE, CATEGORY (\s, \w): not a fixed set
-            return None
-    return ranges
-
-
-def _may_be_mojibake(text: str, quick: _QuickFtfy) -> bool:
-    """Whether ``ftfy.badness.is_bad(text)`` could be true, trying the regex only near its anchor characters.
-
-    Args:
-        text: One segment of text.
-        quick: The shortcut's state.
-
-    Returns:
-        False only when ``is_bad(text)`` is False.
-    """
-    spans: list[list[int]] = []
-    for match in quick.anchors.finditer(text):
-        lo, hi = max(match.start() - quick.width + 1, 0), match.end() + quick.width - 1
-        if spans and lo <= spans[-1][1]:
-            spans[-1][1] = hi
-        else:
-            spans.append([lo, hi])
-    return any(quick.badness.search(text, lo, hi) for lo, hi in spans)
-
-
-def _has_fixable_chars(text: str, quick: _QuickFtfy) -> bool:
-    """Whether any of ftfy's character fixers changes a character of ``text`` (memoised per character).
-
-    Args:
-        text: One segment of text.
-        quick: The shortcut's state.
-
-    Returns:
-        False only when every fixer leaves ``text`` unchanged.
-    """
-    if quick.ascii_fixable.search(text):
-        return True
-    chars = set(_NON_ASCII.findall(text))
-    for char in chars - quick.seen:
-        if any(fixer(char) != char for fixer in quick.fixers):
-            quick.fixable.add(char)
-        quick.seen.add(char)
-    return not chars.isdisjoint(quick.fixable)
-
-
-def _fix_segment_quick(text: str, unescape: bool, quick: _QuickFtfy) -> str | None:
-    """``ftfy.fix_and_explain(text).text`` (default config) for a segment that is not mojibake, else None.
-
-    Args:
-        text: One segment (line) of text.
-        unescape: Whether ftfy unescapes HTML entities in this segment (no '<' seen yet).
-        quick: The shortcut's state.
-
-    Returns:
-        The fixed segment, or None when ftfy's mojibake fixer might change it.
-    """
-    while True:
-        original = text
-        if unescape and "&" in text:
-            text = quick.unescape(text)
-        if _may_be_mojibake(text, quick):
-            return None
-        if _has_fixable_chars(text, quick):
-            for fixer in quick.fixers:
-                text = fixer(text)
-        text = unicodedata.normalize("NFC", text)
-        if text == original:
-            return text
-
-
-def _fix_text_quick(text: str) -> str | None:
-    """``ftfy.fix_text(text)`` with the default configuration, or None where ftfy must run (possible mojibake).
+def _lines(text: str) -> list[str]:
+    """The segments ``ftfy.fix_text`` fixes one by one in a text shorter than its ``max_decode_length``: its lines.
 
     Args:
         text: Raw text.
 
     Returns:
-        What ``ftfy.fix_text`` returns, or None.
+        The lines, each with its ``\\n`` (only ``\\n`` ends a segment).
     """
-    quick = _FTFY_QUICK
-    if quick is None:
+    lines = text.split("\n")
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+
+
+@functools.cache
+def _ftfy_no_op() -> _FtfyNoOp | None:
+    """The test for texts that ftfy leaves unchanged, or None (with a warning, once) where it cannot be trusted.
+
+    Returns:
+        The test for ftfy 6, whose behaviour the test relies on; None for other major versions.
+    """
+    if ftfy.__version__.split(".")[0] != "6":
+        warnings.warn(
+            f"ClipTokenizer: ftfy {ftfy.__version__} is not ftfy 6, on whose fixes the tokenizer's shortcut relies; "
+            "every text goes through ftfy.fix_text (same ids, slower)",
+            stacklevel=3,
+        )
         return None
-    out, pos, unescape = [], 0, True
-    while pos < len(text):  # ftfy's segmentation: lines, each at most max_decode_length long
-        end = min(text.find("\n", pos) + 1 or len(text), pos + quick.max_segment)
-        segment = text[pos:end]
-        unescape = unescape and "<" not in segment
-        fixed = _fix_segment_quick(segment, unescape, quick)
-        if fixed is None:
-            return None
-        out.append(fixed)
-        pos = end
-    return "".join(out)
-
-
-_FTFY_QUICK = _setup_quick_ftfy()
+    return _FtfyNoOp()
 
 
 def _prepare(text: str) -> str:
-    """Clean ``text`` for splitting, skipping the clean-up where it provably changes nothing that matters.
+    """Clean ``text`` for splitting, skipping ftfy where it provably changes nothing.
 
     Args:
         text: Raw text.
@@ -352,8 +179,9 @@ def _prepare(text: str) -> str:
     Returns:
         Text whose whitespace-separated chunks, split by the reference regex, give the reference pre-tokens.
     """
-    if _FTFY_QUICK is not None and text.isascii() and text.isprintable() and "&" not in text:
-        # ftfy and html.unescape leave printable ASCII without '&' unchanged; runs of spaces only separate chunks
+    no_op = _ftfy_no_op()
+    if no_op is not None and no_op(text):
+        # no '&', so html.unescape leaves it alone too; whitespace only separates chunks, so need not collapse
         return text.lower()
     return clean_text(text)
 
@@ -380,34 +208,14 @@ def find_vocab_file(vocab_path: str | os.PathLike[str] | None = None) -> Path:
                 raise LipkitError(f"CLIP vocabulary file not found at {path} (from {source})")
             return path
     for package in VOCAB_PACKAGES:
-        for folder in _package_folders(package):
-            if (folder / VOCAB_FILENAME).is_file():
-                return folder / VOCAB_FILENAME
+        path = find_in_package(package, VOCAB_FILENAME)
+        if path is not None:
+            return path
     raise LipkitError(
         f"CLIP's BPE vocabulary ({VOCAB_FILENAME}) was not found in the installed packages "
         f"{', '.join(VOCAB_PACKAGES)}. Install one with `{INSTALL_HINT}` (or `pip install open-clip-torch`), "
         f"or point {VOCAB_ENV_VAR} or vocab_path at the file."
     )
-
-
-def _package_folders(package: str) -> list[Path]:
-    """The folders of an installed top-level package, found without importing it.
-
-    Args:
-        package: Top-level package name.
-
-    Returns:
-        Its folders; empty when it is not installed.
-    """
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return []
-    if spec is None:
-        return []
-    if spec.submodule_search_locations:
-        return [Path(p) for p in spec.submodule_search_locations]
-    return [Path(spec.origin).parent] if spec.origin else []
 
 
 def _read_vocab(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:

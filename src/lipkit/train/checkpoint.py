@@ -1,7 +1,8 @@
-"""Checkpoints: written atomically, found by step, loaded with clear errors."""
+"""Checkpoints: written atomically, found by step, loaded without running code and with clear errors."""
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 from pathlib import Path
@@ -30,17 +31,27 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    """The state of every random generator that training uses."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The state of every random generator that training uses, as tensors and plain Python values.
+
+    NumPy's key is kept as a list of ints, not an array, so that a checkpoint holds nothing that
+    ``torch.load(weights_only=True)`` refuses.
+    """
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, key.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
+    """Restore what :func:`rng_state` captured (NumPy's key as a list, or as the array older checkpoints hold)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -58,16 +69,68 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a training checkpoint written by :func:`save_checkpoint`."""
+    """Read a training checkpoint written by :func:`save_checkpoint`, without running code from the file.
+
+    A file that names Python objects other than tensors, plain values and the NumPy array types of the random
+    state that older checkpoints hold is refused before it is read; the rest is read with
+    ``torch.load(weights_only=True)``, which enforces the same allowlist.
+
+    Args:
+        path: The checkpoint file.
+
+    Returns:
+        The saved state: ``model``, ``step`` and the other entries :func:`lipkit.train.loop.save` writes.
+
+    Raises:
+        CheckpointError: The file is missing, unreadable, names other Python objects, or is no training checkpoint.
+    """
+    from lipkit.models.convert import numpy_array_globals
+
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    allowed = numpy_array_globals()
+    foreign = _foreign_globals(path, allowed)
+    if foreign:
+        raise CheckpointError(
+            f"refusing to load {path}: it names Python objects ({', '.join(foreign)}) besides tensors and plain "
+            "values, which a lipkit training checkpoint never does; unpickling them could run arbitrary code"
+        )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: not advice to pass on
+        raise CheckpointError(
+            f"cannot read {path} safely: it is not a file of tensors and plain values as torch.save writes them"
+        ) from None
+    except Exception as exc:  # any unreadable file is a user-facing error
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path} is not a lipkit training checkpoint (no 'model'/'step' entries)")
     return state
+
+
+def _foreign_globals(path: Path, allowed: list[Any]) -> list[str]:
+    """The Python objects a checkpoint's pickle names beyond torch's safe set and ``allowed``, found without loading it.
+
+    Args:
+        path: A file written by ``torch.save``.
+        allowed: The extra globals the load allows.
+
+    Returns:
+        Qualified names; empty for a file that is not a ``torch.save`` archive (``torch.load`` then refuses it).
+    """
+    known = {f"{g.__module__}.{g.__qualname__}" for g in allowed}
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip archive: torch.load's weights-only unpickler is the only check
+        return []
+    return [name for name in names if name not in known]
+
+
+def _first_line(exc: Exception) -> str:
+    """The exception's type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def resolve_resume(run_dir: Path, resume: str) -> Path:
