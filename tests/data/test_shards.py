@@ -13,17 +13,19 @@ import torch
 from PIL import Image
 
 from lipkit.data import shards as shard_module
+from lipkit.data.corpora import SyntheticPairs
 from lipkit.data.decode import draft_scale, open_image
-from lipkit.data.loader import ResumableBatchSampler, make_train_loader, rank_and_world
+from lipkit.data.files import folder_pairs
+from lipkit.data.loader import ResumableBatchSampler, make_train_loader
 from lipkit.data.order import BatchPlan, Layout, allocate, window_shuffle
 from lipkit.data.shards import expand_braces, resolve_shards
-from lipkit.data.sources import SyntheticPairs
 from lipkit.data.spec import open_mixture, parse_spec, split_entries
 from lipkit.errors import ConfigError, LipkitError
 from lipkit.models import get_tokenizer, image_transform
 from lipkit.train import loop
 from lipkit.train.config import resolve_config
 from lipkit.train.metrics import read_metrics
+from lipkit.utils import rank_and_world
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +110,29 @@ def test_truncated_tar_is_counted_and_its_complete_samples_kept(shard_dir):
     with pytest.raises(LipkitError, match="not an uncompressed tar"):
         (shard_dir / "zipped.tar").write_bytes(b"\x1f\x8b" + bytes(600))
         open_mixture(str(shard_dir / "zipped.tar"))
+
+
+def test_shards_take_the_packed_image_formats_and_folders_take_more(tmp_path):
+    """A shard sample needs a jpg, jpeg, png or webp member (the first of them, in that order); a folder
+    listing also takes the other formats Pillow reads, such as GIF."""
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(gif, "GIF")
+    members = {"a.PNG": jpeg(1, (16, 16)), "a.jpg": jpeg(0), "a.txt": b"two images", "b.gif": gif.getvalue()}
+    members |= {"b.txt": b"only a gif", "c/d.webp": jpeg(2, (24, 24)), "c/d.json": b'{"caption": "in a folder"}'}
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.warns(UserWarning, match="skipped 1 samples"):
+        source = open_mixture(str(tmp_path / "00000.tar")).sources[0]
+    assert [source.key(i) for i in range(len(source))] == ["a", "c/d"]
+    assert source.image(0).size == (40, 32) and source.caption(1) == "in a folder"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "b.gif").write_bytes(gif.getvalue())
+    (folder / "b.txt").write_text("only a gif")
+    assert [p.key for p in folder_pairs(folder)] == ["b.gif"]
 
 
 def test_undecodable_images_are_replaced_deterministically_and_counted(tmp_path, caplog):

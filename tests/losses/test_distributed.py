@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 
 import pytest
 import torch
@@ -60,6 +61,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "form", "world", "options"),
     [
@@ -84,13 +86,14 @@ def test_gloo_ranks_match_one_process(name, form, world, options):
         p.join(timeout=60)
         assert p.exitcode == 0
     loss, g_image, g_text, g_scale, g_bias = _reference(name)
+    close = partial(torch.testing.assert_close, atol=1e-10, rtol=1e-10)  # float64: the plain losses' tolerance
     for r in results:
-        assert torch.allclose(r[1], loss, atol=1e-10)
+        close(r[1], loss)
     # Each rank scales its share by the world size, so its feature gradients are world x the global ones.
-    got_image = torch.cat([r[2] for r in results]) / world
-    got_text = torch.cat([r[3] for r in results]) / world
-    assert torch.allclose(got_image, g_image, atol=1e-10)
-    assert torch.allclose(got_text, g_text, atol=1e-10)
-    assert torch.allclose(results[0][4], g_scale, atol=1e-10)
+    close(torch.cat([r[2] for r in results]) / world, g_image)
+    close(torch.cat([r[3] for r in results]) / world, g_text)
+    close(results[0][4], g_scale)
     if name == "siglip":
-        assert torch.allclose(results[0][5], g_bias, atol=1e-10)
+        close(results[0][5], g_bias)
+    else:
+        assert all(r[5] is None for r in results)

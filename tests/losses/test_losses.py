@@ -136,16 +136,18 @@ def test_modules_wrap_the_functions_and_backpropagate() -> None:
     bias = torch.tensor(-5.0, dtype=DTYPE, requires_grad=True)
     out = _output(bias)
     torch.testing.assert_close(InfoNCELoss()(out), infonce_loss(out.image_features, out.text_features, out.logit_scale))
+    leaves = (out.image_features, out.text_features, out.logit_scale, bias)
     loss = SigmoidLoss()(out)
-    torch.testing.assert_close(loss, sigmoid_loss(out.image_features, out.text_features, out.logit_scale, bias))
-    loss.backward()
-    assert out.logit_scale.grad is not None and bias.grad is not None and out.image_features.grad is not None
+    torch.testing.assert_close(loss, sigmoid_loss(*leaves))
+    got, want = torch.autograd.grad(loss, leaves), torch.autograd.grad(sigmoid_loss(*leaves), leaves)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
     assert list(InfoNCELoss().parameters()) == [] and list(SigmoidLoss().parameters()) == []
 
 
 def test_infonce_ignores_missing_bias_and_sigmoid_rejects_it() -> None:
     out = _output(None)
-    assert torch.isfinite(InfoNCELoss()(out))
+    torch.testing.assert_close(InfoNCELoss()(out), infonce_loss(out.image_features, out.text_features, out.logit_scale))
     with pytest.raises(LipkitError, match="logit_bias=None"):
         SigmoidLoss()(out)
 
@@ -166,3 +168,19 @@ def test_registry() -> None:
         create_loss("sigslip")
     with pytest.raises(ConfigError, match="infonce"):
         create_loss("infonce", temperature=0.07)
+
+
+def test_losses_declare_their_bias_and_distributed_form() -> None:
+    """Each loss states whether it reads a logit bias and which registered loss runs it over all ranks."""
+    expected = {
+        "infonce": (False, "infonce-distributed"),
+        "infonce-distributed": (False, "infonce-distributed"),
+        "infonce-streaming": (False, "infonce-streaming-distributed"),
+        "infonce-streaming-distributed": (False, "infonce-streaming-distributed"),
+        "siglip": (True, "siglip-distributed"),
+        "siglip-distributed": (True, "siglip-distributed"),
+        "siglip-streaming": (True, "siglip-ring"),
+        "siglip-ring": (True, "siglip-ring"),
+    }
+    declared = {name: (LOSSES.get(name).needs_bias, LOSSES.get(name).distributed_form) for name in LOSSES}
+    assert declared == expected

@@ -1,7 +1,7 @@
 """Built-in corpora, packed into shards from Debian packages that hold real data (no downloads).
 
-Image-caption corpora (``lipkit data builtin NAME --out DIR`` writes ``DIR/{train,val,test}/*.tar`` in
-img2dataset's layout, split by a hash of each item's key with :func:`~lipkit.data.sources.split_of`):
+Image-caption corpora (``lipkit data builtin NAME --out-dir DIR`` writes ``DIR/{train,val,test}/*.tar`` in
+img2dataset's layout, split by a hash of each item's key with :func:`~lipkit.data.pairs.split_of`):
 
 * ``tuxpaint``: ~785 Tux Paint stamps (``tuxpaint-stamps-default``, GPL-2); the caption is the English
   line, and the JSON keeps every translation as ``captions: {lang: text}``.
@@ -28,19 +28,18 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lipkit.data.decode import UndecodableImage, encode_image
-from lipkit.data.pack import Decoded, FileImage, Item, PackOptions, PackResult, pack
-from lipkit.data.sources import (
+from lipkit.data.corpora import (
     EMOJI_FONT,
-    SPLITS,
     TUXPAINT_ROOT,
     emoji_codepoints,
     emoji_key,
     render_emoji,
-    split_of,
     tuxpaint_captions,
     tuxpaint_stamps,
 )
+from lipkit.data.decode import UndecodableImage, encode_image
+from lipkit.data.pack import Decoded, FileImage, Item, PackOptions, PackResult, add_member, pack
+from lipkit.data.pairs import SPLITS, split_of
 from lipkit.errors import LipkitError
 from lipkit.registry import Registry
 from lipkit.utils import atomic_write, atomic_write_text
@@ -252,6 +251,4 @@ def _fill_labelled(f: io.BufferedWriter, data: Any, indices: range) -> None:
                 "txt": data.classnames[label].encode("utf-8"),
             }
             for ext, payload in entries.items():
-                info = tarfile.TarInfo(f"s{i:07d}.{ext}")
-                info.size, info.mode = len(payload), 0o644
-                tar.addfile(info, io.BytesIO(payload))
+                add_member(tar, f"s{i:07d}.{ext}", payload)

@@ -16,6 +16,11 @@ from pathlib import Path
 from PIL import Image
 
 DCT_SCALES = (8, 4, 2, 1)
+# Image members of a webdataset sample, in the order a sample's image is picked: the formats that the
+# packer and img2dataset write. A member of another format does not make a sample.
+SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Image files of a folder listing: the shard formats and other formats Pillow reads.
+IMAGE_FILE_SUFFIXES = (*(f".{ext}" for ext in SHARD_IMAGE_EXTENSIONS), ".bmp", ".gif", ".tif", ".tiff")
 # Errors Pillow raises on corrupt, truncated or unsupported image data.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 

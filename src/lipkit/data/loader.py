@@ -14,7 +14,6 @@ its seed, so the replacement is as deterministic as the rest; replacements are c
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,12 +25,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lipkit.data.decode import BadSample
 from lipkit.data.order import BatchPlan, Layout
-from lipkit.data.sources import PairSource
+from lipkit.data.pairs import PairSource
 from lipkit.data.spec import Mixture
 from lipkit.errors import ConfigError, LipkitError
 
 Transform = Callable[[Image.Image], torch.Tensor]
-Tokenize = Callable[[list[str]], torch.Tensor]
+Tokenize = Callable[[list[str]], Any]  # captions -> what the text tower takes (ids, or ids with a mask)
 MAX_REPLACEMENTS = 16
 log = logging.getLogger("lipkit.data")
 
@@ -153,7 +152,7 @@ class Collate:
     def __init__(self, tokenize: Tokenize) -> None:
         self.tokenize = tokenize
 
-    def __call__(self, batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, Any]:
         images, captions = zip(*batch)
         return torch.stack(images), self.tokenize(list(captions))
 
@@ -227,17 +226,6 @@ class TrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.batches():
             yield batch["images"], batch["tokens"]
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of ranks, from ``RANK`` and ``WORLD_SIZE`` (torchrun sets them)."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise ConfigError("RANK and WORLD_SIZE must be integers") from None
-    if not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, world
 
 
 def make_train_loader(

@@ -281,7 +281,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
                     failures[exc.reason] += 1
                     continue
                 for name, data in files.items():
-                    _add(tar, name, data)
+                    add_member(tar, name, data)
                 sizes.append(size)
                 image_bytes += len(files[f"{key}.{task.options.image_format}"])
 
@@ -328,9 +328,10 @@ def encode_item(item: Item, key: str, options: PackOptions) -> tuple[dict[str, b
     return files, img.size
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a file member with fixed metadata (mode 644, time 0): the same input gives the same bytes."""
     info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: the same input gives the same bytes
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
     tar.addfile(info, io.BytesIO(data))
 
 

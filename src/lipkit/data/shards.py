@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lipkit.data.decode import UndecodableImage, UnreadableCaption, open_image
-from lipkit.data.sources import PairSource
+from lipkit.data.decode import SHARD_IMAGE_EXTENSIONS, UndecodableImage, UnreadableCaption, open_image
+from lipkit.data.pairs import PairSource
 from lipkit.errors import LipkitError
+from lipkit.utils import cache_root
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_VERSION = 1
 MAX_OPEN_FILES = 64
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -160,7 +160,7 @@ def _has_end_blocks(path: Path, offset: int, size: int) -> bool:
 def _build_index(members: dict[str, dict[str, tuple[int, int]]], truncated: bool) -> TarIndex:
     keys, image, text, is_json = [], [], [], []
     for key, entries in members.items():
-        img = next((entries[e] for e in IMAGE_EXTS if e in entries), None)
+        img = next((entries[e] for e in SHARD_IMAGE_EXTENSIONS if e in entries), None)
         txt = entries.get("txt") if entries.get("txt", (0, 0))[1] > 0 else None
         cap = txt or entries.get("json")
         if img is None or cap is None:
@@ -181,7 +181,7 @@ def _build_index(members: dict[str, dict[str, tuple[int, int]]], truncated: bool
 
 def cache_dir() -> Path:
     """Where shard indexes are cached: ``$LIPKIT_CACHE_DIR/tar-index`` (default ``~/.cache/lipkit``)."""
-    return Path(os.environ.get("LIPKIT_CACHE_DIR") or Path.home() / ".cache" / "lipkit") / "tar-index"
+    return cache_root() / "tar-index"
 
 
 def load_index(path: Path) -> TarIndex:

@@ -18,6 +18,9 @@ A spec is a string of comma-separated entries, or a list of entries (in a YAML c
 Commas inside braces belong to the pattern. Without weights, sources are concatenated (each sample once
 per epoch); with weights (all entries need one), each epoch draws that share of its samples from each
 source. Named sources win over paths: write ``./emoji`` for a folder called ``emoji``.
+
+:func:`open_mixture` opens a spec for training; :func:`open_source` opens one for evaluation, as a
+single source.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lipkit.data.corpora import SOURCES, open_named
 from lipkit.data.files import TABLE_EXTENSIONS, FilePairs, folder_pairs, table_pairs
 from lipkit.data.order import Layout
+from lipkit.data.pairs import PairSource
 from lipkit.data.shards import ShardPairs, resolve_shards
-from lipkit.data.sources import SOURCES, PairSource, open_named
 from lipkit.errors import LipkitError, suggest
 
 Spec = str | Sequence[str | Mapping[str, Any]]
@@ -240,3 +244,11 @@ def open_mixture(spec: Spec) -> Mixture:
         raw = [float(e.weight) for e in entries]
     total = sum(raw)
     return Mixture(sources, [w / total for w in raw], [e.source for e in entries], entries[0].weight is not None)
+
+
+def open_source(spec: Spec) -> PairSource:
+    """Open a spec as one source: ``NAME[:SPLIT]``, a shard pattern, a table or a folder.
+
+    Several comma-separated sources without weights are concatenated; weighted ones are refused.
+    """
+    return open_mixture(spec).as_source()

@@ -1,8 +1,9 @@
 """Contrastive losses for dual encoders, looked up by name.
 
 Each loss is a pure function on (image features, text features, scale[, bias]) plus a stateless
-``nn.Module`` wrapper whose ``forward`` takes the model output. The learnable temperature and bias live in
-the model, so the wrappers hold no parameters.
+:class:`~lipkit.losses.registry.Loss` module whose ``forward`` takes the model output. The learnable
+temperature and bias live in the model, so the modules hold no parameters. Importing this package
+registers every loss in :data:`LOSSES`.
 
 Example:
     >>> loss_fn = create_loss("siglip")
@@ -12,35 +13,19 @@ Example:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Protocol
-
-from torch import Tensor, nn
+from typing import Any
 
 from lipkit.errors import ConfigError
-from lipkit.registry import Registry
-
-LOSSES: Registry[type[nn.Module]] = Registry("loss")
-
-
-class LossInputs(Protocol):
-    """What a loss module reads from the model output."""
-
-    image_features: Tensor
-    text_features: Tensor
-    logit_scale: Tensor
-    logit_bias: Tensor | None
-
-
-# The loss modules register themselves into LOSSES on import, so they are imported after it exists.
-from lipkit.losses.contrastive import InfoNCELoss, infonce_loss  # noqa: E402
-from lipkit.losses.distributed import (  # noqa: E402
+from lipkit.losses.contrastive import InfoNCELoss, infonce_loss
+from lipkit.losses.distributed import (
     DistributedInfoNCELoss,
     DistributedSigmoidLoss,
     DistributedStreamingInfoNCELoss,
     RingSigmoidLoss,
 )
-from lipkit.losses.sigmoid import SigmoidLoss, sigmoid_loss  # noqa: E402
-from lipkit.losses.streaming import (  # noqa: E402
+from lipkit.losses.registry import LOSSES, Loss, LossInputs
+from lipkit.losses.sigmoid import SigmoidLoss, sigmoid_loss
+from lipkit.losses.streaming import (
     StreamingInfoNCELoss,
     StreamingSigmoidLoss,
     streaming_infonce_loss,
@@ -53,6 +38,7 @@ __all__ = [
     "DistributedSigmoidLoss",
     "DistributedStreamingInfoNCELoss",
     "InfoNCELoss",
+    "Loss",
     "LossInputs",
     "RingSigmoidLoss",
     "SigmoidLoss",
@@ -66,7 +52,7 @@ __all__ = [
 ]
 
 
-def create_loss(name: str, **kwargs: Any) -> nn.Module:
+def create_loss(name: str, **kwargs: Any) -> Loss:
     """Build the loss registered under ``name``.
 
     Args:

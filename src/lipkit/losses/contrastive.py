@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lipkit.errors import LipkitError
-from lipkit.losses import LOSSES
-
-if TYPE_CHECKING:
-    from lipkit.losses import LossInputs
+from lipkit.losses.registry import LOSSES, Loss, LossInputs
 
 __all__ = ["InfoNCELoss", "check_pair", "infonce_loss"]
 
@@ -47,11 +42,10 @@ def infonce_loss(image_features: Tensor, text_features: Tensor, logit_scale: Ten
 
 
 @LOSSES.register("infonce")
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(Loss):
     """Stateless module form of :func:`infonce_loss`; ``logit_bias`` of the output is ignored."""
 
-    def __init__(self) -> None:  # explicit, so create_loss can reject unknown keyword arguments
-        super().__init__()
+    distributed_form = "infonce-distributed"
 
     def forward(self, out: LossInputs) -> Tensor:
         """Compute the loss from a model output.

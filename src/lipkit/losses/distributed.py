@@ -12,19 +12,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from lipkit.losses import LOSSES, LossInputs
 from lipkit.losses.contrastive import check_pair
+from lipkit.losses.registry import LOSSES, Loss, LossInputs
 from lipkit.losses.sigmoid import SigmoidLoss
 from lipkit.losses.streaming import check_tile, sigmoid_block_loss, streaming_local_infonce_loss
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from lipkit.utils import rank_and_world
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -75,16 +69,15 @@ def local_sigmoid_loss(image: Tensor, all_text: Tensor, scale: Tensor, bias: Ten
 
 
 @LOSSES.register("infonce-distributed")
-class DistributedInfoNCELoss(nn.Module):
+class DistributedInfoNCELoss(Loss):
     """InfoNCE over the global batch of all ranks (equals ``infonce`` in one process)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    distributed_form = "infonce-distributed"
 
     def forward(self, out: LossInputs) -> Tensor:
         """This rank's loss share times the world size (so DDP's mean gives global gradients)."""
         check_pair(out.image_features, out.text_features)
-        rank, size = world()
+        rank, size = rank_and_world()
         if size == 1:
             all_image, all_text = out.image_features, out.text_features
         else:
@@ -102,15 +95,17 @@ class DistributedSigmoidLoss(SigmoidLoss):
         """This rank's loss share times the world size (so DDP's mean gives global gradients)."""
         check_pair(out.image_features, out.text_features)
         bias = self.require_bias(out)
-        rank, size = world()
+        rank, size = rank_and_world()
         all_text = out.text_features if size == 1 else gather_with_grad(out.text_features)
         offset = rank * out.image_features.shape[0]
         return local_sigmoid_loss(out.image_features, all_text, out.logit_scale, bias, offset) * size
 
 
 @LOSSES.register("infonce-streaming-distributed")
-class DistributedStreamingInfoNCELoss(nn.Module):
+class DistributedStreamingInfoNCELoss(Loss):
     """InfoNCE over the global batch, each rank's share computed tile by tile (O(tile^2) loss memory)."""
+
+    distributed_form = "infonce-streaming-distributed"
 
     def __init__(self, tile: int = 4096) -> None:
         super().__init__()
@@ -119,7 +114,7 @@ class DistributedStreamingInfoNCELoss(nn.Module):
     def forward(self, out: LossInputs) -> Tensor:
         """This rank's loss share times the world size (so DDP's mean gives global gradients)."""
         check_pair(out.image_features, out.text_features)
-        rank, size = world()
+        rank, size = rank_and_world()
         image, text = out.image_features, out.text_features
         all_image, all_text = (image, text) if size == 1 else (gather_with_grad(image), gather_with_grad(text))
         offset = rank * image.shape[0]
@@ -132,12 +127,12 @@ class _NeighbourExchange(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        rank, size = world()
+        rank, size = rank_and_world()
         return _exchange(x, to=(rank + 1) % size, source=(rank - 1) % size)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        rank, size = world()
+        rank, size = rank_and_world()
         return _exchange(grad, to=(rank - 1) % size, source=(rank + 1) % size)
 
 
@@ -166,6 +161,8 @@ class RingSigmoidLoss(SigmoidLoss):
     ``siglip`` in one process.
     """
 
+    distributed_form = "siglip-ring"
+
     def __init__(self, tile: int = 4096) -> None:
         super().__init__()
         self.tile = check_tile(tile)
@@ -174,19 +171,10 @@ class RingSigmoidLoss(SigmoidLoss):
         """This rank's loss share times the world size (so DDP's mean gives global gradients)."""
         check_pair(out.image_features, out.text_features)
         bias = self.require_bias(out)
-        _, size = world()
+        _, size = rank_and_world()
         image, text = out.image_features, out.text_features
         total = sigmoid_block_loss(image, text, out.logit_scale, bias, True, self.tile)
         for _ in range(size - 1):
             text = neighbour_exchange(text)
             total = total + sigmoid_block_loss(image, text, out.logit_scale, bias, False, self.tile)
         return total / image.shape[0]  # (share = total / (b * size)) * size
-
-
-DISTRIBUTED_FORM = {
-    "infonce": "infonce-distributed",
-    "siglip": "siglip-distributed",
-    "infonce-streaming": "infonce-streaming-distributed",
-    "siglip-streaming": "siglip-ring",
-    "siglip-ring": "siglip-ring",
-}

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lipkit.errors import LipkitError
-from lipkit.losses import LOSSES
 from lipkit.losses.contrastive import check_pair
-
-if TYPE_CHECKING:
-    from lipkit.losses import LossInputs
+from lipkit.losses.registry import LOSSES, Loss, LossInputs
 
 __all__ = ["SigmoidLoss", "sigmoid_loss"]
 
@@ -42,11 +37,11 @@ def sigmoid_loss(image_features: Tensor, text_features: Tensor, logit_scale: Ten
 
 
 @LOSSES.register("siglip")
-class SigmoidLoss(nn.Module):
+class SigmoidLoss(Loss):
     """Stateless module form of :func:`sigmoid_loss`; the model must provide ``logit_bias``."""
 
-    def __init__(self) -> None:  # explicit, so create_loss can reject unknown keyword arguments
-        super().__init__()
+    needs_bias = True
+    distributed_form = "siglip-distributed"
 
     def forward(self, out: LossInputs) -> Tensor:
         """Compute the loss from a model output.

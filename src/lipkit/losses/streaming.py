@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lipkit.errors import ConfigError
-from lipkit.losses import LOSSES, LossInputs
 from lipkit.losses.contrastive import check_pair
+from lipkit.losses.registry import LOSSES, Loss, LossInputs
 from lipkit.losses.sigmoid import SigmoidLoss
 
 __all__ = [
@@ -239,8 +239,10 @@ def check_tile(tile: int) -> int:
 
 
 @LOSSES.register("infonce-streaming")
-class StreamingInfoNCELoss(nn.Module):
+class StreamingInfoNCELoss(Loss):
     """InfoNCE with O(B x tile) memory; ``tile`` rows and columns of logits at a time."""
+
+    distributed_form = "infonce-streaming-distributed"
 
     def __init__(self, tile: int = 4096) -> None:
         super().__init__()
@@ -254,6 +256,8 @@ class StreamingInfoNCELoss(nn.Module):
 @LOSSES.register("siglip-streaming")
 class StreamingSigmoidLoss(SigmoidLoss):
     """The SigLIP sigmoid loss with O(B x tile) memory."""
+
+    distributed_form = "siglip-ring"
 
     def __init__(self, tile: int = 4096) -> None:
         super().__init__()

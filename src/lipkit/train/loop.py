@@ -21,10 +21,10 @@ from lipkit.config import save_yaml, to_dict
 from lipkit.data.loader import make_train_loader
 from lipkit.data.spec import open_mixture
 from lipkit.errors import ConfigError, FolderInUseError, TrainingDivergedError
-from lipkit.losses import create_loss
-from lipkit.losses.distributed import DISTRIBUTED_FORM
+from lipkit.losses import LOSSES, create_loss
 from lipkit.models import DualEncoder, create_model, image_transform
 from lipkit.models.factory import batch_tokenizer, preprocess_config
+from lipkit.models.text_inputs import TensorRecord
 from lipkit.train import checkpoint as ckpt
 from lipkit.train import distributed
 from lipkit.train.accumulate import cached_accumulation_backward
@@ -108,10 +108,11 @@ def loss_for(cfg: TrainConfig, env: DistEnv) -> nn.Module:
     """The configured loss; across processes, its form that computes the loss over the global batch."""
     name = cfg.loss
     if env.distributed:
-        if name not in DISTRIBUTED_FORM:
-            forms = ", ".join(sorted(DISTRIBUTED_FORM))
+        form = LOSSES.get(name).distributed_form
+        if form is None:
+            forms = ", ".join(n for n in LOSSES.names() if LOSSES.get(n).distributed_form is not None)
             raise ConfigError(f"loss {name!r} does not run across processes; these do: {forms}")
-        name = DISTRIBUTED_FORM[name]
+        name = form
     return create_loss(name, **cfg.loss_options)
 
 
@@ -122,8 +123,8 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
     if cfg.precision == "bf16-pure":
         model.to(torch.bfloat16)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    if cfg.loss.startswith("siglip") and model.logit_bias is None:
-        raise ConfigError(f"loss 'siglip' needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
+    if LOSSES.get(cfg.loss).needs_bias and model.logit_bias is None:
+        raise ConfigError(f"loss {cfg.loss!r} needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
     if cfg.cache_features and cfg.fsdp:
         raise ConfigError("cache_features trains only the small heads: use DDP (fsdp=false) across processes")
     if cfg.cache_features and cfg.accum_micro_batch is not None:
@@ -153,9 +154,8 @@ def compile_backend(setting: str | None, device: torch.device) -> str | None:
     """The ``torch.compile`` backend for the ``compile`` setting on ``device``, or ``None`` for eager.
 
     ``auto`` compiles with inductor on CUDA only: there it fuses the elementwise work between the
-    matrix products, while on CPUs it costs tens of seconds of compilation and the step gets slower
-    (``tiny`` on the 2-core development machine: 596 samples/s compiled, 682 eager, from
-    ``benchmarks/train_throughput.py --rounds 5`` with and without ``--compile``).
+    matrix products, while on CPUs compiling takes long and the step gets slower (docs/benchmarks.md,
+    "Training step on CPU").
     """
     if setting == "auto":
         return "inductor" if device.type == "cuda" else None
@@ -410,12 +410,12 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, device: torch.device, callback
 
 
 def to_device(batch: Any, device: torch.device, cfg: TrainConfig) -> Any:
-    """Move a batch part (a tensor, or a tuple of them: cached text states) to ``device``.
+    """Move a batch part (a tensor, or a record of them: Hugging Face tokens, cached text) to ``device``.
 
     Floating-point data (images, cached features) become bf16 under ``precision=bf16-pure``.
     """
-    if isinstance(batch, (tuple, list)):
-        return tuple(to_device(t, device, cfg) for t in batch)
+    if isinstance(batch, TensorRecord):
+        return batch.map(lambda t: to_device(t, device, cfg))
     batch = batch.to(device, non_blocking=True)
     return batch.to(torch.bfloat16) if cfg.precision == "bf16-pure" and batch.is_floating_point() else batch
 

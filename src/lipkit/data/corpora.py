@@ -1,86 +1,27 @@
-"""Map-style image-text pair sources: synthetic pairs and the built-in corpora.
+"""Registered named sources: synthetic pairs and the built-in corpora read from Debian packages.
 
 A named source is ``NAME`` or ``NAME:SPLIT`` (``synthetic``, ``tuxpaint:train``, ``emoji:val``), resolved
-through the :data:`SOURCES` registry; :func:`open_source` also takes shard patterns, tables and folders
-(see :mod:`lipkit.data.spec`). Every source returns, for an index, a key, a PIL image and a caption;
-the loader applies transforms and tokenisation.
+through the :data:`SOURCES` registry by :func:`open_named`. The corpus readers here (Tux Paint stamps and
+their captions, Noto Color Emoji) also feed the shard packer of :mod:`lipkit.data.builtin`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import unicodedata
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lipkit.data.decode import open_image
+from lipkit.data.pairs import SPLITS, Pair, PairSource, split_of
 from lipkit.errors import LipkitError
 from lipkit.registry import Registry
 
-SPLITS = ("train", "val", "test")
 SOURCES: Registry[Callable[..., PairSource]] = Registry("data source")
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One image-caption pair on disk (a listing may hold ``caption=None``; sources never serve those)."""
-
-    key: str
-    image_path: Path
-    caption: str | None
-
-
-class PairSource:
-    """An indexable set of pairs that loads images lazily.
-
-    Subclasses either fill ``self.pairs`` or override ``__len__``, :meth:`key`, :meth:`caption` and
-    :meth:`image`. Sharded sources also override :meth:`groups`, which the loader's shuffle uses to read
-    a few shards at a time.
-    """
-
-    pairs: list[Pair]
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def key(self, index: int) -> str:
-        """A name for pair ``index``, unique within the source."""
-        return self.pairs[index].key
-
-    def caption(self, index: int) -> str:
-        """The caption of pair ``index``."""
-        return self.pairs[index].caption
-
-    def image(self, index: int, draft: tuple[int, int] | None = None) -> Image.Image:
-        """The image of pair ``index``, as loaded (mode as stored; transforms convert to RGB).
-
-        Args:
-            index: The pair.
-            draft: Minimum (width, height) the caller needs; JPEGs may then be decoded at a reduced scale.
-
-        Raises:
-            UndecodableImage: The image is missing or corrupt.
-        """
-        return open_image(self.pairs[index].image_path, draft)
-
-    def groups(self) -> np.ndarray | None:
-        """Boundaries ``[0, n1, n1 + n2, ..., len]`` of contiguous storage groups (shards), or ``None``."""
-        return None
-
-
-def split_of(key: str, fractions: tuple[float, float] = (0.8, 0.1)) -> str:
-    """Stable train/val/test assignment by hashing ``key``: it never moves between runs or machines."""
-    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
-    if h < fractions[0]:
-        return "train"
-    return "val" if h < fractions[0] + fractions[1] else "test"
 
 
 class SyntheticPairs(PairSource):
@@ -283,13 +224,3 @@ def open_named(spec: str) -> PairSource:
     if split not in (*SPLITS, "all"):
         raise LipkitError(f"data spec {spec!r}: split must be one of train, val, test, all")
     return SOURCES.get(name)(split=split)
-
-
-def open_source(spec: str) -> PairSource:
-    """Open one source: ``NAME[:SPLIT]``, a shard pattern, a table or a folder (see :mod:`lipkit.data.spec`).
-
-    Several comma-separated sources without weights are concatenated.
-    """
-    from lipkit.data.spec import open_mixture
-
-    return open_mixture(spec).as_source()
