@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,7 +143,7 @@ def test_layer_scale_parity(tmp_path: Path) -> None:
     assert_same_embeddings(lipkit.create_model("ViT-B-16", pretrained=path, **overrides), oc)
 
 
-@pytest.mark.skipif(not os.environ.get("LIPKIT_SLOW_TESTS"), reason="full-size forward; set LIPKIT_SLOW_TESTS=1")
+@pytest.mark.slow  # full-size forward passes
 def test_full_size_vit_b32_parity(tmp_path: Path) -> None:
     torch.manual_seed(0)
     oc = open_clip.create_model("ViT-B-32", pretrained=None).eval()

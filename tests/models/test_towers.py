@@ -89,7 +89,9 @@ def test_hf_text_tower_from_an_installed_package():
     }
     model = lipkit.create_model(lipkit.models.ModelConfig(**cfg))
     tokens = lipkit.get_tokenizer(model.cfg)(["a photo of a dog", "a red car"])
-    assert tokens.shape == (2, 2, 16) and tokens[0, 1].sum() < 16  # ids + attention mask
+    assert tokens.ids.shape == tokens.mask.shape == (2, 16)
+    assert tokens.mask[0].tolist() == [1] * 7 + [0] * 9  # [CLS] a photo of a dog [SEP], then padding
+    assert torch.equal(tokens.ids[0, 7:], torch.zeros(9, dtype=torch.long))
     feats = model.encode_text(tokens, normalize=True)
     assert feats.shape == (2, 32) and torch.isfinite(feats).all()
     assert not any(p.requires_grad for p in model.text.encoder.parameters())

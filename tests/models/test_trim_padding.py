@@ -7,6 +7,7 @@ import torch
 
 import lipkit
 from lipkit.models.factory import TrimPadding, batch_tokenizer, padding_trim_is_exact
+from lipkit.models.text_inputs import TextTokens
 
 CAPTIONS = ["a cat", "a small red fox jumping over a lazy brown dog in the snow", "tux"]
 
@@ -42,9 +43,9 @@ def test_bidirectional_towers_are_not_trimmed():
 
 
 def test_masked_tokens_trim_by_their_mask():
-    """(B, 2, T) ids stacked with the attention mask (Hugging Face towers): the mask says what is used."""
+    """Ids with an attention mask (Hugging Face towers): the mask, not the pad id, says what is used."""
     ids = torch.tensor([[101, 7, 102, 0, 0, 0, 0, 0, 0, 0], [101, 102, 0, 0, 0, 0, 0, 0, 0, 0]])
-    tokens = torch.stack([ids, (ids != 0).long()], dim=1)
-    trimmed = TrimPadding(lambda texts: tokens, pad_id=0, multiple=2)(["x", "y"])
-    assert trimmed.shape == (2, 2, 4)
-    assert torch.equal(trimmed, tokens[..., :4])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]])
+    trimmed = TrimPadding(lambda texts: TextTokens(ids, mask), pad_id=7, multiple=2)(["x", "y"])
+    assert isinstance(trimmed, TextTokens) and trimmed.shape == (2, 4)
+    assert torch.equal(trimmed.ids, ids[:, :4]) and torch.equal(trimmed.mask, mask[:, :4])

@@ -18,9 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lipkit.models import get_tokenizer
+    from lipkit.models.text_inputs import TextTokens
 
-    tokenizer = get_tokenizer(args.model)
-    ids = tokenizer(args.texts)
+    tokens = get_tokenizer(args.model)(args.texts)
+    ids = tokens.ids if isinstance(tokens, TextTokens) else tokens  # Hugging Face: ids with an attention mask
     for text, row in zip(args.texts, ids.tolist()):
         used = [i for i in row if i != 0]
         print(f"{text!r}: {len(used)} tokens")

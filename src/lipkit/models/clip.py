@@ -11,7 +11,8 @@ from torch import nn
 
 from lipkit.errors import ConfigError
 from lipkit.models.config import ModelConfig
-from lipkit.models.towers import TEXT_TOWERS, VISION_TOWERS
+from lipkit.models.text_inputs import TextCache, Tokens
+from lipkit.models.towers import build_tower
 
 
 @dataclass
@@ -42,8 +43,8 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         vision_cfg, text_cfg = cfg.vision_config(), cfg.text_config()
-        self.visual = VISION_TOWERS.get(cfg.vision["type"])(vision_cfg, cfg.embed_dim)
-        self.text = TEXT_TOWERS.get(cfg.text["type"])(text_cfg, cfg.embed_dim)
+        self.visual = build_tower(vision_cfg, cfg.embed_dim)
+        self.text = build_tower(text_cfg, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         bias = cfg.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
@@ -95,8 +96,15 @@ class DualEncoder(nn.Module):
         x = self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Embed tokenised text (B, T) into (B, D); L2-normalised if ``normalize``."""
+    def encode_text(self, tokens: Tokens, normalize: bool = False) -> torch.Tensor:
+        """Embed tokenised text into (B, D); L2-normalised if ``normalize``.
+
+        Args:
+            tokens: What the model's tokenizer (:func:`lipkit.get_tokenizer`) returns: token ids (B, T)
+                for the CLIP text transformer, :class:`~lipkit.models.text_inputs.TextTokens` for
+                Hugging Face text towers.
+            normalize: L2-normalise the embeddings.
+        """
         x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -104,28 +112,29 @@ class DualEncoder(nn.Module):
         """The logit scale as a multiplier: ``exp(log_scale)`` clamped at ``cfg.max_logit_scale``."""
         return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
 
-    def forward_from_features(
-        self, image_features: torch.Tensor, text_features: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-    ) -> DualEncoderOutput:
+    def text_from_cache(self, text: TextCache) -> torch.Tensor:
+        """The text trunk's pooled features (B, F) from its cached output, through any unlocked top layers."""
+        if text.tokens is None:
+            return text.features
+        return self.text.features_from_hidden(text.features, text.tokens, self.text_cache_layer())
+
+    def forward_from_features(self, image_features: torch.Tensor, text: TextCache) -> DualEncoderOutput:
         """Like :meth:`forward`, from cached frozen-trunk outputs.
 
         Args:
             image_features: The image trunk's pooled features (B, F), before the projection head.
-            text_features: The text trunk's pooled features (B, F) or, with ``unlock_text_layers``, the
-                token states entering the first unlocked layer and the tower's token ids or mask, as
-                :meth:`text_cache_layer` and the tower's ``hidden`` give them.
+            text: The text trunk's cached output: pooled features or, with ``unlock_text_layers``, the
+                token states entering the first unlocked layer (:meth:`text_cache_layer`).
         """
-        if isinstance(text_features, (tuple, list)):
-            text_features = self.text.features_from_hidden(*text_features, self.text_cache_layer())
         return DualEncoderOutput(
             image_features=F.normalize(self.visual.proj(image_features), dim=-1),
-            text_features=F.normalize(self.text.proj(text_features), dim=-1),
+            text_features=F.normalize(self.text.proj(self.text_from_cache(text)), dim=-1),
             logit_scale=self.scale(),
             logit_bias=self.logit_bias,
         )
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> DualEncoderOutput:
-        """Embed a batch of paired images and texts."""
+    def forward(self, images: torch.Tensor, tokens: Tokens) -> DualEncoderOutput:
+        """Embed a batch of paired images and texts (``tokens`` as :meth:`encode_text` takes them)."""
         return DualEncoderOutput(
             image_features=self.encode_image(images, normalize=True),
             text_features=self.encode_text(tokens, normalize=True),

@@ -8,14 +8,22 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lipkit.config import from_dict, merge
 from lipkit.errors import ConfigError, UnknownNameError, suggest
+from lipkit.registry import Registry
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 
+# Tower types, the ``type`` of a model config's ``vision`` or ``text`` entry, each registered as its config
+# class. A config class names the tower it builds in ``tower`` ("module:Class"), imported only when a model
+# is built (:func:`lipkit.models.towers.build_tower`), so reading configs needs no torch.
+VISION_TOWERS: Registry[type] = Registry("image tower")
+TEXT_TOWERS: Registry[type] = Registry("text tower")
 
+
+@VISION_TOWERS.register("vit")
 @dataclass
 class ViTConfig:
     """A Vision Transformer image tower (pre-norm blocks, SDPA attention).
@@ -59,6 +67,8 @@ class ViTConfig:
     proj_bias: bool = False
     patch_dropout: float = 0.0
 
+    tower: ClassVar[str] = "lipkit.models.vit:VisionTransformer"
+
     def validate(self) -> None:
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
@@ -72,6 +82,7 @@ class ViTConfig:
             raise ConfigError(f"vision.patch_dropout must be in [0, 1), got {self.patch_dropout}")
 
 
+@VISION_TOWERS.register("timm")
 @dataclass
 class TimmConfig:
     """Any timm image model by name, with a projection head.
@@ -86,8 +97,8 @@ class TimmConfig:
         key_map: ``ordered`` maps a state dict whose keys differ from timm's onto timm's in order, by
             shape (for weight files saved by other EfficientNet/ResNet implementations); ``exact`` does not.
         channels_last: Feed images to the trunk in channels-last memory format, which convolution kernels
-            run much faster on (about 2x for EfficientNet-Lite0 on a 2-core CPU, see
-            ``benchmarks/tower_features.py``); the values agree with the default layout to rounding.
+            run faster on (docs/benchmarks.md, "Frozen image tower"); the values agree with the default
+            layout to rounding.
     """
 
     name: str = "resnet18"
@@ -99,11 +110,14 @@ class TimmConfig:
     key_map: str = "exact"
     channels_last: bool = True
 
+    tower: ClassVar[str] = "lipkit.models.timm_tower:TimmTower"
+
     def validate(self) -> None:
         _check_choice("vision.proj", self.proj, ("linear", "mlp", "none"))
         _check_choice("vision.key_map", self.key_map, ("exact", "ordered"))
 
 
+@TEXT_TOWERS.register("transformer")
 @dataclass
 class TextTransformerConfig:
     """The CLIP text transformer (causal by default, EOT pooling) or a bidirectional variant.
@@ -137,6 +151,8 @@ class TextTransformerConfig:
     proj_bias: bool = False
     pad_id: int = 0
 
+    tower: ClassVar[str] = "lipkit.models.text:TextTransformer"
+
     def validate(self) -> None:
         if self.width % self.heads:
             raise ConfigError(f"text.width {self.width} is not divisible by heads {self.heads}")
@@ -144,6 +160,7 @@ class TextTransformerConfig:
         _check_choice("text.pool", self.pool, ("eot", "last", "first", "mean"))
 
 
+@TEXT_TOWERS.register("hf")
 @dataclass
 class HFTextConfig:
     """A Hugging Face text encoder loaded from a local directory (nothing is downloaded).
@@ -163,17 +180,13 @@ class HFTextConfig:
     proj: str = "linear"
     proj_bias: bool = False
 
+    tower: ClassVar[str] = "lipkit.models.text:HFTextEncoder"
+
     def validate(self) -> None:
         if not self.path:
             raise ConfigError("text.path is required for a Hugging Face text tower")
         _check_choice("text.pool", self.pool, ("mean", "cls", "eot"))
         _check_choice("text.proj", self.proj, ("linear", "mlp", "none"))
-
-
-TOWER_CONFIGS: dict[str, dict[str, type]] = {
-    "vision": {"vit": ViTConfig, "timm": TimmConfig},
-    "text": {"transformer": TextTransformerConfig, "hf": HFTextConfig},
-}
 
 
 @dataclass
@@ -226,11 +239,11 @@ class ModelConfig:
 
     def vision_config(self) -> ViTConfig | TimmConfig:
         """The typed config of the image tower."""
-        return _tower_config("vision", self.vision)
+        return _tower_config("vision", VISION_TOWERS, self.vision)
 
     def text_config(self) -> TextTransformerConfig | HFTextConfig:
         """The typed config of the text tower."""
-        return _tower_config("text", self.text)
+        return _tower_config("text", TEXT_TOWERS, self.text)
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -238,13 +251,12 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"config key {key!r}: expected one of {', '.join(choices)}, got {value!r}")
 
 
-def _tower_config(kind: str, spec: dict[str, Any]) -> Any:
-    kinds = TOWER_CONFIGS[kind]
+def _tower_config(kind: str, towers: Registry[type], spec: dict[str, Any]) -> Any:
     spec = dict(spec)
     tower_type = spec.pop("type", None)
-    if tower_type not in kinds:
-        raise ConfigError(f"{kind}.type must be one of {', '.join(kinds)}, got {tower_type!r}")
-    return from_dict(kinds[tower_type], spec, prefix=f"{kind}.")
+    if tower_type not in towers:
+        raise ConfigError(f"{kind}.type must be one of {', '.join(towers)}, got {tower_type!r}")
+    return from_dict(towers.get(tower_type), spec, prefix=f"{kind}.")
 
 
 @lru_cache(maxsize=1)

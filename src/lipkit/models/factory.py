@@ -11,6 +11,7 @@ from PIL import Image
 from lipkit.config import from_dict
 from lipkit.models.clip import DualEncoder
 from lipkit.models.config import ModelConfig, get_model_config
+from lipkit.models.text_inputs import TextTokens, Tokens, padded_length
 
 
 def _as_config(model: str | ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
@@ -52,8 +53,12 @@ def create_model(
     return model.eval()
 
 
-def get_tokenizer(name: str | ModelConfig, **overrides: Any) -> Callable[..., torch.Tensor]:
-    """The tokenizer that matches a model config: call it on a list of strings to get (B, T) ids."""
+def get_tokenizer(name: str | ModelConfig, **overrides: Any) -> Callable[..., Tokens]:
+    """The tokenizer that matches a model config: call it on a list of strings.
+
+    It returns what the model's text tower takes: token ids (B, T) from the CLIP tokenizer, or
+    :class:`~lipkit.models.text_inputs.TextTokens` (ids and attention mask) from a Hugging Face one.
+    """
     cfg = _as_config(name, overrides)
     text_cfg = cfg.text_config()
     if cfg.tokenizer == "hf":
@@ -75,16 +80,15 @@ class TrimPadding:
     workers), so the training step needs no look at the tokens.
     """
 
-    def __init__(self, tokenize: Callable[..., torch.Tensor], pad_id: int, multiple: int = 8) -> None:
+    def __init__(self, tokenize: Callable[..., Tokens], pad_id: int, multiple: int = 8) -> None:
         self.tokenize, self.pad_id, self.multiple = tokenize, pad_id, multiple
 
-    def __call__(self, texts: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, texts: Any, *args: Any, **kwargs: Any) -> Tokens:
         tokens = self.tokenize(texts, *args, **kwargs)
-        used = tokens[:, 1].bool() if tokens.ndim == 3 else tokens != self.pad_id  # (B, 2, T): ids, mask
-        columns = used.any(dim=0).nonzero()
-        length = int(columns[-1]) + 1 if len(columns) else 1
-        keep = min(tokens.shape[-1], -(-length // self.multiple) * self.multiple)
-        return tokens[..., :keep].contiguous()
+        if isinstance(tokens, TextTokens):  # the attention mask says which positions are used
+            return tokens.trim(self.multiple)
+        keep = padded_length(tokens != self.pad_id, self.multiple)
+        return tokens[:, :keep].contiguous()
 
 
 def padding_trim_is_exact(name: str | ModelConfig) -> bool:
@@ -101,7 +105,7 @@ def padding_trim_is_exact(name: str | ModelConfig) -> bool:
     return bool(getattr(text, "causal", False)) and text.pool != "last"
 
 
-def batch_tokenizer(name: str | ModelConfig) -> Callable[..., torch.Tensor]:
+def batch_tokenizer(name: str | ModelConfig) -> Callable[..., Tokens]:
     """:func:`get_tokenizer`, trimming each batch's shared padding where that is exact.
 
     What the training loader, the zero-shot classifier and pair embedding tokenize with; call

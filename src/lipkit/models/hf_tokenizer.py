@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import torch
-
 from lipkit.errors import LipkitError
 from lipkit.models.text import resolve_local_path
+from lipkit.models.text_inputs import TextTokens
 
 
 class HFTokenizer:
-    """Wraps ``transformers.AutoTokenizer`` to return ids stacked with the attention mask, (B, 2, T).
+    """Wraps ``transformers.AutoTokenizer`` to return :class:`TextTokens`: the ids with their attention mask.
 
     Args:
         path: Model directory (or ``pkg:PACKAGE/sub``) holding the tokenizer files.
@@ -31,8 +30,8 @@ class HFTokenizer:
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.context_length = context_length
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
-        """Tokenise ``texts`` into a LongTensor (B, 2, T): ids in ``[:, 0]``, attention mask in ``[:, 1]``."""
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> TextTokens:
+        """Tokenise ``texts`` into ids and attention mask, each a LongTensor (B, T) padded to the context length."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         enc = self.tokenizer(
             texts,
@@ -41,4 +40,4 @@ class HFTokenizer:
             max_length=context_length or self.context_length,
             return_tensors="pt",
         )
-        return torch.stack([enc["input_ids"], enc["attention_mask"]], dim=1).long()
+        return TextTokens(ids=enc["input_ids"].long(), mask=enc["attention_mask"].long())

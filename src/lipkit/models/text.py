@@ -11,6 +11,8 @@ from torch import nn
 from lipkit.errors import ConfigError, LipkitError
 from lipkit.models.config import HFTextConfig, TextTransformerConfig
 from lipkit.models.layers import LayerNorm, Mlp, Transformer
+from lipkit.models.text_inputs import TextCache, TextTokens
+from lipkit.utils import package_path
 
 
 def pool_tokens(x: torch.Tensor, tokens: torch.Tensor, how: str, pad_id: int = 0) -> torch.Tensor:
@@ -47,6 +49,8 @@ def pool_index(tokens: torch.Tensor, how: str) -> int | torch.Tensor | None:
 class TextTransformer(nn.Module):
     """CLIP's text transformer: token + position embeddings, pre-norm blocks, final norm, pooling, projection.
 
+    It takes token ids (B, T), as :class:`~lipkit.models.tokenizer.ClipTokenizer` returns them.
+
     Args:
         cfg: Architecture.
         embed_dim: Width of the shared embedding space.
@@ -81,7 +85,8 @@ class TextTransformer(nn.Module):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pooled feature before the projection head: (B, width)."""
-        return self.features_from_hidden(*self.hidden(tokens, 0), 0)
+        states = self.hidden(tokens, 0)
+        return self.features_from_hidden(states.features, states.tokens, 0)
 
     def trunk_layers(self) -> nn.ModuleList:
         """The transformer blocks, bottom to top."""
@@ -91,13 +96,15 @@ class TextTransformer(nn.Module):
         """What follows the blocks before the projection head (the final norm)."""
         return [self.norm]
 
-    def hidden(self, tokens: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states (B, T, W) after the embeddings and the first ``stop`` blocks, and the token ids."""
+    def hidden(self, tokens: torch.Tensor, stop: int) -> TextCache:
+        """Token states (B, T, W) after the embeddings and the first ``stop`` blocks, with the token ids."""
+        if not isinstance(tokens, torch.Tensor):
+            raise LipkitError(f"the CLIP text transformer takes token ids (B, T), got {type(tokens).__name__}")
         T = tokens.shape[1]
         if self.context_length < T:
             raise LipkitError(f"text has {T} tokens but the model's context_length is {self.context_length}")
         x = self.token_embed(tokens) + self.pos_embed[:T]  # (B, T, W)
-        return self.transformer(x, causal=self.cfg.causal, stop=stop), tokens
+        return TextCache(self.transformer(x, causal=self.cfg.causal, stop=stop), tokens)
 
     def features_from_hidden(self, x: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """The pooled feature from token states ``x`` that went through the first ``start`` blocks."""
@@ -107,26 +114,26 @@ class TextTransformer(nn.Module):
         x = self.norm(self.transformer(x, causal=self.cfg.causal, start=start))
         return pool_tokens(x, tokens, self.cfg.pool, self.cfg.pad_id)
 
-    def trim(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def trim(self, states: TextCache) -> TextCache:
         """Drop trailing positions that cannot change any pooled feature (only exact with causal attention)."""
         if not self.cfg.causal:
-            return x, tokens
+            return states
+        tokens = states.tokens
         used = tokens != self.cfg.pad_id
         used[torch.arange(tokens.shape[0]), tokens.argmax(dim=-1)] = True  # the end-of-text token pools
         keep = int(used.nonzero()[:, 1].max()) + 1 if used.any() else 1
-        return x[:, :keep], tokens[:, :keep]
+        return TextCache(states.features[:, :keep], tokens[:, :keep])
 
 
 def resolve_local_path(path: str) -> Path:
-    """Resolve ``pkg:PACKAGE/sub/dir`` to a folder inside an installed package; other paths as given."""
-    if path.startswith("pkg:"):
-        import importlib.util
+    """Resolve ``pkg:PACKAGE/sub/path`` to a file or folder inside an installed package; other paths as given.
 
+    Raises:
+        LipkitError: The package is not installed, or holds nothing at ``sub/path``.
+    """
+    if path.startswith("pkg:"):
         package, _, sub = path[4:].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise LipkitError(f"package {package!r} is not installed (needed for {path}); pip install it first")
-        return Path(next(iter(spec.submodule_search_locations))) / sub
+        return package_path(package, sub)
     return Path(os.path.expanduser(path))
 
 
@@ -144,8 +151,8 @@ def make_head(in_dim: int, out_dim: int, kind: str, bias: bool = False) -> nn.Mo
 class HFTextEncoder(nn.Module):
     """A Hugging Face ``AutoModel`` text encoder, pooled and projected into the shared space.
 
-    Token inputs are ``(B, 2, T)``: ids stacked with the attention mask (what the matching tokenizer
-    from :func:`lipkit.models.tokenizer.HFTokenizer` returns).
+    It takes :class:`TextTokens`, the ids with their attention mask, as the matching
+    :class:`~lipkit.models.hf_tokenizer.HFTokenizer` returns them.
     """
 
     def __init__(self, cfg: HFTextConfig, embed_dim: int) -> None:
@@ -176,14 +183,15 @@ class HFTextEncoder(nn.Module):
         elif getattr(self.encoder, "is_gradient_checkpointing", False):
             self.encoder.gradient_checkpointing_disable()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Embed ``(B, 2, T)`` ids + attention mask into (B, embed_dim), not normalised."""
+    def forward(self, tokens: TextTokens) -> torch.Tensor:
+        """Embed tokenised text into (B, embed_dim), not normalised."""
         return self.proj(self.features(tokens))
 
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+    def features(self, tokens: TextTokens) -> torch.Tensor:
         """The pooled encoder output before the projection head: (B, hidden_size)."""
-        ids, mask = tokens[:, 0], tokens[:, 1]
-        return self._pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        _check_tokens(tokens)
+        hidden = self.encoder(input_ids=tokens.ids, attention_mask=tokens.mask).last_hidden_state
+        return self._pool(hidden, tokens.mask)
 
     def _pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.cfg.pool == "eot":
@@ -219,16 +227,25 @@ class HFTextEncoder(nn.Module):
             x = out[0] if isinstance(out, tuple) else out
         return x
 
-    def hidden(self, tokens: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states (B, T, W) after the embeddings and the first ``stop`` layers, and the attention mask."""
-        ids, mask = tokens[:, 0], tokens[:, 1]
-        return self._run_layers(self.encoder.embeddings(input_ids=ids), mask, 0, stop), mask
+    def hidden(self, tokens: TextTokens, stop: int) -> TextCache:
+        """Token states (B, T, W) after the embeddings and the first ``stop`` layers, with the attention mask."""
+        _check_tokens(tokens)
+        x = self.encoder.embeddings(input_ids=tokens.ids)
+        return TextCache(self._run_layers(x, tokens.mask, 0, stop), tokens.mask)
 
     def features_from_hidden(self, x: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
         """The pooled feature from token states ``x`` that went through the first ``start`` layers."""
         return self._pool(self._run_layers(x, mask, start, None), mask)
 
-    def trim(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def trim(self, states: TextCache) -> TextCache:
         """Drop trailing positions that are padding in every row (masked, so the result is unchanged)."""
-        keep = max(int(mask.sum(dim=1).max()), 1)
-        return x[:, :keep], mask[:, :keep]
+        keep = max(int(states.tokens.sum(dim=1).max()), 1)
+        return TextCache(states.features[:, :keep], states.tokens[:, :keep])
+
+
+def _check_tokens(tokens: object) -> None:
+    if not isinstance(tokens, TextTokens):
+        raise LipkitError(
+            f"a Hugging Face text tower takes TextTokens (ids and attention mask, as its tokenizer returns), "
+            f"got {type(tokens).__name__}"
+        )

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lipkit.models import DualEncoderOutput
+from lipkit.models.text_inputs import Tokens
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -43,11 +44,11 @@ def cached_accumulation_backward(
     net: nn.Module,
     loss_fn: nn.Module,
     images: torch.Tensor,
-    tokens: torch.Tensor,
+    tokens: Tokens,
     micro_batch: int,
     autocast: Callable[[], AbstractContextManager],
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
-    place: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    place: Callable[[torch.Tensor, Tokens], tuple[torch.Tensor, Tokens]] | None = None,
 ) -> torch.Tensor:
     """Back-propagate the full-batch loss micro-batch by micro-batch; returns the (detached) loss.
 
@@ -63,7 +64,7 @@ def cached_accumulation_backward(
             (parameter gathering, gradient reduction) see them.
         loss_fn: A loss module taking a :class:`DualEncoderOutput`.
         images: The full batch of images (B, 3, H, W).
-        tokens: The full batch of tokens (B, T).
+        tokens: The full batch of tokens, as the model's tokenizer returns them (B rows).
         micro_batch: Samples per forward pass.
         autocast: Factory of the precision context (e.g. bf16 autocast) for every forward pass.
         no_sync: Factory of a context that keeps gradients local (DDP's ``no_sync``); every micro-batch

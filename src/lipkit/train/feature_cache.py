@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 from lipkit.cache import cached, load_cached, try_save_cached
 from lipkit.config import to_dict
 from lipkit.data.loader import ResumableBatchSampler, TransformedPairs
-from lipkit.data.sources import PairSource
+from lipkit.data.pairs import PairSource
 from lipkit.data.spec import Mixture
 from lipkit.errors import ConfigError
 from lipkit.models import DualEncoder, get_tokenizer, image_transform
+from lipkit.models.text_inputs import TextCache
 from lipkit.utils import cache_root, update_digest
 
 
@@ -51,9 +52,6 @@ def check_lockable(model: DualEncoder) -> None:
 
 
 HEAD_KEYS = ("proj", "proj_bias")  # the projection heads train; cached trunk features do not depend on them
-
-TextCache = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
 
 TRAIN_ONLY = ("train_scale", "train_ratio", "train_grayscale")  # preprocessing that only augmented views use
 
@@ -134,9 +132,9 @@ def _compute(
         if layer is None:
             texts.append(model.text.features(tokens).float().cpu())
         else:
-            hidden, extra = model.text.trim(*model.text.hidden(tokens, layer))
-            texts.append(hidden.float().cpu())
-            aux.append(extra.cpu())
+            states = model.text.trim(model.text.hidden(tokens, layer))
+            texts.append(states.features.float().cpu())
+            aux.append(states.tokens.cpu())
     model.train(was_training)
     if layer is None:
         return {"image": torch.cat(images), "text": torch.cat(texts)}
@@ -190,9 +188,8 @@ def cached_features(
         world_size: The number of processes sharing the work.
 
     Returns:
-        The image features, (N, F_image) for one view or (N, views, F_image), and the text side: pooled
-        features (N, F_text), or, when the model unlocks its top text layers, the token states
-        entering the first unlocked layer (N, T, W) with the tower's token ids or attention mask (N, T).
+        The image features, (N, F_image) for one view or (N, views, F_image), and the text trunk's
+        output (see :class:`TextCache`).
     """
     check_lockable(model)
     # Computing features iterates DataLoaders, which draw from the global random state; a run must train
@@ -270,8 +267,8 @@ def _cached_features(
         ]
         image = torch.stack([image, *extra], dim=1)  # (N, views, F)
     if "text" in saved:
-        return image, saved["text"]
-    return image, (saved["text_hidden"], saved["text_aux"])
+        return image, TextCache(saved["text"])
+    return image, TextCache(saved["text_hidden"], saved["text_aux"])
 
 
 def _mix(seed: int) -> int:
@@ -280,7 +277,7 @@ def _mix(seed: int) -> int:
 
 
 class FeaturePairs(Dataset):
-    """``(index, seed)`` -> the cached (image feature, text feature or text states) pair.
+    """``(index, seed)`` -> the cached (image features, text trunk output) pair.
 
     With several cached views per image (``image`` of shape (N, views, F)), a hash of the seed picks one.
     """
@@ -293,7 +290,7 @@ class FeaturePairs(Dataset):
 
     def __getitems__(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, TextCache]:
         index = torch.tensor([i for i, _ in items])
-        text = self.text[index] if isinstance(self.text, torch.Tensor) else tuple(t[index] for t in self.text)
+        text = self.text[index]
         if self.image.ndim == 3:  # (N, views, F): the sample's seed picks its view
             views = torch.tensor([_mix(seed) % self.image.shape[1] for _, seed in items])
             return self.image[index, views], text
@@ -301,7 +298,7 @@ class FeaturePairs(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, TextCache]:
         image, text = self.__getitems__([item])
-        return image[0], text[0] if isinstance(text, torch.Tensor) else tuple(t[0] for t in text)
+        return image[0], text[0]
 
 
 def make_feature_loader(
