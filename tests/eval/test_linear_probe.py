@@ -8,7 +8,7 @@ import torch
 
 from lipkit.cli.main import main
 from lipkit.errors import LipkitError
-from lipkit.eval.linear_probe import fit_logistic, linear_probe, select_l2, validation_split
+from lipkit.eval.linear_probe import fit_logistic, linear_probe, logistic_regression, select_l2, validation_split
 from lipkit.eval.results import read_results
 from lipkit.train.config import resolve_config
 from lipkit.train.loop import train
@@ -21,6 +21,21 @@ def gaussian_classes(n_per_class: int, means: torch.Tensor, std: float, seed: in
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(means.shape[0]).repeat_interleave(n_per_class)
     return means[labels] + std * torch.randn(labels.shape[0], means.shape[1], generator=g), labels
+
+
+def test_logistic_regression_matches_the_closed_form_of_a_symmetric_problem():
+    # One sample x = +1 of class 1 and one x = -1 of class 0. By symmetry the bias stays 0 and W = [[-a], [a]],
+    # so the objective is -log sigmoid(2a) + l2 * a^2, whose minimum solves l2 * a = sigmoid(-2a).
+    l2, low, high = 0.1, 0.0, 10.0
+    for _ in range(60):  # bisection: l2 * a - sigmoid(-2a) increases with a
+        mid = (low + high) / 2
+        low, high = (mid, high) if l2 * mid < 1 / (1 + math.exp(2 * mid)) else (low, mid)
+    x, y = torch.tensor([[1.0], [-1.0]]), torch.tensor([1, 0])
+    weight, bias = logistic_regression(x, y, 2, l2, max_iter=100, history_size=10)
+    assert weight.flatten().tolist() == pytest.approx([-low, low], abs=3e-4)  # float32: the loss is flat here
+    assert bias.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    # the probe standardises first: x is already standard, so it finds the same weights
+    assert torch.equal(fit_logistic(x, y, 2, l2, max_iter=100).weight, weight)
 
 
 def test_separable_classes_are_learned_perfectly():

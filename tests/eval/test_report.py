@@ -199,3 +199,36 @@ def test_cli_report(tmp_path, capsys):
     assert main(["eval", "report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "run directory" in err and "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_names_and_captions_are_escaped(tmp_path):
+    (tmp_path / "config.yaml").write_text("name: <script>alert('run')</script>\n")
+    examples = [{"thumbnail": base64.b64encode(_png("red")).decode(), "captions": ["<script>alert(2)</script>"]}]
+    metrics = {f"{d}_R@{k}": 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    (tmp_path / "r.json").write_text(_result("retrieval", None, "<b>pairs</b>", metrics, {"examples": examples}))
+    page = write_report(tmp_path).read_text()
+    assert "<script>" not in page and "<b>pairs</b>" not in page
+    assert "<title>lipkit report: &lt;script&gt;alert(&#39;run&#39;)&lt;/script&gt;</title>" in page
+    assert "<li>&lt;script&gt;alert(2)&lt;/script&gt;</li>" in page and "&lt;b&gt;pairs&lt;/b&gt;" in page
+
+
+def test_one_reader_for_metrics_jsonl_tolerates_a_cut_off_line(tmp_path):
+    from lipkit.train.metrics import MetricLogger, read_metrics, read_metrics_log
+
+    lines = ['{"step": 1, "loss": 2.5}', "", '{"note": "no step"}', '{"step": 2, "loss": 2.0}', '{"step": 3, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    assert read_metrics_log(tmp_path) == ([{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}], 1)
+    assert read_training_log(tmp_path) == read_metrics_log(tmp_path)
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+    MetricLogger(tmp_path, tensorboard=False, resume_step=1).close()  # resuming drops later and cut-off lines
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
+    assert read_training_log(tmp_path / "none") == (None, 0)
+
+
+def test_thumbnails_fit_the_box_and_show_transparency_on_white():
+    image = Image.new("RGBA", (400, 200), (0, 0, 0, 0))
+    image.paste((255, 0, 0, 255), (0, 0, 200, 200))
+    with Image.open(io.BytesIO(report.thumbnail_png(image))) as thumb:
+        assert thumb.mode == "RGB" and thumb.size == (128, 64)
+        assert thumb.getpixel((10, 10)) == (255, 0, 0) and thumb.getpixel((120, 10)) == (255, 255, 255)
+    assert image.size == (400, 200)  # the image given is left as it was

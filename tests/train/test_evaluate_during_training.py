@@ -34,6 +34,7 @@ def _results(run_dir: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("*.json"))}
 
 
+@pytest.mark.slow
 def test_eval_every_n_steps_matches_a_separate_evaluation(run_overrides):
     result = train(resolve_config("tiny-synthetic", overrides=[*run_overrides, *EVAL]))
     found = _results(result.run_dir)
@@ -52,10 +53,13 @@ def test_eval_every_n_steps_matches_a_separate_evaluation(run_overrides):
     data = open_labelled("fashion-mnist:test", max_samples=41)
     templates, _ = default_templates(data.name, getattr(data, "templates", None))
     want = zeroshot_classify(model, data, data.classnames, templates, cache=False, progress=False)
-    assert last["metrics"]["top1"] == pytest.approx(want["top1"])
-    assert last["details"]["confusion_matrix"] == want["confusion_matrix"]
+    # one metrics implementation: the same numbers as a separate evaluation, to the last bit
+    assert last["metrics"] == {key: want[key] for key in ("top1", "top5", "mean_per_class_recall")}
+    for key in ("n", "per_class_recall", "confusion_matrix"):
+        assert last["details"][key] == want[key], key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_two_ranks_with_unequal_shares_give_the_same_results(tmp_path, fsdp):
     """DDP: shares of 21 and 20 images, 63 and 62 pairs. FSDP, where every forward pass is collective:

@@ -8,10 +8,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from lipkit.errors import LipkitError
+from lipkit.eval.embed import embed_dataset, image_column, keep_column
 from lipkit.models import DualEncoder, image_transform
 from lipkit.models.factory import batch_tokenizer
 
@@ -39,7 +39,6 @@ class _Transformed(Dataset):
         return self.transform(self.data.image(index)), self.data.label(index)
 
 
-@torch.no_grad()
 def image_features(
     model: DualEncoder,
     data: LabelledImages,
@@ -49,15 +48,10 @@ def image_features(
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image embeddings (N, D) in float32 on CPU, and the labels (N,)."""
-    if len(data) == 0:
-        raise LipkitError("the dataset is empty")
-    loader = DataLoader(_Transformed(data, image_transform(model.cfg)), batch_size=batch_size, num_workers=workers)
-    model.eval().to(device)
-    feats, labels = [], []
-    for images, batch_labels in tqdm(loader, desc="image features", unit="batch", disable=not progress):
-        feats.append(model.encode_image(images.to(device), normalize=True).float().cpu())
-        labels.append(batch_labels)
-    return torch.cat(feats), torch.cat(labels)
+    dataset = _Transformed(data, image_transform(model.cfg))
+    columns = (image_column(model, device), keep_column)
+    feats, labels = embed_dataset(model, dataset, columns, batch_size, workers, device, progress, "image features")
+    return feats, labels
 
 
 def check_prompts(classnames: Sequence[str], templates: Sequence[str]) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lipkit.errors import LipkitError
-from lipkit.eval.zeroshot import classification_metrics
+from lipkit.eval.metrics import classification_metrics
 
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -37,6 +37,42 @@ class LogisticProbe:
         return x @ self.weight.T + self.bias
 
 
+def logistic_regression(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, *, max_iter: int, history_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise mean cross-entropy + ``l2 / 2 * ||W||^2`` (the bias is not penalised) with L-BFGS from zero.
+
+    The fit runs on the device of ``features``, in float32, and is deterministic.
+
+    Args:
+        features: Training features (N, D), used as given.
+        labels: Class indices (N,).
+        num_classes: C.
+        l2: Regularisation strength.
+        max_iter: L-BFGS iterations.
+        history_size: L-BFGS memory (curvature pairs kept).
+
+    Returns:
+        Weights (C, D) and bias (C,).
+    """
+    x, y = features.float(), labels.to(features.device, torch.long)
+    weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=history_size, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + 0.5 * l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
 def fit_logistic(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -45,7 +81,7 @@ def fit_logistic(
     device: torch.device | str = "cpu",
     max_iter: int = 100,
 ) -> LogisticProbe:
-    """Minimise mean cross-entropy + ``l2 / 2 * ||W||^2`` (the bias is not penalised) with L-BFGS.
+    """Standardise the features, then fit :func:`logistic_regression` (with an L-BFGS memory of 10) to them.
 
     Args:
         features: Training features (N, D).
@@ -56,23 +92,9 @@ def fit_logistic(
         max_iter: L-BFGS iterations.
     """
     x = features.to(device, torch.float32)
-    y = labels.to(device, torch.long)
     mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False).clamp(min=1e-6)
-    x = (x - mean) / std
-    weight = torch.zeros(num_classes, x.shape[1], device=device, requires_grad=True)
-    bias = torch.zeros(num_classes, device=device, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight.T + bias, y) + 0.5 * l2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return LogisticProbe(weight.detach(), bias.detach(), mean, std)
+    weight, bias = logistic_regression((x - mean) / std, labels, num_classes, l2, max_iter=max_iter, history_size=10)
+    return LogisticProbe(weight, bias, mean, std)
 
 
 def validation_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +130,8 @@ def select_l2(
     table = []
     for l2 in tqdm(sorted(grid, reverse=True), desc="L2 search", unit="fit", disable=not progress):
         probe = fit_logistic(features[fit], labels[fit], num_classes, l2, device, max_iter)
-        predicted = probe.scores(features[val].to(device)).argmax(dim=1).cpu()
-        table.append({"l2": l2, "val_top1": 100.0 * float((predicted == labels[val]).double().mean())})
+        scores = probe.scores(features[val].to(device))
+        table.append({"l2": l2, "val_top1": classification_metrics(scores, labels[val], num_classes, ks=(1,))["top1"]})
     best = max(table, key=lambda row: row["val_top1"])  # first maximum = strongest regularisation
     return best["l2"], best["val_top1"], sorted(table, key=lambda row: row["l2"])
 
@@ -143,7 +165,8 @@ def linear_probe(
         progress: Show a progress bar over the grid.
 
     Returns:
-        ``l2`` (the chosen strength), ``val_top1``, the test :func:`classification_metrics` and ``l2_search``
+        ``l2`` (the chosen strength), ``val_top1``, the test
+        :func:`~lipkit.eval.metrics.classification_metrics` and ``l2_search``
         (validation top-1 for every strength).
     """
     if train_features.shape[1] != test_features.shape[1]:

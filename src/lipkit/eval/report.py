@@ -35,15 +35,15 @@ show as a grid of thumbnails, each with its top retrieved texts:
 - ``correct``: whether the top caption is a true one (a green or red frame);
 - ``truth`` (optional): the true caption, shown under the list.
 
-Images are shrunk to 128-pixel thumbnails and at most 60 examples per file are shown; nothing is drawn
-when no result has examples.
+Images are shrunk to 128-pixel thumbnails (transparent parts shown on white) and at most 60 examples per
+file are shown; nothing is drawn when no result has examples.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import html
+import functools
 import io
 import json
 import math
@@ -52,13 +52,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lipkit import __version__
 from lipkit.errors import LipkitError
 from lipkit.eval.results import RESULT_KEYS
+from lipkit.train.metrics import read_metrics_log
 from lipkit.utils import atomic_write, atomic_write_text
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+T = TypeVar("T")
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 MAX_EXAMPLES = 60
 MAX_CAPTIONS = 5
@@ -144,19 +149,9 @@ def _is_result(result: Any) -> bool:
 
 def read_training_log(run_dir: Path) -> tuple[list[dict[str, Any]] | None, int]:
     """The records of ``metrics.jsonl`` (None when the file is absent) and the number of unreadable lines."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
         return None, 0
-    records, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            record = None
-            bad += 1
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-    return records, bad
+    return read_metrics_log(run_dir)
 
 
 def latest_per_data(found: Iterable[FoundResult], task: str) -> list[FoundResult]:
@@ -414,43 +409,45 @@ class _Plots:
         return name
 
 
-# ---------------------------------------------------------------------------------------------- html
+# ---------------------------------------------------------------------------------------------- page content
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+@dataclass
+class Note:
+    """A line shown instead of a missing or broken piece of the page."""
+
+    text: str
 
 
-def _missing(text: str) -> str:
-    return f'<p class="missing">{text}</p>'
+@dataclass
+class Shown:
+    """A picture on the page (a PNG data URI), or the note shown in its place; in a figure when captioned."""
+
+    uri: str | None = None
+    alt: str = ""
+    note: str | None = None
+    caption: str | None = None
 
 
-def _img(uri: str, alt: str) -> str:
-    return f'<img src="{uri}" alt="{_e(alt)}">'
-
-
-def _guarded(what: str, render: Callable[[], str]) -> str:
-    """Render one piece; a malformed input shows as a note instead of stopping the report."""
+def _guarded(what: str, render: Callable[[], T]) -> T | Note:
+    """Compute one piece; a malformed input shows as a note instead of stopping the report."""
     try:
         return render()
     except Exception as exc:  # a bad results file must not cost the whole page
-        return _missing(f"could not draw {_e(what)}: {_e(type(exc).__name__)}: {_e(exc)}")
+        return Note(f"could not draw {what}: {type(exc).__name__}: {exc}")
 
 
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{body}\n</section>'
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    """An HTML table from already escaped cells."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>\n" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
+def _picture(what: str, draw: Callable[[], str], alt: str, caption: str | None = None) -> Shown:
+    """A plot drawn by ``draw`` (returning its data URI), or a note when drawing fails."""
+    uri = _guarded(what, draw)
+    if isinstance(uri, Note):
+        return Shown(note=uri.text, caption=caption)
+    return Shown(uri=uri, alt=alt, caption=caption)
 
 
 def _number(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "\u2013" if value is None else _e(value)
+        return "\u2013" if value is None else str(value)
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
@@ -467,106 +464,101 @@ def _headline(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _headline_cells(result: dict[str, Any]) -> list[str]:
-    return [f"{_e(name)} {_number(value)}" for name, value in _headline(result).items()]
+    return [f"{name} {_number(value)}" for name, value in _headline(result).items()]
 
 
-def _header(run_dir: Path, config_text: str | None, config: dict[str, Any], found: list[FoundResult]) -> str:
+def _header(run_dir: Path, config_text: str | None, config: dict[str, Any], found: list[FoundResult]) -> dict:
     names = {r.result["model"].get("name") for r in found if isinstance(r.result["model"], dict)} - {None}
-    model = config.get("model") or ", ".join(sorted(map(str, names))) or "unknown"
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    title = f"<h1>lipkit report: {_e(config.get('name') or run_dir.name)}</h1>"
-    facts = f'<p class="facts">model <b>{_e(model)}</b> &middot; run <code>{_e(run_dir.resolve())}</code> &middot; '
-    facts += f"written {_e(created)} by lipkit {_e(__version__)}</p>"
-    if config_text is None:
-        return title + facts + _missing("No config.yaml in this run directory.")
-    return title + facts + f"<details><summary>config.yaml</summary><pre>{_e(config_text)}</pre></details>"
+    return {
+        "name": config.get("name") or run_dir.name,
+        "model": config.get("model") or ", ".join(sorted(map(str, names))) or "unknown",
+        "run": str(run_dir.resolve()),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": __version__,
+        "config_text": config_text,
+    }
 
 
-def _summary_section(found: list[FoundResult], skipped: list[str]) -> str:
+def _summary_section(found: list[FoundResult], skipped: list[str]) -> dict:
     rows = []
     for r in sorted(found, key=lambda r: (r.task, r.data, r.recency)):
-        metrics = _guarded("its headline", lambda r=r: " &middot; ".join(_headline_cells(r.result)) or "\u2013")
-        rows.append([f"<code>{_e(r.name)}</code>", _e(r.task), _e(r.data), _number(r.step), metrics])
-    hint = "write them with <code>lipkit eval TASK RUN_DIR ... --out RUN_DIR/eval/NAME.json</code>"
-    body = _table(["file", "task", "data", "step", "headline metrics"], rows) if rows else ""
-    body = body or _missing(f"No eval results yet: {hint}.")
-    if skipped:
-        body += _missing("Skipped unreadable JSON files:") + "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in skipped)
-        body += "</ul>"
-    return _section("results", "Results", body)
+        headline = _guarded("its headline", lambda r=r: _headline_cells(r.result))
+        rows.append({"name": r.name, "task": r.task, "data": r.data, "step": _number(r.step), "headline": headline})
+    return {"rows": rows, "skipped": skipped}
 
 
-def _training_section(records: list[dict[str, Any]] | None, bad_lines: int, plots: _Plots) -> str:
+def _training_section(records: list[dict[str, Any]] | None, bad_lines: int, plots: _Plots) -> dict | None:
+    """None when there is no ``metrics.jsonl``."""
     if records is None:
-        return _section("training", "Training", _missing("No metrics.jsonl yet: no training has been logged here."))
+        return None
     if not records:
-        return _section("training", "Training", _missing("metrics.jsonl holds no records yet."))
-    last = records[-1]
-    body = f"<p>{len(records)} records up to step {_number(last['step'])}"
+        return {"records": 0}
     loss = next((r["loss"] for r in reversed(records) if isinstance(r.get("loss"), (int, float))), None)
-    body += f", last loss {loss:.4g}.</p>" if isinstance(loss, (int, float)) else ".</p>"
-    if bad_lines:
-        body += _missing(f"{bad_lines} unreadable lines of metrics.jsonl were skipped.")
     figures = []
     for key, plot in TRAINING_PLOTS.items():
         if not _series(records, key)[0]:
             if key != "logit_bias":  # only SigLIP-style models have one
-                figures.append(_missing(f"No {_e(key)} in metrics.jsonl."))
+                figures.append(Shown(note=f"No {key} in metrics.jsonl."))
             continue
-        figures.append(_guarded(key, lambda plot=plot, key=key: _img(plots.add(plot(records), key), key)))
-    return _section("training", "Training", body + '<div class="grid">' + "".join(figures) + "</div>")
+        figures.append(_picture(key, lambda plot=plot, key=key: plots.add(plot(records), key), key))
+    return {
+        "records": len(records),
+        "last_step": _number(records[-1]["step"]),
+        "last_loss": f"{loss:.4g}" if isinstance(loss, (int, float)) else None,
+        "bad_lines": bad_lines,
+        "figures": figures,
+    }
 
 
-def _zeroshot_training_section(found: list[FoundResult], plots: _Plots) -> str:
+def _zeroshot_training_section(found: list[FoundResult], plots: _Plots) -> Shown | None:
+    """None when no zero-shot result has a training step."""
     points = _zeroshot_points(found)
     if not points:
-        hint = "evaluate checkpoints, e.g. <code>lipkit eval zeroshot RUN_DIR/checkpoints/step_00000500.pt --out "
-        hint += "RUN_DIR/eval/step500/zeroshot.json</code>"
-        body = _missing(f"No zero-shot results with a training step yet: {hint}.")
-    else:
-        plot = plot_zeroshot_over_training
-        body = _guarded("zero-shot over training", lambda: _img(plots.add(plot(points), "zeroshot_over_training"), ""))
-    return _section("zeroshot-training", "Zero-shot accuracy over training", body)
+        return None
+    plot = plot_zeroshot_over_training
+    return _picture("zero-shot over training", lambda: plots.add(plot(points), "zeroshot_over_training"), "")
 
 
-def _confusion_section(found: list[FoundResult], plots: _Plots) -> str:
-    latest = latest_per_data(found, "zeroshot")
+def _confusion_section(found: list[FoundResult], plots: _Plots) -> list[Shown]:
     figures = []
-    for r in latest:
+    for r in latest_per_data(found, "zeroshot"):
         if "confusion_matrix" not in (r.result["details"] or {}):
-            figures.append(_missing(f"{_e(r.name)} has no confusion matrix."))
+            figures.append(Shown(note=f"{r.name} has no confusion matrix."))
             continue
-        render = lambda r=r: _img(plots.add(plot_confusion(r), f"confusion_{r.short_data}"), r.data)  # noqa: E731
-        figures.append(f"<figure>{_guarded(r.name, render)}<figcaption>{_e(r.name)}</figcaption></figure>")
-    body = '<div class="flow">' + "".join(figures) + "</div>" if figures else _missing("No zero-shot results yet.")
-    return _section("confusion", "Zero-shot confusion matrices (latest per dataset)", body)
+        draw = lambda r=r: plots.add(plot_confusion(r), f"confusion_{r.short_data}")  # noqa: E731
+        figures.append(_picture(r.name, draw, r.data, caption=r.name))
+    return figures
 
 
-def _fewshot_section(found: list[FoundResult], plots: _Plots) -> str:
+def _fewshot_section(found: list[FoundResult], plots: _Plots) -> list[Shown]:
     figures = []
     for r in latest_per_data(found, "fewshot"):
-        render = lambda r=r: _img(plots.add(plot_fewshot(r), f"fewshot_{r.short_data}"), r.data)  # noqa: E731
-        caption = f"{_e(r.name)}: {_e(r.data)}"
-        figures.append(f"<figure>{_guarded(r.name, render)}<figcaption>{caption}</figcaption></figure>")
-    body = '<div class="grid">' + "".join(figures) + "</div>" if figures else _missing("No few-shot results yet.")
-    return _section("fewshot", "Few-shot accuracy (latest per dataset)", body)
+        draw = lambda r=r: plots.add(plot_fewshot(r), f"fewshot_{r.short_data}")  # noqa: E731
+        figures.append(_picture(r.name, draw, r.data, caption=f"{r.name}: {r.data}"))
+    return figures
 
 
-def _retrieval_section(found: list[FoundResult]) -> str:
-    rows = [
-        [f"<code>{_e(r.name)}</code>", _e(r.data), _number(r.step)]
-        + [_number(r.result["metrics"].get(key)) for key in RETRIEVAL_COLUMNS]
+def _retrieval_section(found: list[FoundResult]) -> list[list[str]]:
+    """Table rows: file, data, step and the :data:`RETRIEVAL_COLUMNS` of every retrieval result."""
+    return [
+        [r.name, r.data, _number(r.step)] + [_number(r.result["metrics"].get(key)) for key in RETRIEVAL_COLUMNS]
         for r in found
         if r.task == "retrieval"
     ]
-    if not rows:
-        return _section("retrieval", "Retrieval", _missing("No retrieval results yet."))
-    header = ["file", "data", "step"] + [f"{d} R@{k}" for d in ("I\u2192T", "T\u2192I") for k in (1, 5, 10)]
-    header += ["I\u2192T median rank", "T\u2192I median rank"]
-    return _section("retrieval", "Retrieval (Recall@k, %)", _table(header, rows))
 
 
 # ---------------------------------------------------------------------------------------------- examples
+
+
+def thumbnail_png(image: Image.Image) -> bytes:
+    """``image`` as a PNG thumbnail: at most :data:`THUMBNAIL_PX` pixels a side, transparency shown on white."""
+    from lipkit.models.transforms import ToRGB
+
+    thumb = ToRGB()(image).copy()
+    thumb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buf = io.BytesIO()
+    thumb.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _example_bytes(example: dict[str, Any], base_dir: Path) -> bytes | None:
@@ -594,79 +586,65 @@ def _thumbnail_uri(raw: bytes | None) -> str | None:
         return None
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            image = image.convert("RGB")
-            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
+            png = thumbnail_png(image)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _example_card(example: Any, base_dir: Path) -> str:
-    if not isinstance(example, dict):
-        return ""
-    uri = _thumbnail_uri(_example_bytes(example, base_dir))
-    image = _img(uri, "query image") if uri else '<div class="noimg">no image</div>'
+def _example_card(example: dict[str, Any], base_dir: Path) -> dict:
     captions = example.get("captions") if isinstance(example.get("captions"), list) else []
-    captions = [c for c in captions if isinstance(c, str)][:MAX_CAPTIONS]
-    items = "".join(f"<li>{_e(c)}</li>" for c in captions)
-    correct = example.get("correct")
-    status = {True: ("ok", "\u2713 correct"), False: ("miss", "\u2717 wrong")}.get(correct, ("", ""))
-    truth = f'<p class="truth">truth: {_e(example["truth"])}</p>' if example.get("truth") else ""
-    mark = f'<span class="mark">{status[1]}</span>' if status[1] else ""
-    return f'<figure class="example {status[0]}">{image}<figcaption>{mark}<ol>{items}</ol>{truth}</figcaption></figure>'
+    status = {True: ("ok", "\u2713 correct"), False: ("miss", "\u2717 wrong")}.get(example.get("correct"), ("", ""))
+    return {
+        "uri": _thumbnail_uri(_example_bytes(example, base_dir)),
+        "captions": [c for c in captions if isinstance(c, str)][:MAX_CAPTIONS],
+        "status": status[0],
+        "mark": status[1],
+        "truth": example.get("truth") or None,
+    }
 
 
-def _examples_section(found: list[FoundResult]) -> str:
-    """Retrieval examples of every result that has some; empty (no section) when none has."""
+def _examples_section(found: list[FoundResult]) -> list[dict]:
+    """Retrieval examples of every result that has some, one block per result (none: no section)."""
     blocks = []
     for r in found:
         examples = (r.result["details"] or {}).get("examples")
         if not isinstance(examples, list) or not examples:
             continue
-        cards = "".join(_example_card(x, r.path.parent) for x in examples[:MAX_EXAMPLES])
+        cards = [_example_card(x, r.path.parent) for x in examples[:MAX_EXAMPLES] if isinstance(x, dict)]
         more = f" (first {MAX_EXAMPLES} of {len(examples)})" if len(examples) > MAX_EXAMPLES else ""
-        blocks.append(f'<h3>{_e(r.name)}: {_e(r.data)}{more}</h3><div class="examples">{cards}</div>')
-    return _section("examples", "Retrieval examples", "".join(blocks)) if blocks else ""
+        blocks.append({"title": f"{r.name}: {r.data}{more}", "cards": cards})
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------- page
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; padding: 0 1em; color: #222; }
-h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
-.facts { color: #555; } code { font-size: 0.92em; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
-.missing { color: #8a6d00; background: #fff8e1; padding: 0.4em 0.7em; border-radius: 4px; }
-table { border-collapse: collapse; font-size: 0.9em; } th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; }
-th { background: #f2f2f2; text-align: left; } td { vertical-align: top; }
-img { max-width: 100%; } figure { margin: 0.5em 0; } figcaption { color: #666; font-size: 0.85em; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 0.8em; }
-.flow { display: flex; flex-wrap: wrap; gap: 0.8em; } .flow figure { max-width: 100%; }
-.examples { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 0.6em; }
-.example { border: 3px solid #ccc; border-radius: 6px; padding: 0.4em; margin: 0; }
-.example.ok { border-color: #2e7d32; } .example.miss { border-color: #c62828; }
-.example ol { padding-left: 1.4em; margin: 0.3em 0; } .mark { font-weight: bold; }
-.noimg { width: 128px; height: 128px; background: #eee; display: flex; align-items: center; justify-content: center; }
-nav a { margin-right: 1em; }
-"""
 
-NAV = [
-    ("results", "Results"),
-    ("training", "Training"),
-    ("zeroshot-training", "Zero-shot over training"),
-    ("confusion", "Confusion"),
-    ("fewshot", "Few-shot"),
-    ("retrieval", "Retrieval"),
-]
+@functools.cache
+def _environment() -> Any:
+    """The Jinja2 environment of lipkit's pages (templates in ``lipkit/eval/pages/``, autoescaped)."""
+    import jinja2
 
-
-def _page(title: str, body: str) -> str:
-    nav = "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in NAV) + "</nav>"
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-        f"<style>{STYLE}</style></head>\n<body>\n{nav}\n{body}\n</body></html>\n"
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("lipkit.eval", "pages"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
     )
+    env.tests["note"] = lambda value: isinstance(value, Note)
+    return env
+
+
+def render_page(template: str, **context: Any) -> str:
+    """Render one of lipkit's HTML page templates; every value put into the page is HTML-escaped.
+
+    Args:
+        template: The template's file name in ``lipkit/eval/pages/``, e.g. ``report.html``.
+        **context: The template's variables.
+    """
+    return _environment().get_template(template).render(**context)
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -690,16 +668,17 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records, bad_lines = read_training_log(run_dir)
     found, skipped = find_results(run_dir)
     plots = _Plots(run_dir / "plots")
-    parts = [
-        _header(run_dir, config_text, config, found),
-        _summary_section(found, skipped),
-        _training_section(records, bad_lines, plots),
-        _zeroshot_training_section(found, plots),
-        _confusion_section(found, plots),
-        _fewshot_section(found, plots),
-        _retrieval_section(found),
-        _examples_section(found),
-    ]
+    page = render_page(
+        "report.html",
+        header=_header(run_dir, config_text, config, found),
+        summary=_summary_section(found, skipped),
+        training=_training_section(records, bad_lines, plots),
+        zeroshot_training=_zeroshot_training_section(found, plots),
+        confusion=_confusion_section(found, plots),
+        fewshot=_fewshot_section(found, plots),
+        retrieval=_retrieval_section(found),
+        examples=_examples_section(found),
+    )
     path = Path(out) if out is not None else run_dir / "report.html"
-    atomic_write_text(path, _page(f"lipkit report: {config.get('name') or run_dir.name}", "\n".join(parts)))
+    atomic_write_text(path, page)
     return path

@@ -70,6 +70,28 @@ def make_result(
     }
 
 
+def task_result(
+    task: str,
+    model: Any,
+    name: str | None,
+    checkpoint: str | Path | None,
+    data: str | Mapping[str, str],
+    values: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A task's output as a result: its floats are the headline ``metrics``, everything else ``details``.
+
+    Args:
+        task: ``retrieval``, ``zeroshot``, ``linear-probe``...
+        model: The model evaluated.
+        name: The model's config name, when known.
+        checkpoint: The weights evaluated.
+        data: The dataset spec, or a mapping of role to spec.
+        values: What the task returned.
+    """
+    metrics, details = split_metrics(values)
+    return make_result(task, describe_model(model, name), checkpoint, data, metrics, details)
+
+
 def write_results(path: str | Path, result: Mapping[str, Any]) -> None:
     """Write a result as indented JSON, atomically; it must follow the schema and hold finite numbers."""
     missing = [k for k in RESULT_KEYS if k not in result]

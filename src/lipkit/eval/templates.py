@@ -20,8 +20,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from lipkit.data.labelled import package_file
 from lipkit.errors import LipkitError, suggest
+from lipkit.utils import package_path
 
 CLIP_BENCHMARK_INSTALL = "pip install --no-deps clip-benchmark==1.6.2"
 
@@ -61,7 +61,7 @@ def clip_benchmark_table(kind: str) -> dict[str, list[str]]:
     """CLIP_benchmark's English ``templates`` or ``classnames`` per dataset; empty when it is not installed."""
     relative = {"templates": "en_zeroshot_classification_templates.json", "classnames": "en_classnames.json"}[kind]
     try:
-        path = package_file("clip_benchmark", f"datasets/{relative}", CLIP_BENCHMARK_INSTALL)
+        path = package_path("clip_benchmark", f"datasets/{relative}", CLIP_BENCHMARK_INSTALL)
     except LipkitError:
         return {}
     return json.loads(path.read_text(encoding="utf-8"))

@@ -1,4 +1,4 @@
-"""Zero-shot classification: class embeddings from prompts (cached on disk) and classification metrics."""
+"""Zero-shot classification: class embeddings from prompts (cached on disk), scored with classification metrics."""
 
 from __future__ import annotations
 
@@ -14,50 +14,9 @@ import torch
 from lipkit.cache import cached
 from lipkit.errors import LipkitError
 from lipkit.eval.features import LabelledImages, check_prompts, image_features, text_classifier
+from lipkit.eval.metrics import classification_metrics
 from lipkit.models import DualEncoder
 from lipkit.utils import cache_root, update_digest
-
-
-def classification_metrics(
-    scores: torch.Tensor, labels: torch.Tensor, num_classes: int, ks: Sequence[int] = (1, 5)
-) -> dict[str, Any]:
-    """Accuracy, recall per class and the confusion matrix of class scores.
-
-    Args:
-        scores: Class scores or logits (N, C); the prediction is the arg-max of each row.
-        labels: True class indices (N,).
-        num_classes: C.
-        ks: The k of top-k accuracy; each is capped at C, and the key names the k used (``top5`` with
-            10 classes, ``top3`` with 3).
-
-    Returns:
-        ``top{k}`` and ``mean_per_class_recall`` in percent (the mean over classes that have samples),
-        ``n``, ``per_class_recall`` (percent, ``None`` for a class without samples) and
-        ``confusion_matrix`` (C x C lists of counts; row = true class, column = predicted class).
-    """
-    if scores.ndim != 2 or scores.shape[1] != num_classes or scores.shape[0] != labels.shape[0]:
-        raise LipkitError(f"scores {tuple(scores.shape)} do not fit {labels.shape[0]} labels and {num_classes} classes")
-    if scores.shape[0] == 0:
-        raise LipkitError("no samples to score")
-    labels = labels.long().cpu()
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise LipkitError(
-            f"labels range over {int(labels.min())}..{int(labels.max())} but there are {num_classes} classes"
-        )
-    scores = scores.float().cpu()
-    predicted = scores.argmax(dim=1)
-    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).view(num_classes, -1)
-    support = confusion.sum(dim=1)
-    recall = 100.0 * confusion.diag().double() / support.clamp(min=1)
-    out: dict[str, Any] = {}
-    for k in sorted({min(k, num_classes) for k in ks}):
-        hits = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
-        out[f"top{k}"] = 100.0 * float(hits.double().mean())
-    out["mean_per_class_recall"] = float(recall[support > 0].mean())
-    out["n"] = int(labels.shape[0])
-    out["per_class_recall"] = [float(r) if s > 0 else None for r, s in zip(recall.tolist(), support.tolist())]
-    out["confusion_matrix"] = confusion.tolist()
-    return out
 
 
 def model_fingerprint(model: DualEncoder) -> str:
@@ -128,6 +87,7 @@ def zeroshot_classify(
     cache: bool = True,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Classify every image of ``data`` by its most similar class prompt embedding.
 
@@ -142,10 +102,12 @@ def zeroshot_classify(
         cache: Read and write class embeddings in ``cache_dir`` (see :func:`cached_text_classifier`).
         cache_dir: The cache folder (default :func:`default_cache_dir`).
         progress: Show a progress bar.
+        features: The image features and labels of ``data`` as :func:`~lipkit.eval.features.image_features`
+            returns them, when already computed (e.g. read from a cache); computed here when None.
 
     Returns:
-        :func:`classification_metrics`, plus ``classifier_cached``: whether the class embeddings came
-        from the cache.
+        :func:`~lipkit.eval.metrics.classification_metrics`, plus ``classifier_cached``: whether the class
+        embeddings came from the cache.
     """
     if len(classnames) != len(data.classnames):
         raise LipkitError(f"{len(classnames)} class names given for a dataset of {len(data.classnames)} classes")
@@ -153,6 +115,8 @@ def zeroshot_classify(
         classifier, hit = cached_text_classifier(model, classnames, templates, device, cache_dir)
     else:
         classifier, hit = text_classifier(model, classnames, templates, device=device), False
-    features, labels = image_features(model, data, batch_size, workers, device, progress)
-    scores = features @ classifier.T  # (N, C) cosine similarities
+    if features is None:
+        features = image_features(model, data, batch_size, workers, device, progress)
+    image_feats, labels = features
+    scores = image_feats @ classifier.T  # (N, C) cosine similarities
     return {**classification_metrics(scores, labels, len(classnames)), "classifier_cached": hit}

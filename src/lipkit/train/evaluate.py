@@ -3,7 +3,7 @@
 Each rank embeds every ``world``-th sample of a set (shares may differ by one, or be empty), padded
 with copies of the first sample to the longest share, so every rank runs the same number of forward
 passes (each a collective call when FSDP shards the model). The ranks then combine fixed-size
-results (confusion counts are summed; retrieval features are padded to a common length and
+results (prediction counts are summed; retrieval features are padded to a common length and
 gathered), so every rank makes the same collective calls in the same order and an unequal split can
 never deadlock.
 """
@@ -20,6 +20,7 @@ from lipkit.data.labelled import Subset, open_labelled
 from lipkit.data.spec import open_mixture
 from lipkit.eval.embed import embed_pairs
 from lipkit.eval.features import image_features, text_classifier
+from lipkit.eval.metrics import ClassificationCounts, count_predictions, metrics_from_counts
 from lipkit.eval.results import describe_model, make_result, split_metrics, write_results
 from lipkit.eval.retrieval import retrieval_metrics
 from lipkit.eval.templates import default_templates
@@ -62,39 +63,17 @@ def _interleave(rows: torch.Tensor, n: int, world: int) -> torch.Tensor:
 
 
 def zeroshot_during_training(model: DualEncoder, spec: str, max_samples: int | None, env: DistEnv, device) -> dict:
-    """Zero-shot metrics on a labelled set; confusion counts summed over ranks."""
+    """Zero-shot metrics on a labelled set; prediction counts summed over ranks."""
     data = open_labelled(spec, max_samples=max_samples)
     templates, _ = default_templates(getattr(data, "name", None), getattr(data, "templates", None))
     weights = text_classifier(model, data.classnames, templates, device=device)
     indices, own = _share(len(data), env)
-    c = len(data.classnames)
-    counts = torch.zeros(c, c + 1, dtype=torch.float64)  # confusion matrix, then top-5 hits per true class
+    counts = ClassificationCounts.zeros(len(data.classnames))
     if indices:
         feats, labels = image_features(model, Subset(data, indices), device=device, progress=False)
-        feats, labels = feats[:own], labels[:own]
-        scores = feats @ weights.T  # (n, C)
-        counts[:, :c] += torch.bincount(labels * c + scores.argmax(1), minlength=c * c).view(c, c).double()
-        top5 = (scores.topk(min(5, c), dim=1).indices == labels[:, None]).any(1)
-        counts[:, c] += torch.bincount(labels[top5], minlength=c).double()
-    counts = _sum(counts, env)
-    return _metrics_from_counts(counts, data.classnames)
-
-
-def _metrics_from_counts(counts: torch.Tensor, classnames: list[str]) -> dict[str, Any]:
-    c = len(classnames)
-    confusion, top5 = counts[:, :c], counts[:, c]
-    per_class = confusion.sum(1)
-    recall = [100 * float(confusion[i, i] / per_class[i]) if per_class[i] else None for i in range(c)]
-    seen = [r for r in recall if r is not None]
-    total = float(per_class.sum())
-    return {
-        "top1": 100 * float(confusion.diagonal().sum()) / max(total, 1),
-        f"top{min(5, c)}": 100 * float(top5.sum()) / max(total, 1),
-        "mean_per_class_recall": sum(seen) / max(len(seen), 1),
-        "per_class_recall": recall,
-        "confusion_matrix": confusion.long().tolist(),
-        "classnames": list(classnames),
-    }
+        counts = count_predictions(feats[:own] @ weights.T, labels[:own], len(data.classnames))
+    counts = counts.apply(lambda x: _sum(x, env))
+    return {**metrics_from_counts(counts), "classnames": list(data.classnames)}
 
 
 def retrieval_during_training(model: DualEncoder, spec: str, env: DistEnv, device) -> dict[str, Any]:

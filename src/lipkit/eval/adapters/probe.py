@@ -1,50 +1,31 @@
-"""Linear probe: multinomial logistic regression on frozen K-shot features, fitted with L-BFGS."""
+"""Linear probe: :func:`~lipkit.eval.linear_probe.logistic_regression` on frozen K-shot features."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from lipkit.eval.adapters.base import ADAPTERS, Adapted, Fold, select_on_folds
+from lipkit.eval.linear_probe import logistic_regression
 
-# L2 penalties tried on validation, strongest first (ties go to the stronger one)
-PROBE_WEIGHT_DECAYS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
-PROBE_DEFAULT_WEIGHT_DECAY = 1e-2  # used when there is no validation fold (one shot per class)
+# L2 strengths tried on validation, strongest first (ties go to the stronger one)
+PROBE_L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+PROBE_DEFAULT_L2 = 1e-2  # used when there is no validation fold (one shot per class)
+PROBE_MAX_ITER = 200
+PROBE_HISTORY_SIZE = 20  # L-BFGS memory
+
+T = TypeVar("T")
 
 
-def logistic_regression(
-    feats: torch.Tensor, labels: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int = 200
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise the mean cross-entropy plus ``weight_decay / 2 * ||W||^2`` (the bias is not penalised).
-
-    Args:
-        feats: Features (N, D).
-        labels: Labels (N,).
-        n_classes: Number of classes C.
-        weight_decay: The L2 penalty on the weights.
-        max_iter: L-BFGS iterations.
-
-    Returns:
-        Weights (C, D) and bias (C,).
-    """
-    feats = feats.float()
-    weight = torch.zeros(n_classes, feats.shape[1], device=feats.device, requires_grad=True)
-    bias = torch.zeros(n_classes, device=feats.device, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, history_size=20, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(feats @ weight.T + bias, labels) + 0.5 * weight_decay * weight.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return weight.detach(), bias.detach()
+def _renamed(value: T, old_value: T | None, old: str, new: str) -> T:
+    """``old_value`` when the deprecated option ``old`` was given (with a warning), else ``value``."""
+    if old_value is None:
+        return value
+    warnings.warn(f"the linear_probe option {old!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3)
+    return old_value
 
 
 @ADAPTERS.register("linear_probe")
@@ -55,31 +36,40 @@ def fit_linear_probe(
     folds: Sequence[Fold],
     *,
     seed: int = 0,
-    weight_decays: Sequence[float] = PROBE_WEIGHT_DECAYS,
-    default_weight_decay: float = PROBE_DEFAULT_WEIGHT_DECAY,
-    max_iter: int = 200,
+    l2_grid: Sequence[float] = PROBE_L2_GRID,
+    default_l2: float = PROBE_DEFAULT_L2,
+    max_iter: int = PROBE_MAX_ITER,
+    weight_decays: Sequence[float] | None = None,
+    default_weight_decay: float | None = None,
 ) -> Adapted:
-    """Logistic regression on the shots; its L2 penalty is chosen on the validation folds.
+    """Logistic regression on the shots; its L2 strength is chosen on the validation folds.
 
     Args:
         feats: K-shot features (N, D).
         labels: K-shot labels (N,).
         zeroshot_weights: Zero-shot class embeddings (C, D); only their number is used.
-        folds: Validation folds; with none, ``default_weight_decay`` is used.
+        folds: Validation folds; with none, ``default_l2`` is used.
         seed: Unused (the fit is deterministic).
-        weight_decays: Candidate penalties, in order of preference for ties.
-        default_weight_decay: The penalty without validation.
+        l2_grid: Candidate strengths, in order of preference for ties.
+        default_l2: The strength without validation.
         max_iter: L-BFGS iterations per fit.
+        weight_decays: Deprecated name of ``l2_grid``.
+        default_weight_decay: Deprecated name of ``default_l2``.
     """
+    l2_grid = _renamed(l2_grid, weight_decays, "weight_decays", "l2_grid")
+    default_l2 = _renamed(default_l2, default_weight_decay, "default_weight_decay", "default_l2")
     n_classes = zeroshot_weights.shape[0]
+
+    def fit(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return logistic_regression(x, y, n_classes, l2, max_iter=max_iter, history_size=PROBE_HISTORY_SIZE)
 
     def scorer(
         train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor
     ) -> Iterator[torch.Tensor]:
-        for wd in weight_decays:
-            weight, bias = logistic_regression(train_feats, train_labels, n_classes, wd, max_iter)
+        for l2 in l2_grid:
+            weight, bias = fit(train_feats, train_labels, l2)
             yield val_feats @ weight.T + bias
 
-    wd = weight_decays[select_on_folds(feats, labels, folds, scorer)] if folds else default_weight_decay
-    weight, bias = logistic_regression(feats, labels, n_classes, wd, max_iter)
-    return Adapted(lambda x: x @ weight.T + bias, {"weight_decay": wd})
+    l2 = l2_grid[select_on_folds(feats, labels, folds, scorer)] if folds else default_l2
+    weight, bias = fit(feats, labels, l2)
+    return Adapted(lambda x: x @ weight.T + bias, {"l2": l2})
