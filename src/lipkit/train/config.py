@@ -144,7 +144,7 @@ class TrainConfig:
             so raising the number reuses the views already cached.
         compile: Compile the forward pass with ``torch.compile`` using this backend. ``auto`` (the
             default) compiles with ``inductor`` on CUDA devices, where it pays off, and runs eagerly
-            elsewhere (on CPUs compiling takes tens of seconds and the step gets slower); under
+            elsewhere (on CPUs compiling takes long and the step gets slower: docs/benchmarks.md); under
             ``auto`` a part that fails to compile runs eagerly with a warning instead of stopping the
             run. ``None`` always runs eagerly; any other name (``inductor``, ``aot_eager``...) always
             compiles with that backend.

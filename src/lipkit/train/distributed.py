@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lipkit.data.loader import rank_and_world
 from lipkit.errors import ConfigError
+from lipkit.utils import rank_and_world
 
 
 @dataclass(frozen=True)

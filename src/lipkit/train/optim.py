@@ -32,8 +32,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`, fused on CUDA and CPU.
 
-    The fused kernel updates every parameter in one vectorised pass; on CPU it is several times faster than
-    PyTorch's default there (a Python loop of per-tensor ops), which matters most for large embedding tables.
+    The fused kernel updates every parameter in one vectorised pass; on CPU, PyTorch's default is a Python
+    loop of per-tensor ops, slowest for large embedding tables. docs/benchmarks.md ("Training step on CPU")
+    times the training step with each.
     """
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
