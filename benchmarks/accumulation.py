@@ -1,18 +1,18 @@
 """Large effective batches on one device: lipkit's micro-batched (GradCache) training step.
 
 Runs lipkit's own training step (``lipkit.train.loop.train_step`` with ``accum_micro_batch``) on one
-synthetic batch of ``--batch`` samples that stays in pinned host memory, micro-batch by micro-batch,
+synthetic batch of ``--batch-size`` samples that stays in pinned host memory, micro-batch by micro-batch,
 and prints the seconds per optimizer step, samples/s, peak device memory, and the same step's
 throughput at batch ``--micro`` without accumulation, so the price of the big batch is visible.
 
     python benchmarks/accumulation.py --model tiny --batch 512 --micro 64            # CPU smoke run
-    python benchmarks/accumulation.py --model ViT-B-16 --batch 65536 --micro 512 --device cuda --precision bf16
+    python benchmarks/accumulation.py --model ViT-B-16 --batch-size 65536 --micro 512 --device cuda --precision bf16
 
 ``--count-memory`` runs two such steps on fake tensors instead (any machine; nothing is allocated or
 computed) and prints their peak tensor memory by kind, as ``benchmarks/train_memory.py`` counts it,
 with the batch in host memory set apart: what the device would have to hold.
 
-    python benchmarks/accumulation.py --model ViT-B-16 --batch 65536 --micro 512 --precision bf16 --count-memory
+    python benchmarks/accumulation.py --model ViT-B-16 --batch-size 65536 --micro 512 --precision bf16 --count-memory
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from lipkit.cli.options import add_alias
 from lipkit.train import loop
 from lipkit.train.config import resolve_config
 from lipkit.train.distributed import DistEnv
@@ -83,7 +84,8 @@ def count_memory(cfg, batch: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--batch", type=int, default=512, help="effective batch (one optimizer step)")
+    parser.add_argument("--batch-size", type=int, default=512, help="effective batch (one optimizer step)")
+    add_alias(parser, "--batch", "--batch-size", "batch_size", type=int)
     parser.add_argument("--micro", type=int, default=64, help="samples per forward pass")
     parser.add_argument("--precision", choices=["fp32", "bf16", "bf16-pure"], default="fp32")
     parser.add_argument("--loss", default="infonce-streaming", help="lipkit loss (the plain B x B one is large)")
@@ -107,9 +109,9 @@ def main() -> None:
     ]
     cfg = resolve_config("tiny-synthetic", overrides=overrides)
     if args.count_memory:
-        peak = count_memory(cfg, args.batch)
+        peak = count_memory(cfg, args.batch_size)
         print(
-            f"{args.model}, effective batch {args.batch} in micro-batches of {args.micro}, {args.precision}, "
+            f"{args.model}, effective batch {args.batch_size} in micro-batches of {args.micro}, {args.precision}, "
             f"{args.loss}: peak tensor memory of a step (GiB), counted on fake tensors, torch {torch.__version__}"
         )
         for kind, gib in peak.items():
@@ -117,7 +119,7 @@ def main() -> None:
         append_result(args.json, "accumulation_memory", {**vars(args), "peak_gib": peak})
         return
     state = loop.build_state(cfg, DistEnv(), device)
-    images, tokens = synthetic_batch(cfg, args.batch, args.pool, pin=device.type == "cuda")
+    images, tokens = synthetic_batch(cfg, args.batch_size, args.pool, pin=device.type == "cuda")
     host_gib = images.numel() * images.element_size() / 2**30
 
     small_images, small_tokens = images[: args.micro], tokens[: args.micro]
@@ -133,7 +135,7 @@ def main() -> None:
     step_s = min(seconds)
     result = {
         "model": args.model,
-        "effective_batch": args.batch,
+        "effective_batch": args.batch_size,
         "micro_batch": args.micro,
         "precision": args.precision,
         "loss": args.loss,
@@ -141,13 +143,13 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "seconds_per_step": step_s,
-        "samples_per_s": args.batch / step_s,
+        "samples_per_s": args.batch_size / step_s,
         "plain_micro_batch_samples_per_s": args.micro / plain_s,
         "peak_device_gib": peak,
         "host_batch_gib": host_gib,
     }
     print(
-        f"{args.model}, effective batch {args.batch} in micro-batches of {args.micro}, {args.precision}, "
+        f"{args.model}, effective batch {args.batch_size} in micro-batches of {args.micro}, {args.precision}, "
         f"{args.loss}, {result['device']}, torch {torch.__version__}"
     )
     print(f"  one optimizer step: {step_s:.2f} s, {result['samples_per_s']:.1f} samples/s")

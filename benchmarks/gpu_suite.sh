@@ -43,11 +43,11 @@ step() {
 
 if [ "${LIPKIT_SUITE_SMOKE:-0}" = 1 ]; then
     DEV=cpu PREC=fp32 B32=(--model tiny --batch-size 32) B16=(--model micro --batch-size 16)
-    ROUNDS=(--rounds 1 --steps 2) LOSS_B=4096 LOSS_TILE=1024 ACC=(--model micro --batch 64 --micro 16)
+    ROUNDS=(--rounds 1 --steps 2) LOSS_B=4096 LOSS_TILE=1024 ACC=(--model micro --batch-size 64 --micro 16)
     BLOCK=(--width 64 --heads 4 --tokens 50 --batch-size 4)
 else
     DEV=cuda PREC=bf16 B32=(--model ViT-B-32 --batch-size 1024) B16=(--model ViT-B-16 --batch-size 512)
-    ROUNDS=(--rounds 3 --steps 10) LOSS_B=262144 LOSS_TILE=4096 ACC=(--model ViT-B-16 --batch 65536 --micro 512)
+    ROUNDS=(--rounds 3 --steps 10) LOSS_B=262144 LOSS_TILE=4096 ACC=(--model ViT-B-16 --batch-size 65536 --micro 512)
     BLOCK=(--batch-size 512 --steps 10)  # ViT-B-16's image block at batch 512
 fi
 TP=(benchmarks/train_throughput.py --device $DEV --precision $PREC "${ROUNDS[@]}" --json "$RES")
@@ -61,8 +61,8 @@ if torch.cuda.is_available():
 import open_clip; print('open_clip', open_clip.__version__)"
 step throughput-b32-eager 120 $PY "${TP[@]}" "${B32[@]}" --trainer
 step throughput-b16-eager 150 $PY "${TP[@]}" "${B16[@]}" --trainer --profile 25
-step streaming-infonce 90 $PY benchmarks/loss_memory.py --batch $LOSS_B --tile $LOSS_TILE --device $DEV --skip-plain --json "$RES"
-step streaming-sigmoid 90 $PY benchmarks/loss_memory.py --batch $LOSS_B --tile $LOSS_TILE --device $DEV --skip-plain --loss siglip --json "$RES"
+step streaming-infonce 90 $PY benchmarks/loss_memory.py --batch-size $LOSS_B --tile $LOSS_TILE --device $DEV --skip-plain --json "$RES"
+step streaming-sigmoid 90 $PY benchmarks/loss_memory.py --batch-size $LOSS_B --tile $LOSS_TILE --device $DEV --skip-plain --loss siglip --json "$RES"
 step accumulation 180 $PY benchmarks/accumulation.py "${ACC[@]}" --device $DEV --precision $PREC --json "$RES"
 step throughput-b32-compiled 200 $PY "${TP[@]}" "${B32[@]}" --compile
 step throughput-b16-compiled 200 $PY "${TP[@]}" "${B16[@]}" --compile

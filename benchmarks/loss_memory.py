@@ -5,8 +5,8 @@ L2-normalised features), so peak memory is that of the loss: ``torch.cuda.max_me
 GPU, the growth of the process's peak resident memory on a CPU. Prints both, and the ratios.
 
     python benchmarks/loss_memory.py --batch 8192                         # CPU
-    python benchmarks/loss_memory.py --batch 262144 --device cuda --skip-plain --tile 4096
-    python benchmarks/loss_memory.py --batch 262144 --device cuda --skip-plain --tile 4096 --loss siglip
+    python benchmarks/loss_memory.py --batch-size 262144 --device cuda --skip-plain --tile 4096
+    python benchmarks/loss_memory.py --batch-size 262144 --device cuda --skip-plain --tile 4096 --loss siglip
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from lipkit.cli.options import add_alias
 from results import append_result
 
 
@@ -74,7 +75,8 @@ def measure(kind: str, loss_name: str, batch: int, dim: int, tile: int, device: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=8192)
+    add_alias(parser, "--batch", "--batch-size", "batch_size", type=int)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
@@ -85,18 +87,18 @@ def main() -> None:
     parser.add_argument("--child", choices=["plain", "streaming"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = measure(args.child, args.loss, args.batch, args.dim, args.tile, args.device, args.dtype)
+        result = measure(args.child, args.loss, args.batch_size, args.dim, args.tile, args.device, args.dtype)
         print(json.dumps(result))
         return
     kinds = ["streaming"] if args.skip_plain else ["plain", "streaming"]
     results = {}
     for kind in kinds:
-        cmd = [sys.executable, __file__, "--child", kind, "--batch", str(args.batch), "--dim", str(args.dim)]
+        cmd = [sys.executable, __file__, "--child", kind, "--batch-size", str(args.batch_size), "--dim", str(args.dim)]
         cmd += ["--tile", str(args.tile), "--device", args.device, "--loss", args.loss, "--dtype", args.dtype]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[kind] = json.loads(out.strip().splitlines()[-1])
     print(
-        f"{args.loss} forward + backward, batch {args.batch}, dim {args.dim}, {args.dtype}, tile {args.tile}, "
+        f"{args.loss} forward + backward, batch {args.batch_size}, dim {args.dim}, {args.dtype}, tile {args.tile}, "
         f"{args.device}"
     )
     for kind, r in results.items():
@@ -104,7 +106,7 @@ def main() -> None:
         print(
             f"{kind:>9}: {r['seconds']:7.2f} s  peak loss memory {r['loss_mib']:9.1f} MiB{total}  loss {r['loss']:.6f}"
         )
-    record = {"loss": args.loss, "batch": args.batch, "dim": args.dim}
+    record = {"loss": args.loss, "batch": args.batch_size, "dim": args.dim}
     record |= {"dtype": args.dtype, "tile": args.tile, "device": args.device, "results": results}
     append_result(args.json, "loss_memory", record)
     if len(results) == 2:

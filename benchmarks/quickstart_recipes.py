@@ -33,7 +33,7 @@ trunk forwards are skipped, so evaluating a variant takes ~13 s instead of minut
     python benchmarks/quickstart_recipes.py --show                       # every result so far
 
 The ``occ*`` variants need OpenClipart shards, built once with
-``lipkit data builtin openclipart --out /tmp/occ --max-side 256`` (``--occ`` names the folder); the
+``lipkit data builtin openclipart --out-dir /tmp/occ --max-side 256`` (``--occ`` names the folder); the
 ``emoji-tpl*`` variants write the emoji splits with templated captions as CSV tables under
 ``--templated-emoji`` on first use.
 """
@@ -215,7 +215,7 @@ def build_templated_emoji(out: Path, template: str = EMOJI_TEMPLATE) -> None:
     """``OUT/{train,val,test}.csv``: the emoji splits as PNG files, captioned ``template`` with the name."""
     import csv
 
-    from lipkit.data.sources import EmojiPairs
+    from lipkit.data.corpora import EmojiPairs
 
     (out / "img").mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):

@@ -6,19 +6,21 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from lipkit.cli.options import add_alias, add_limit, add_quiet
+
 if TYPE_CHECKING:
     from lipkit.data.pack import PackOptions, PackResult
 
 HELP = """\
 Prepare training data.
 
-  lipkit data pack SOURCE --out DIR       a folder (images + .txt/.json captions) or a CSV/TSV/Parquet
-                                          table -> webdataset tar shards in img2dataset's layout
-  lipkit data builtin NAME --out DIR      build a built-in corpus from Debian packages
-  lipkit data info SPEC                   what a data spec (as in data.train=...) holds
+  lipkit data pack SOURCE --out-dir DIR     a folder (images + .txt/.json captions) or a CSV/TSV/Parquet
+                                            table -> webdataset tar shards in img2dataset's layout
+  lipkit data builtin NAME --out-dir DIR    build a built-in corpus from Debian packages
+  lipkit data info SPEC                     what a data spec (as in data.train=...) holds
 
 Packing is resumable: shards finished by an earlier run (those with a NNNNN_stats.json) are skipped.
-Train on the result with `lipkit train PRESET data.train=DIR/{00000..00009}.tar` (or data.train=DIR).
+Train on the result with `lipkit train PRESET --set data.train=DIR/{00000..00009}.tar` (or data.train=DIR).
 """
 
 BUILTINS = ("tuxpaint", "emoji", "openclipart", "fashion-mnist", "mnist")
@@ -59,21 +61,23 @@ def pack_description() -> str:
 def builtin_description() -> str:
     return (
         "Build a built-in corpus from installed Debian packages. Pairs (tuxpaint, emoji, openclipart) go "
-        "to OUT/{train,val,test}/ as shards, split by key hash; labelled sets (fashion-mnist, mnist) are "
-        "written in CLIP_benchmark's webdataset layout (evaluate with `wds:OUT`; name OUT wds_<name> so "
+        "to DIR/{train,val,test}/ as shards, split by key hash; labelled sets (fashion-mnist, mnist) are "
+        "written in CLIP_benchmark's webdataset layout (evaluate with `wds:DIR`; name DIR wds_<name> so "
         "that prompt templates are found by name)."
     )
 
 
 def _packing_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out-dir", metavar="DIR", help="output folder")
+    add_alias(out, "--out", "--out-dir", "out_dir", metavar="DIR")
     p.add_argument("--samples-per-shard", type=int, default=10_000, metavar="N", help="default 10000")
     p.add_argument("--max-side", type=int, metavar="PX", help="shrink images to this longer side (default: keep)")
     p.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG/WebP quality (default 95)")
     p.add_argument("--format", default="jpg", choices=("jpg", "png", "webp"), help="image format (default jpg)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N", help="processes")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N items (for a quick try)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_limit(p, "items of the input (for a quick try)")
+    add_quiet(p, old="--no-progress")
 
 
 def _options(args: argparse.Namespace) -> PackOptions:
@@ -95,7 +99,7 @@ def run_pack(args: argparse.Namespace) -> int:
 
     items = file_items(args.source, args.image_col, args.caption_col)
     items = items[: args.limit] if args.limit else items
-    _report(pack(items, args.out, _options(args), progress=not args.no_progress))
+    _report(pack(items, args.out_dir, _options(args), progress=not args.quiet))
     return 0
 
 
@@ -104,7 +108,7 @@ def run_builtin(args: argparse.Namespace) -> int:
         return _run_labelled(args)
     from lipkit.data.builtin import pack_corpus
 
-    for split, result in pack_corpus(args.name, args.out, _options(args), args.limit, not args.no_progress).items():
+    for split, result in pack_corpus(args.name, args.out_dir, _options(args), args.limit, not args.quiet).items():
         _report(result, f"{split:<5}: ")
     return 0
 
@@ -118,10 +122,9 @@ def _run_labelled(args: argparse.Namespace) -> int:
         data = open_labelled(f"{args.name}:{split}")
         data = subsample(data, args.limit) if args.limit else data
         templates, _ = default_templates(args.name, getattr(data, "templates", None))
-        shards = write_labelled(data, args.out, split, templates, args.samples_per_shard, not args.no_progress)
-        print(
-            f"{split:<5}: {len(data)} images of {len(data.classnames)} classes in {shards} shards in {args.out}/{split}"
-        )
+        shards = write_labelled(data, args.out_dir, split, templates, args.samples_per_shard, not args.quiet)
+        where = f"{shards} shards in {args.out_dir}/{split}"
+        print(f"{split:<5}: {len(data)} images of {len(data.classnames)} classes in {where}")
     return 0
 
 

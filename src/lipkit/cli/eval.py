@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from lipkit.cli.options import add_limit, add_quiet, add_seed
 from lipkit.errors import LipkitError
 
 DATASETS_HELP = (
@@ -41,7 +42,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
     p.add_argument("--workers", type=int, default=0, help="image loading processes (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda... (default: auto)")
-    p.add_argument("--out", help="also write the results to this JSON file")
+    p.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
+    add_quiet(p)
 
 
 def _add_retrieval(tasks: argparse._SubParsersAction) -> None:
@@ -67,7 +69,7 @@ top-5, mean per-class recall and per-class recall. Class embeddings are cached
 per model and prompt set in --cache-dir.""",
         epilog="""\
 examples:
-  lipkit eval zeroshot runs/tiny-tuxpaint --data fashion-mnist:test --max-samples 2000
+  lipkit eval zeroshot runs/tiny-tuxpaint --data fashion-mnist:test --limit 2000
   lipkit eval zeroshot model.pt --model ViT-B-32 --data folder:/data/pets --templates my_templates.txt
   lipkit eval zeroshot runs/x --data wds:/data/wds_cifar10:test --out cifar10.json""",
     )
@@ -112,8 +114,6 @@ example:
 
 
 def _add_fewshot(tasks: argparse._SubParsersAction) -> None:
-    from lipkit.eval.fewshot import DEFAULT_KS, DEFAULT_METHODS
-
     f = tasks.add_parser(
         "fewshot",
         help="few-shot adaptation at K shots per class",
@@ -126,22 +126,22 @@ K-shot training data only, never on the test set. Reports top-1 per method and K
         epilog="""\
 example:
   lipkit eval fewshot runs/tiny-tuxpaint --train fashion-mnist:train --test fashion-mnist:test \\
-      --shots 1 2 4 8 16 --methods zeroshot linear_probe tip_adapter gda --max-test 2000""",
+      --shots 1 2 4 8 16 --methods zeroshot linear_probe tip_adapter gda --limit 2000""",
     )
     _add_model_args(f)
     f.add_argument("--train", required=True, help="set the shots are drawn from: " + DATASETS_HELP)
     f.add_argument("--test", required=True, help="test set (same specs)")
-    f.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_KS), help="K values (default: 1 2 4 8 16)")
-    f.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods (default: all)")
+    f.add_argument("--shots", type=int, nargs="+", help="K values (default: 1 2 4 8 16)")
+    f.add_argument("--methods", nargs="+", help="methods (default: all)")
     f.add_argument("--seeds", type=int, nargs="+", default=[0], help="shot-sampling seeds to average (default: 0)")
     f.add_argument("--templates", help="prompt templates for the zero-shot classifier (as in `lipkit eval zeroshot`)")
-    f.add_argument("--max-test", type=int, help="score at most N test images")
+    add_limit(f, "test images (evenly spaced)", old="--max-test")
     f.add_argument(
         "--no-invert",
         action="store_true",
         help="fashion-mnist and mnist: keep white-on-black images (default: dark objects on white)",
     )
-    f.set_defaults(run=run_fewshot, classnames=None, max_samples=None, seed=0)
+    f.set_defaults(run=run_fewshot, classnames=None)
 
 
 def _add_report(tasks: argparse._SubParsersAction) -> None:
@@ -164,13 +164,13 @@ examples:
   lipkit eval report runs/x --out /tmp/x.html""",
     )
     r.add_argument("run_dir", help="the run directory (config.yaml, metrics.jsonl, results files under it)")
-    r.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html)")
+    r.add_argument("--out", metavar="FILE", help="the HTML file to write (default: RUN_DIR/report.html)")
     r.set_defaults(run=run_report)
 
 
 def _add_subset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-samples", type=int, help="use at most N images of each set (a fixed random subset)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --max-samples subset (default: 0)")
+    add_limit(p, "images of each set (a fixed random subset)", old="--max-samples")
+    add_seed(p, "the --limit subset", default=0)
     p.add_argument(
         "--no-invert",
         action="store_true",
@@ -186,32 +186,31 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     return create_model(args.model or recorded_model_config(weights), pretrained=str(weights)), weights
 
 
-def _open(spec: str, args: argparse.Namespace) -> Any:
+def _open(spec: str, args: argparse.Namespace, limit: int | None = None, seed: int = 0) -> Any:
     from lipkit.data.labelled import open_labelled
 
     options = {"invert": False} if args.no_invert else {}
-    return open_labelled(spec, max_samples=args.max_samples, seed=args.seed, **options)
+    return open_labelled(spec, max_samples=limit, seed=seed, **options)
 
 
 def _save(args: argparse.Namespace, task: str, model: Any, weights: Any, data: Any, values: dict) -> None:
-    from lipkit.eval.results import describe_model, make_result, split_metrics, write_results
+    from lipkit.eval.results import task_result, write_results
 
     if args.out:
-        metrics, details = split_metrics(values)
-        result = make_result(task, describe_model(model, args.model), weights, data, metrics, details)
-        write_results(args.out, result)
+        write_results(args.out, task_result(task, model, args.model, weights, data, values))
         print(f"results written to {args.out}")
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
-    from lipkit.data.sources import open_source
+    from lipkit.data.spec import open_source
     from lipkit.eval.embed import embed_pairs
     from lipkit.eval.retrieval import retrieval_metrics
     from lipkit.utils import resolve_device
 
     model, weights = _load_model(args)
     source = open_source(args.data)
-    images, texts = embed_pairs(model, source, args.batch_size, args.workers, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    images, texts = embed_pairs(model, source, args.batch_size, args.workers, device=device, progress=not args.quiet)
     metrics = retrieval_metrics(images, texts)
     print(f"retrieval on {args.data}: {len(source)} pairs (chance R@1 {100.0 / len(source):.1f}%)")
     for direction in ("image_to_text", "text_to_image"):
@@ -237,7 +236,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from lipkit.utils import resolve_device
 
     model, weights = _load_model(args)
-    data = _open(args.data, args)
+    data = _open(args.data, args, args.limit, args.seed)
     classnames, templates, source = _prompts(args, data)
     counts = f"{len(data)} images, {len(classnames)} classes, {len(templates)} templates"
     print(f"zero-shot on {args.data}: {counts} ({source})")
@@ -251,6 +250,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         cache=not args.no_cache,
         cache_dir=args.cache_dir,
+        progress=not args.quiet,
     )
     _print_classification(values, classnames)
     values.update(classnames=classnames, templates=templates, template_source=source)
@@ -264,16 +264,17 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     from lipkit.utils import resolve_device
 
     model, weights = _load_model(args)
-    train, test = _open(args.train, args), _open(args.test, args)
+    train, test = _open(args.train, args, args.limit, args.seed), _open(args.test, args, args.limit, args.seed)
     if list(train.classnames) != list(test.classnames):
         raise LipkitError(f"{args.train} and {args.test} have different classes")
     device = resolve_device(args.device)
     print(f"linear probe: train {args.train} ({len(train)} images), test {args.test} ({len(test)} images)")
-    train_x, train_y = image_features(model, train, args.batch_size, args.workers, device)
-    test_x, test_y = image_features(model, test, args.batch_size, args.workers, device)
+    progress = not args.quiet
+    train_x, train_y = image_features(model, train, args.batch_size, args.workers, device, progress=progress)
+    test_x, test_y = image_features(model, test, args.batch_size, args.workers, device, progress=progress)
     num_classes = len(train.classnames)
     values = linear_probe(
-        train_x, train_y, test_x, test_y, num_classes, val_fraction=args.val_fraction, device=device, progress=True
+        train_x, train_y, test_x, test_y, num_classes, val_fraction=args.val_fraction, device=device, progress=progress
     )
     _print_probe(values, list(train.classnames))
     values["classnames"] = list(train.classnames)
@@ -300,30 +301,32 @@ def _print_classification(values: dict, classnames: list[str]) -> None:
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
-    from lipkit.eval.fewshot import fewshot_report
+    from lipkit.eval.fewshot import DEFAULT_KS, DEFAULT_METHODS, fewshot_report
     from lipkit.utils import resolve_device
 
+    shots, methods = args.shots or list(DEFAULT_KS), args.methods or list(DEFAULT_METHODS)
     model, weights = _load_model(args)
     train, test = _open(args.train, args), _open(args.test, args)
     if list(train.classnames) != list(test.classnames):
         raise LipkitError(f"{args.train} and {args.test} have different classes")
     classnames, templates, _ = _prompts(args, test)
-    print(f"few-shot: shots from {args.train}, test on {args.test}, K = {' '.join(map(str, args.shots))}")
+    print(f"few-shot: shots from {args.train}, test on {args.test}, K = {' '.join(map(str, shots))}")
     values = fewshot_report(
         model,
         train,
         test,
         classnames,
         templates,
-        ks=args.shots,
-        methods=args.methods,
+        ks=shots,
+        methods=methods,
         device=resolve_device(args.device),
-        max_test=args.max_test,
+        max_test=args.limit,
         seeds=args.seeds,
         batch_size=args.batch_size,
         workers=args.workers,
+        progress=not args.quiet,
     )
-    _print_fewshot(values, args.shots)
+    _print_fewshot(values, shots)
     _save(args, "fewshot", model, weights, {"train": args.train, "test": args.test}, {"fewshot": values})
     return 0
 

@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="weights to read")
     p.add_argument("--model", help="model config name; default: the one recorded in a lipkit checkpoint")
-    p.add_argument("--out", required=True, help="output file (written atomically)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file (written atomically)")
     p.set_defaults(run=run)
 
 

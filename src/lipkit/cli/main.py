@@ -21,7 +21,7 @@ EPILOG = """\
 examples:
   lipkit models                                  list the model configs
   lipkit train tiny-tuxpaint                     train a tiny CLIP on the built-in Tux Paint pairs
-  lipkit train tiny-synthetic steps=100 optim.lr=1e-3 data.batch_size=32
+  lipkit train tiny-synthetic --set steps=100 optim.lr=1e-3 data.batch_size=32
   lipkit export runs/tiny-tuxpaint/checkpoints/step_00000300.pt --out model_openclip.pt
 """
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from lipkit.cli.options import add_alias, add_limit, add_quiet, add_set, warn_deprecated
+from lipkit.errors import ConfigError, suggest
+
 DESCRIPTION = """\
 Train and evaluate two models on lipkit's built-in data, offline, and write a report:
 
@@ -22,8 +25,8 @@ command: `lipkit train lit-quickstart`, `lipkit eval zeroshot ...`, `lipkit eval
 EPILOG = """\
 examples:
   lipkit quickstart
-  lipkit quickstart --out runs/qs2 --set lit steps=300 optim.lr=5e-4
-  lipkit quickstart --only lit --set lit 'data.train=/data/shards/{00000..00009}.tar'
+  lipkit quickstart --out-dir runs/qs2 --set lit.steps=300 lit.optim.lr=5e-4
+  lipkit quickstart --only lit --set 'lit.data.train=/data/shards/{00000..00009}.tar'
 """
 
 
@@ -35,32 +38,53 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
-    p.add_argument(
-        "--set",
-        nargs="+",
-        action="append",
-        default=[],
-        metavar=("RUN", "KEY=VALUE"),
-        help="training overrides for one run (lit or tiny), e.g. --set lit steps=300",
-    )
+    p.add_argument("--out-dir", default="runs/quickstart", metavar="DIR", help="output folder (default: %(default)s)")
+    add_alias(p, "--out", "--out-dir", "out_dir", metavar="DIR")
+    add_set(p, "training overrides of one run (RUN: lit or tiny), e.g. --set lit.steps=300", "RUN.KEY=VALUE")
     p.add_argument("--only", choices=["lit", "tiny"], help="run only this model")
-    p.add_argument("--max-eval-images", type=int, default=2000, help="images per labelled test set (default: 2000)")
+    add_limit(p, "images of each labelled test set", old="--max-eval-images", default=2000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda... (default: auto)")
+    add_quiet(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lipkit.errors import ConfigError
     from lipkit.quickstart import QuickstartConfig, check_ready, run_quickstart
 
+    cfg = QuickstartConfig(out_dir=args.out_dir, max_eval_images=args.limit, device=args.device)
+    for run_name, override in run_overrides(args.set, tuple(cfg.models)):
+        cfg.overrides.setdefault(run_name, []).append(override)
     check_ready()
-    cfg = QuickstartConfig(out_dir=args.out, max_eval_images=args.max_eval_images, device=args.device)
-    for run_name, *overrides in args.set:
-        if run_name not in cfg.models:
-            raise ConfigError(f"--set names a run {run_name!r}; the runs are {', '.join(cfg.models)}")
-        cfg.overrides.setdefault(run_name, []).extend(overrides)
+    if args.quiet:
+        for run_name in cfg.models:
+            cfg.overrides.setdefault(run_name, []).append("progress=false")
     if args.only:
         cfg.models = {args.only: cfg.models[args.only]}
     run_quickstart(cfg)
     return 0
+
+
+def run_overrides(items: list[str], runs: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Split ``--set`` values into (run, ``key=value``) pairs.
+
+    ``RUN.KEY=VALUE`` names its run. The old form ``--set RUN KEY=VALUE ...`` (a run name on its own,
+    then overrides for it) still works, with a deprecation notice.
+
+    Raises:
+        ConfigError: A value that names no run, or a bare word that is not a run.
+    """
+    pairs, current = [], None
+    for item in items:
+        head, _, rest = item.partition(".")
+        if "=" not in item:
+            if item not in runs:
+                raise ConfigError(f"--set names a run {item!r}; the runs are {', '.join(runs)}.{suggest(item, runs)}")
+            warn_deprecated("lipkit quickstart", f"--set {item} KEY=VALUE", f"--set {item}.KEY=VALUE")
+            current = item
+        elif head in runs:
+            pairs.append((head, rest))
+        elif current is not None:
+            pairs.append((current, item))
+        else:
+            raise ConfigError(f"--set takes RUN.KEY=VALUE with RUN one of {', '.join(runs)}; got {item!r}")
+    return pairs
