@@ -63,6 +63,9 @@ def test_rank_and_world_from_torchrun_variables(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert rank_and_world() == (3, 4)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError, match="RANK=4"):
+        rank_and_world()
     monkeypatch.setenv("WORLD_SIZE", "four")
     with pytest.raises(ConfigError, match="must be integers"):
         rank_and_world()

@@ -133,18 +133,18 @@ def test_pack_from_parquet(tmp_path):
 def test_cli_pack_and_info(tmp_path, capsys):
     src = make_folder(tmp_path / "src", n=6)
     out = tmp_path / "out"
-    assert main(["data", "pack", str(src), "--out", str(out), "--samples-per-shard", "4", "--no-progress"]) == 0
+    assert main(["data", "pack", str(src), "--out-dir", str(out), "--samples-per-shard", "4", "--quiet"]) == 0
     assert "6 of 6 pairs in 2 shards" in capsys.readouterr().out
     assert main(["data", "info", f"{out}/{{00000..00001}}.tar"]) == 0
     assert "6 pairs, 2 shards" in capsys.readouterr().out
-    assert main(["data", "pack", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert main(["data", "pack", str(tmp_path / "missing"), "--out-dir", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not TUXPAINT_ROOT.is_dir(), reason="tuxpaint-stamps-default is not installed")
 def test_builtin_tuxpaint_keeps_every_translation(tmp_path):
     out = tmp_path / "tux"
-    assert main(["data", "builtin", "tuxpaint", "--out", str(out), "--limit", "30", "--no-progress"]) == 0
+    assert main(["data", "builtin", "tuxpaint", "--out-dir", str(out), "--limit", "30", "--quiet"]) == 0
     train = open_mixture(str(out / "train")).sources[0]
     assert 15 < len(train) <= 30
     with tarfile.open(out / "train" / "00000.tar") as tar:
@@ -157,7 +157,7 @@ def test_builtin_tuxpaint_keeps_every_translation(tmp_path):
 @pytest.mark.skipif(not EMOJI_FONT.is_file(), reason="fonts-noto-color-emoji is not installed")
 def test_builtin_emoji_and_the_emoji_source(tmp_path):
     out = tmp_path / "emoji"
-    assert main(["data", "builtin", "emoji", "--out", str(out), "--limit", "20", "--no-progress"]) == 0
+    assert main(["data", "builtin", "emoji", "--out-dir", str(out), "--limit", "20", "--quiet"]) == 0
     shards = open_mixture(str(out / "train")).sources[0]
     assert len(shards) >= 10 and shards.image(0).size == (136, 128)
     source = open_source("emoji:val")
@@ -174,7 +174,7 @@ def test_builtin_openclipart_reads_titles_and_tags(tmp_path):
     title, _, tags = svg_metadata(svg)
     assert title and isinstance(tags, list)
     out = tmp_path / "clipart"
-    args = ["data", "builtin", "openclipart", "--out", str(out), "--limit", "8", "--max-side", "64", "--no-progress"]
+    args = ["data", "builtin", "openclipart", "--out-dir", str(out), "--limit", "8", "--max-side", "64", "--quiet"]
     assert main(args) == 0
     stats = json.loads((out / "train" / "00000_stats.json").read_text())
     assert stats["successes"] >= 3 and stats["width"]["max"] <= 64
@@ -187,7 +187,7 @@ def test_builtin_labelled_set_in_clip_benchmark_layout(tmp_path):
     except LipkitError:
         pytest.skip("dataset-fashion-mnist is not installed")
     out = tmp_path / "wds_fashion-mnist"
-    assert main(["data", "builtin", "fashion-mnist", "--out", str(out), "--limit", "40", "--no-progress"]) == 0
+    assert main(["data", "builtin", "fashion-mnist", "--out-dir", str(out), "--limit", "40", "--quiet"]) == 0
     assert (out / "test" / "nshards.txt").read_text().strip() == "1"
     assert members(out / "test" / "0.tar")[:3] == ["s0000000.png", "s0000000.cls", "s0000000.txt"]
     data = labelled.open_labelled(f"wds:{out}:test")

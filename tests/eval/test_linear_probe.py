@@ -114,7 +114,7 @@ def test_cli_linear_probe_on_fashion_mnist_subsets(tmp_path, capsys):
     run_dir = train(resolve_config("tiny-synthetic", overrides=overrides)).run_dir
     out_file = tmp_path / "lp.json"
     argv = ["eval", "linear-probe", str(run_dir), "--train", "fashion-mnist:train", "--test", "fashion-mnist:test"]
-    assert main([*argv, "--max-samples", "300", "--device", "cpu", "--out", str(out_file)]) == 0
+    assert main([*argv, "--limit", "300", "--device", "cpu", "--out", str(out_file)]) == 0
     printed = capsys.readouterr().out
     assert "L2" in printed and "mean per-class recall" in printed and "ankle boot" in printed
     result = read_results(out_file)

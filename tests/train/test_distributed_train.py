@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from lipkit.losses import LOSSES
 from lipkit.train import checkpoint as ckpt
 from lipkit.train.config import resolve_config
 from lipkit.train.loop import train
@@ -32,7 +33,7 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
 def test_two_processes_match_one_process(tmp_path, loss):
     """The streaming forms run across processes as infonce-streaming-distributed and siglip-ring."""
     extra = [f"loss={loss}", "steps=4", "checkpoint_every=4", "data.batch_size=16", f"out_dir={tmp_path}"]
-    if loss.startswith("siglip"):
+    if LOSSES.get(loss).needs_bias:
         extra.append("model=tiny-siglip")
     if loss.endswith("streaming"):
         extra.append("loss_options.tile=3")  # several tiles per rank's 8 rows
@@ -44,8 +45,8 @@ def test_two_processes_match_one_process(tmp_path, loss):
     two = [r["loss"] for r in read_metrics(tmp_path / "ddp")]
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
-    a = torch.load(single.checkpoint, weights_only=False)["model"]
-    b = torch.load(ckpt.list_checkpoints(tmp_path / "ddp")[-1], weights_only=False)["model"]
+    a = torch.load(single.checkpoint, weights_only=True)["model"]
+    b = torch.load(ckpt.list_checkpoints(tmp_path / "ddp")[-1], weights_only=True)["model"]
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-3), key
 
@@ -103,12 +104,12 @@ def test_fsdp_matches_one_process(tmp_path):
     one = [r["loss"] for r in read_metrics(single.run_dir)]
     two = [r["loss"] for r in read_metrics(tmp_path / "fsdp")]
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
-    a = torch.load(single.checkpoint, weights_only=False)["model"]
-    b = torch.load(ckpt.list_checkpoints(tmp_path / "fsdp")[-1], weights_only=False)["model"]
+    a = torch.load(single.checkpoint, weights_only=True)["model"]
+    b = torch.load(ckpt.list_checkpoints(tmp_path / "fsdp")[-1], weights_only=True)["model"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4, rtol=1e-3), key
-    resumed = torch.load(ckpt.list_checkpoints(tmp_path / "fsdp")[0], weights_only=False)
+    resumed = torch.load(ckpt.list_checkpoints(tmp_path / "fsdp")[0], weights_only=True)
     assert resumed["step"] == 2
 
 
@@ -136,8 +137,8 @@ def assert_same_run(single, run_dir, steps: int) -> None:
     assert len(one) == len(two) == steps
     for got, want in zip(two, one):
         assert got == pytest.approx(want, rel=1e-4)
-    a = torch.load(single.checkpoint, weights_only=False)["model"]
-    b = torch.load(ckpt.list_checkpoints(run_dir)[-1], weights_only=False)["model"]
+    a = torch.load(single.checkpoint, weights_only=True)["model"]
+    b = torch.load(ckpt.list_checkpoints(run_dir)[-1], weights_only=True)["model"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key

@@ -28,8 +28,8 @@ def test_locked_towers_train_on_cached_features_and_reuse_the_cache(run_override
     monkeypatch.setattr(feature_cache, "_compute", fail)
     second = loop.train(resolve_config("tiny-synthetic", overrides=[*base, "name=b"]))
     assert [r["loss"] for r in read_metrics(second.run_dir)] == [r["loss"] for r in records]
-    trunk = torch.load(second.checkpoint, weights_only=False)["model"]["visual.patch_embed.weight"]
-    assert torch.equal(trunk, torch.load(first.checkpoint, weights_only=False)["model"]["visual.patch_embed.weight"])
+    trunk = torch.load(second.checkpoint, weights_only=True)["model"]["visual.patch_embed.weight"]
+    assert torch.equal(trunk, torch.load(first.checkpoint, weights_only=True)["model"]["visual.patch_embed.weight"])
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_training_with_unlocked_text_layers_on_cached_states(run_overrides, tmp_
     records = read_metrics(run.run_dir)
     assert records[-1]["loss"] < records[0]["loss"]
     start = loop.build_state(resolve_config("tiny-synthetic", overrides=[*base, *UNLOCK]), *_one_process())
-    before, after = start.model.state_dict(), torch.load(run.checkpoint, weights_only=False)["model"]
+    before, after = start.model.state_dict(), torch.load(run.checkpoint, weights_only=True)["model"]
     assert not torch.equal(
         before["text.transformer.blocks.2.mlp.fc1.weight"], after["text.transformer.blocks.2.mlp.fc1.weight"]
     )

@@ -47,8 +47,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(run_overrides, tmp_pa
     assert [p.name for p in ckpt.list_checkpoints(cut_dir)] == ["step_00000004.pt"]
     resumed = loop.train(resolve_config("tiny-synthetic", overrides=[*base, "name=cut", "resume=latest"]))
     assert losses(resumed.run_dir) == losses(full.run_dir)  # exact: same steps, same values
-    a = torch.load(full.checkpoint, weights_only=False)["model"]
-    b = torch.load(resumed.checkpoint, weights_only=False)["model"]
+    a = torch.load(full.checkpoint, weights_only=True)["model"]
+    b = torch.load(resumed.checkpoint, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -190,7 +190,7 @@ def test_pure_bf16_keeps_weights_in_bf16_and_tracks_the_fp32_losses(run_override
     result = loop.train(resolve_config("tiny-synthetic", overrides=[*base, "name=bf16", "precision=bf16-pure"]))
     bf16_losses = [r["loss"] for r in read_metrics(result.run_dir)]
     assert bf16_losses == pytest.approx([r["loss"] for r in read_metrics(full.run_dir)], rel=0.03)  # bf16: ~3 digits
-    state = torch.load(result.checkpoint, weights_only=False)["model"]
+    state = torch.load(result.checkpoint, weights_only=True)["model"]
     assert state["visual.patch_embed.weight"].dtype == torch.bfloat16
 
 

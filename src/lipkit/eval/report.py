@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from lipkit import __version__
 from lipkit.errors import LipkitError
 from lipkit.eval.results import RESULT_KEYS
-from lipkit.train.metrics import read_metrics_log
+from lipkit.metrics_log import read_metrics_log
 from lipkit.utils import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:

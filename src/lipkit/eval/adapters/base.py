@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lipkit.errors import LipkitError
+from lipkit.eval.metrics import count_predictions, metrics_from_counts
 from lipkit.registry import Registry
 
 ZEROSHOT_SCALE = 100.0  # CLIP's zero-shot logits: 100 * cosine similarity
@@ -116,8 +117,9 @@ def select_on_folds(feats: torch.Tensor, labels: torch.Tensor, folds: Sequence[F
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent."""
-    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
+    """Top-1 accuracy in percent, counted as every classification metric is (:mod:`lipkit.eval.metrics`)."""
+    counts = count_predictions(logits, labels, logits.shape[1], ks=(1,))
+    return metrics_from_counts(counts)["top1"]
 
 
 @ADAPTERS.register("zeroshot")
