@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lipkit.errors import StorageError
 from lipkit.utils import atomic_write, digest_tensor
 
 FORMAT = "lipkit-cache-1"
@@ -80,5 +81,5 @@ def try_save_cached(path: Path, payload: dict[str, Any]) -> None:
     """:func:`save_cached`, where a cache that cannot be written (read-only, full disk) costs a warning."""
     try:
         save_cached(path, payload)
-    except OSError as exc:
+    except (OSError, StorageError) as exc:
         warnings.warn(f"cannot write cache entry {path}: {exc}", stacklevel=3)

@@ -44,7 +44,15 @@ from lipkit.models import DualEncoder, create_model
 from lipkit.train import checkpoint as ckpt
 from lipkit.train.config import resolve_config
 from lipkit.train.loop import train
-from lipkit.utils import FolderLock, atomic_write_text, cache_root, package_folders, resolve_device, update_digest
+from lipkit.utils import (
+    FolderLock,
+    atomic_write_text,
+    cache_root,
+    package_folders,
+    resolve_device,
+    strict_json,
+    update_digest,
+)
 
 
 @dataclass
@@ -114,7 +122,7 @@ def cached(model: DualEncoder, key: str, compute: Callable[[], dict[str, torch.T
 
 def _same_run(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Whether two training configs describe the same run (how it was started does not matter)."""
-    ignore = ("overwrite", "resume", "progress")
+    ignore = ("overwrite", "resume", "resume_force", "progress")
     return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in wanted.items() if k not in ignore}
 
 
@@ -258,7 +266,7 @@ def _run_quickstart(cfg: QuickstartConfig, out_dir: Path) -> dict[str, Any]:
         write_report(out_dir / name)
     rows = comparison(all_results)
     summary = {"config": to_dict(cfg), "table": dict(rows), "results": all_results}
-    atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "results.json", strict_json(summary, indent=2) + "\n")
     index = write_index(out_dir, rows, list(cfg.models))
     print_table(rows, list(cfg.models))
     print(f"\nreport: {index}  (per model: {', '.join(str(out_dir / n / 'report.html') for n in cfg.models)})")

@@ -6,9 +6,13 @@ PyTorch is imported only inside the helpers that use it, so that the data module
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import math
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from lipkit.errors import ConfigError, FolderInUseError, LipkitError
+from lipkit.errors import ConfigError, FolderInUseError, LipkitError, find_os_error, storage_error
 
 if TYPE_CHECKING:
     import torch
@@ -24,10 +28,20 @@ if TYPE_CHECKING:
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write a file atomically: ``write`` fills a temporary file in the same folder, which then
-    replaces ``path`` in one rename, so a crash never leaves a half-written file behind."""
+    replaces ``path`` in one rename, so a crash never leaves a half-written file behind.
+
+    On any failure the temporary file is removed and the previous ``path``, if any, is left as it was.
+
+    Raises:
+        StorageError: The file system refused the write (read-only, full, no permission, a missing folder),
+            also when ``write`` met it through a library that wraps the error (``torch.save``).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -35,10 +49,40 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # a folder that turned read-only keeps it; the next write cleans up
             os.unlink(tmp)
-        raise
+        fault = _write_fault(exc, tmp)
+        if fault is None:
+            raise
+        raise storage_error(fault, path) from None
+
+
+def _write_fault(exc: BaseException, tmp: str) -> OSError | None:
+    """The operating system's error behind ``exc`` when it came from writing ``tmp``, else None.
+
+    An error that names another file (an input that ``write`` failed to read) is not a write fault.
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, LipkitError):
+        return None
+    fault = find_os_error(exc)
+    return fault if fault is not None and fault.errno is not None and fault.filename in (None, tmp) else None
+
+
+def check_writable(path: Path) -> None:
+    """Check, before any work, that ``path`` can be written: its folder exists (it is created) and takes a new file.
+
+    Raises:
+        StorageError: The folder cannot be created or written (read-only, no permission...).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
 
 
 def _umask() -> int:
@@ -52,6 +96,43 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def strict_json(value: Any, **options: Any) -> str:
+    """``value`` as strict JSON text: NaN and infinite floats are written as ``null``.
+
+    Python's ``json`` writes them as the bare words ``NaN`` and ``Infinity``, which are not JSON and which strict
+    readers (JavaScript's ``JSON.parse``, ``jq``) refuse; every JSON file lipkit writes goes through here instead.
+
+    Args:
+        value: Dicts, lists, tuples, strings, numbers, booleans and None.
+        **options: Passed on to :func:`json.dumps` (``indent``, ``sort_keys``, ``ensure_ascii``).
+    """
+    return json.dumps(_finite_or_null(value), allow_nan=False, **options)
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float, at any depth, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def atomic_temporaries(folder: Path, name: str = "*") -> list[Path]:
+    """The temporary files that interrupted :func:`atomic_write` calls left in ``folder``.
+
+    Args:
+        folder: Where the files were being written.
+        name: A glob for the names of the files being written (``step_*.pt``); every name by default.
+
+    Returns:
+        Files named as :func:`atomic_write` names its temporary files (``.NAME.RANDOM.tmp``), sorted by name.
+    """
+    return sorted(Path(folder).glob(f".{name}.*.tmp"))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices)."""
     import torch
@@ -62,12 +143,42 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``.
+
+    Raises:
+        ConfigError: ``name`` is not a device name, or names a CUDA device this machine does not have.
+    """
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    check_device(device)
+    return device
+
+
+def check_device(device: torch.device) -> None:
+    """Refuse a CUDA device that this machine does not have, before anything is put on it.
+
+    Raises:
+        ConfigError: One line naming the device and what the machine has.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {str(device)!r}: this machine has no CUDA device that torch can use; use cpu or auto"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(
+            f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
 
 
 def update_digest(h: Any, module: torch.nn.Module, skip_prefix: str | None = None) -> None:
@@ -171,8 +282,16 @@ class FolderLock:
     killed: a crashed run never leaves a stale lock behind. The file records what the holder does
     (``what``), its pid and start time, for the error message of the next process that tries.
 
+    The lock belongs to the process that took it alone. An ``flock`` is shared by every descriptor of the
+    open file, and a forked child (a DataLoader worker) inherits one, so the lock would outlive a killed
+    parent for as long as its workers linger; forked children therefore close their copy at once, and
+    programs started with ``exec`` never receive one (``O_CLOEXEC``). ``flock`` rather than a POSIX record
+    lock (``lockf``), which forked children do not inherit either, because a record lock is dropped when
+    the process closes *any* descriptor of the file, and a second one taken in the same process succeeds.
+
     Raises:
         FolderInUseError: On :meth:`acquire` (or entering the context) while another process holds it.
+        StorageError: On :meth:`acquire` when the folder or its lock file cannot be created (read-only, no permission).
     """
 
     def __init__(self, folder: Path, what: str = "a lipkit job") -> None:
@@ -184,12 +303,15 @@ class FolderLock:
         import fcntl
         import time
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise storage_error(exc, self.folder) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            holder = _holder(fd)
             os.close(fd)
             raise FolderInUseError(
                 f"cannot start {self.what} in {self.folder}: another process is working there ({holder}); "
@@ -198,15 +320,52 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{self.what}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self._fd = fd
+        _HELD_LOCKS.add(self)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+        _HELD_LOCKS.discard(self)
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+_HELD_LOCKS: set[FolderLock] = set()  # the folder locks this process holds
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close the lock descriptors inherited from the parent, so each lock dies with its holder."""
+    for lock in _HELD_LOCKS:
+        if lock._fd is not None:
+            os.close(lock._fd)
+            lock._fd = None
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, as its file records it; a recorded process that has exited is not named as the holder."""
+    text = os.read(fd, 200).decode(errors="replace").strip()
+    recorded = re.search(r"pid (\d+)", text)
+    if recorded and not _alive(int(recorded.group(1))):
+        return f"pid {recorded.group(1)} took the lock and has exited; a process it started still holds it"
+    return text or "unknown"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True

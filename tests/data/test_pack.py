@@ -47,7 +47,8 @@ def test_pack_folder_writes_img2dataset_layout(tmp_path):
     result = pack(file_items(src), tmp_path / "out", PackOptions(samples_per_shard=5, max_side=100), progress=False)
     assert (result.shards, result.successes, result.failures) == (3, 12, {})
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == [f"0000{i}{s}" for i in range(3) for s in (".tar", "_stats.json")]
+    names = [".lock", *(f"0000{i}{s}" for i in range(3) for s in (".tar", "_stats.json"))]  # .lock: the folder lock
+    assert sorted(p.name for p in out.iterdir()) == names
     assert members(out / "00001.tar")[:3] == ["000010.jpg", "000010.txt", "000010.json"]
     stats = json.loads((out / "00000_stats.json").read_text())
     assert stats["count"] == 5 and stats["successes"] == 5 and stats["failures"] == {}
@@ -83,14 +84,15 @@ def test_rerun_skips_finished_shards_and_a_crash_leaves_no_partial_shard(tmp_pat
     monkeypatch.setattr(packing, "encode_item", crash_in_shard_2)
     with pytest.raises(RuntimeError, match="power cut"):
         pack(file_items(src), out, PackOptions(samples_per_shard=4), progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json"]
+    finished = [".lock", "00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json"]
+    assert sorted(p.name for p in out.iterdir()) == finished
     before = (out / "00000.tar").stat().st_mtime_ns
     (out / ".00002.tar.killed.tmp").write_bytes(b"left by a killed run")
     monkeypatch.setattr(packing, "encode_item", real)
     again = pack(file_items(src), out, PackOptions(samples_per_shard=4), progress=False)
     assert (again.shards, again.written, again.successes) == (3, 1, 12)
     assert (out / "00000.tar").stat().st_mtime_ns == before
-    assert not list(out.glob(".*"))
+    assert not list(out.glob(".*.tmp"))
     with pytest.raises(LipkitError, match="samples_per_shard"):
         pack(file_items(src), out, PackOptions(samples_per_shard=5), progress=False)
 

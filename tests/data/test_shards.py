@@ -256,3 +256,12 @@ def test_synthetic_keys_and_concatenated_sources():
     assert len(source) == 4096 + 512 and source.key(4096) == SyntheticPairs(offset=10**6).key(0)
     with pytest.raises(LipkitError, match="weighted mixture"):
         open_mixture("synthetic::1,synthetic:val::1").as_source()
+
+
+def test_an_unwritable_index_cache_only_costs_reindexing(shard_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("LIPKIT_CACHE_DIR", str(blocker / "cache"))  # a folder under a file cannot be made
+    pairs = open_mixture(f"{shard_dir}/{{00000..00003}}.tar").concatenated()
+    assert len(pairs) == 40
+    assert pairs.caption(0) == "caption s0_0"

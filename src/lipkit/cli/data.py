@@ -88,9 +88,10 @@ def _options(args: argparse.Namespace) -> PackOptions:
 
 def _report(result: PackResult, label: str = "") -> None:
     left_out = ", ".join(f"{k} {v}" for k, v in result.failures.items()) or "none"
+    fallbacks = f"; {result.caption_fallbacks} captions not UTF-8" if result.caption_fallbacks else ""
     print(
         f"{label}{result.successes} of {result.count} pairs in {result.shards} shards in {result.out} "
-        f"({result.written} written, {result.shards - result.written} already done); left out: {left_out}"
+        f"({result.written} written, {result.shards - result.written} already done); left out: {left_out}{fallbacks}"
     )
 
 

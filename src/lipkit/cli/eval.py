@@ -193,6 +193,14 @@ def _open(spec: str, args: argparse.Namespace, limit: int | None = None, seed: i
     return open_labelled(spec, max_samples=limit, seed=seed, **options)
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` file that cannot be written before any work, rather than after printing the results."""
+    from lipkit.utils import check_writable
+
+    if args.out:
+        check_writable(Path(args.out))
+
+
 def _save(args: argparse.Namespace, task: str, model: Any, weights: Any, data: Any, values: dict) -> None:
     from lipkit.eval.results import task_result, write_results
 
@@ -207,6 +215,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     from lipkit.eval.retrieval import retrieval_metrics
     from lipkit.utils import resolve_device
 
+    _check_out(args)
     model, weights = _load_model(args)
     source = open_source(args.data)
     device = resolve_device(args.device)
@@ -235,6 +244,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from lipkit.eval.zeroshot import zeroshot_classify
     from lipkit.utils import resolve_device
 
+    _check_out(args)
     model, weights = _load_model(args)
     data = _open(args.data, args, args.limit, args.seed)
     classnames, templates, source = _prompts(args, data)
@@ -263,6 +273,7 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     from lipkit.eval.linear_probe import linear_probe
     from lipkit.utils import resolve_device
 
+    _check_out(args)
     model, weights = _load_model(args)
     train, test = _open(args.train, args, args.limit, args.seed), _open(args.test, args, args.limit, args.seed)
     if list(train.classnames) != list(test.classnames):
@@ -305,6 +316,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     from lipkit.utils import resolve_device
 
     shots, methods = args.shots or list(DEFAULT_KS), args.methods or list(DEFAULT_METHODS)
+    _check_out(args)
     model, weights = _load_model(args)
     train, test = _open(args.train, args), _open(args.test, args)
     if list(train.classnames) != list(test.classnames):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
     from lipkit.models import create_model
     from lipkit.models.convert import export_openclip
     from lipkit.train.checkpoint import recorded_model_config
+    from lipkit.utils import check_writable
 
+    check_writable(Path(args.out))  # refused before the model is loaded, not after
     model_cfg = args.model or recorded_model_config(args.checkpoint)
     model = create_model(model_cfg, pretrained=args.checkpoint)
     export_openclip(model, args.out)

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from lipkit import __version__
-from lipkit.errors import LipkitError
+from lipkit.errors import LipkitError, describe_os_error
 
 SUBCOMMANDS = ("quickstart", "models", "train", "eval", "data", "export", "tokenize")
 
@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except LipkitError as exc:
         print(f"lipkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file-system error that no command turned into a LipkitError
+        print(f"lipkit {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lipkit {args.command}: interrupted", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +29,10 @@ def _param_count(name: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from lipkit.config import to_dict
     from lipkit.models.config import get_model_config, list_models
+    from lipkit.utils import strict_json
 
     if args.name:
-        print(json.dumps(to_dict(get_model_config(args.name)), indent=2))
+        print(strict_json(to_dict(get_model_config(args.name)), indent=2))
         return 0
     print(f"{'name':<22} {'embed':>5}  {'image tower':<24} {'text tower':<24}" + ("  params" if args.params else ""))
     for name in list_models():

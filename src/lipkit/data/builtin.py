@@ -18,7 +18,6 @@ CLIP_benchmark's webdataset layout instead.
 from __future__ import annotations
 
 import io
-import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from lipkit.data.pack import Decoded, FileImage, Item, PackOptions, PackResult, 
 from lipkit.data.pairs import SPLITS, split_of
 from lipkit.errors import LipkitError
 from lipkit.registry import Registry
-from lipkit.utils import atomic_write, atomic_write_text
+from lipkit.utils import FolderLock, atomic_write, atomic_write_text, strict_json
 
 CORPORA: Registry[Callable[..., list[Item]]] = Registry("built-in corpus")
 LABELLED_SETS = ("fashion-mnist", "mnist")
@@ -101,9 +100,9 @@ def tuxpaint_items(limit: int | None = None, root: Path = TUXPAINT_ROOT) -> list
     items = []
     for png in tuxpaint_stamps(root)[:limit]:
         key = str(png.relative_to(root).with_suffix(""))
-        captions = tuxpaint_captions(png.with_suffix(".txt"))
+        captions, fell_back = tuxpaint_captions(png.with_suffix(".txt"))
         meta = {"captions": captions, "category": key.split("/")[0]}
-        items.append(Item(key, captions.get("en"), FileImage(png), meta))
+        items.append(Item(key, captions.get("en"), FileImage(png), meta, fell_back))
     return items
 
 
@@ -194,12 +193,13 @@ def pack_corpus(
     items = CORPORA.get(name)(limit)
     out = Path(out)
     results = {}
-    for split in SPLITS:
-        chosen = [item for item in items if split_of(item.source) == split]
-        if chosen:
-            results[split] = pack(chosen, out / split, options, progress)
-    summary = {"corpus": name, "items": len(items), "splits": {s: r.successes for s, r in results.items()}}
-    atomic_write_text(out / "corpus.json", json.dumps(summary, indent=1) + "\n")
+    with FolderLock(out, f"building the {name} corpus"):
+        for split in SPLITS:
+            chosen = [item for item in items if split_of(item.source) == split]
+            if chosen:
+                results[split] = pack(chosen, out / split, options, progress)
+        summary = {"corpus": name, "items": len(items), "splits": {s: r.successes for s, r in results.items()}}
+        atomic_write_text(out / "corpus.json", strict_json(summary, indent=1) + "\n")
     return results
 
 
@@ -227,15 +227,17 @@ def write_labelled(
         progress: Show a progress bar.
     """
     out = Path(out)
-    atomic_write_text(out / "classnames.txt", "\n".join(data.classnames) + "\n")
-    atomic_write_text(out / "zeroshot_classification_templates.txt", "\n".join(templates) + "\n")
-    starts = range(0, len(data), samples_per_shard)
-    for shard, start in enumerate(tqdm(starts, desc=f"writing {out / split}", unit="shard", disable=not progress)):
-        indices = range(start, min(start + samples_per_shard, len(data)))
-        path = out / split / f"{shard}.tar"
-        atomic_write(path, lambda f, ix=indices: _fill_labelled(f, data, ix))
-        path.chmod(0o644)
-    atomic_write_text(out / split / "nshards.txt", f"{len(starts)}\n")
+    with FolderLock(out, f"writing a labelled set ({split})"):
+        atomic_write_text(out / "classnames.txt", "\n".join(data.classnames) + "\n")
+        atomic_write_text(out / "zeroshot_classification_templates.txt", "\n".join(templates) + "\n")
+        starts = range(0, len(data), samples_per_shard)
+        bar = tqdm(starts, desc=f"writing {out / split}", unit="shard", disable=not progress)
+        for shard, start in enumerate(bar):
+            indices = range(start, min(start + samples_per_shard, len(data)))
+            path = out / split / f"{shard}.tar"
+            atomic_write(path, lambda f, ix=indices: _fill_labelled(f, data, ix))
+            path.chmod(0o644)
+        atomic_write_text(out / split / "nshards.txt", f"{len(starts)}\n")
     return len(starts)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from lipkit.data.decode import decode_text, warn_caption_fallbacks
 from lipkit.data.pairs import SPLITS, Pair, PairSource, split_of
 from lipkit.errors import LipkitError
 from lipkit.registry import Registry
@@ -76,6 +77,9 @@ class TuxPaintPairs(PairSource):
     Args:
         split: ``train``, ``val``, ``test`` (fixed by key hash) or ``all``.
         root: The stamps folder (Debian package ``tuxpaint-stamps-default``).
+
+    Attributes:
+        caption_fallbacks: Captions whose file was not UTF-8 (see :func:`lipkit.data.decode.decode_text`).
     """
 
     def __init__(self, split: str = "train", root: Path = TUXPAINT_ROOT) -> None:
@@ -87,6 +91,8 @@ class TuxPaintPairs(PairSource):
         self.pairs = [p for p in _scan_tuxpaint(root) if split == "all" or split_of(p.key) == split]
         if not self.pairs:
             raise LipkitError(f"no Tux Paint pairs found under {root} for split {split!r}")
+        self.caption_fallbacks = sum(p.caption_fallback for p in self.pairs)
+        warn_caption_fallbacks("Tux Paint", self.caption_fallbacks)
 
 
 def tuxpaint_stamps(root: Path = TUXPAINT_ROOT) -> list[Path]:
@@ -101,11 +107,11 @@ def tuxpaint_stamps(root: Path = TUXPAINT_ROOT) -> list[Path]:
 def _scan_tuxpaint(root: Path) -> list[Pair]:
     pairs, skipped = [], 0
     for png in tuxpaint_stamps(root):
-        caption = tuxpaint_captions(png.with_suffix(".txt")).get("en")
-        if caption is None:
+        captions, fell_back = tuxpaint_captions(png.with_suffix(".txt"))
+        if "en" not in captions:
             skipped += 1
             continue
-        pairs.append(Pair(str(png.relative_to(root).with_suffix("")), png, caption))
+        pairs.append(Pair(str(png.relative_to(root).with_suffix("")), png, captions["en"], fell_back))
     if skipped:
         warnings.warn(f"Tux Paint: skipped {skipped} images without a caption file", stacklevel=3)
     return pairs
@@ -114,18 +120,24 @@ def _scan_tuxpaint(root: Path) -> list[Pair]:
 _TRANSLATION = re.compile(r"^([A-Za-z]{2,3}(?:_[A-Z]{2})?(?:@\w+)?)\.utf8=(.*)$")
 
 
-def tuxpaint_captions(path: Path) -> dict[str, str]:
-    """A stamp's captions by language: ``en`` is the first line, then every ``xx.utf8=...`` translation."""
+def tuxpaint_captions(path: Path) -> tuple[dict[str, str], bool]:
+    """A stamp's captions by language: ``en`` is the first line, then every ``xx.utf8=...`` translation.
+
+    Returns:
+        The captions (empty without an ``en`` one), and whether the file was not UTF-8 (it is then read
+        as :func:`lipkit.data.decode.decode_text` says).
+    """
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        text, fell_back = decode_text(path.read_bytes())
     except OSError:
-        return {}
+        return {}, False
+    lines = text.strip().splitlines()
     captions = {"en": lines[0].strip()} if lines and lines[0].strip() else {}
     for line in lines[1:]:
         match = _TRANSLATION.match(line.strip())
         if match and match.group(2).strip():
             captions[match.group(1)] = match.group(2).strip()
-    return captions if "en" in captions else {}
+    return (captions, fell_back) if "en" in captions else ({}, False)
 
 
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")

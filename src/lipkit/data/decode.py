@@ -1,15 +1,20 @@
-"""Image decoding and encoding for the data pipeline: JPEG draft decoding, aspect-preserving resizes.
+"""Image and caption decoding for the data pipeline: JPEG draft decoding, aspect-preserving resizes, text.
 
 A JPEG can be decoded at 1/2, 1/4 or 1/8 of its size for a fraction of the cost of a full decode (the
 inverse DCT simply skips the high frequencies). :func:`open_image` asks Pillow for the smallest such
 version that is still at least the size the caller needs, so that a 1024-px photo bound for a 224-px
 model is decoded at 256 px instead.
+
+Captions read from files (caption sidecars, tables, ``.txt`` members of shards, corpus files) are decoded
+by one policy, :func:`decode_text`: UTF-8, else Windows-1252, else Latin-1. Each reader counts the
+captions that needed the fallback and warns once, with :func:`warn_caption_fallbacks`.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -23,6 +28,9 @@ SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_FILE_SUFFIXES = (*(f".{ext}" for ext in SHARD_IMAGE_EXTENSIONS), ".bmp", ".gif", ".tif", ".tiff")
 # Errors Pillow raises on corrupt, truncated or unsupported image data.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+
+
+CAPTION_FALLBACK = "Windows-1252 (Latin-1)"  # how messages name the fallback encodings
 
 
 class BadSample(Exception):
@@ -122,3 +130,30 @@ def encode_image(img: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes
     else:
         img.save(buf, "PNG")
     return buf.getvalue()
+
+
+def decode_text(data: bytes) -> tuple[str, bool]:
+    """Decode caption bytes: UTF-8, else Windows-1252, else Latin-1 (which reads any bytes), so it never fails.
+
+    Windows-1252 is the superset of Latin-1 that most text labelled "Latin-1" actually is; only bytes it
+    leaves undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) send the whole text on to Latin-1.
+
+    Returns:
+        The text, and whether it was not valid UTF-8 (a fallback decoded it).
+    """
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252"), True
+    except UnicodeDecodeError:
+        return data.decode("latin-1"), True
+
+
+def warn_caption_fallbacks(where: str, count: int, stacklevel: int = 3) -> None:
+    """Warn (one line) that ``count`` captions of ``where`` were not UTF-8; nothing when ``count`` is 0."""
+    if count:
+        warnings.warn(
+            f"{where}: {count} captions are not valid UTF-8 and were read as {CAPTION_FALLBACK}", stacklevel=stacklevel
+        )

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lipkit.data.decode import BadSample
+from lipkit.data.decode import CAPTION_FALLBACK, BadSample
 from lipkit.data.order import BatchPlan, Layout
 from lipkit.data.pairs import PairSource
 from lipkit.data.spec import Mixture
@@ -176,14 +176,18 @@ class LoaderStats:
     """What a loader had to leave out.
 
     Attributes:
-        lost: Samples dropped when the sources were opened, by reason (e.g. ``truncated_shards``).
+        lost: Samples dropped when the sources were opened, by reason (e.g. ``corrupt_samples``,
+            ``incomplete_samples``), and damaged shards (``truncated_shards``, ``corrupt_shards``).
         replaced: Samples replaced while loading, by reason (e.g. ``undecodable_image``).
         batches: Batches delivered.
+        caption_fallbacks: Captions of the sources that are not UTF-8 and were read by the fallback
+            encoding (see :func:`lipkit.data.decode.decode_text`).
     """
 
     lost: dict[str, int] = field(default_factory=dict)
     replaced: Counter = field(default_factory=Counter)
     batches: int = 0
+    caption_fallbacks: int = 0
 
     def summary(self) -> str:
         """One line, e.g. ``replaced 3 samples (undecodable_image 3); lost when opening: truncated_shards 1``."""
@@ -194,6 +198,8 @@ class LoaderStats:
         lost = {k: v for k, v in self.lost.items() if v}
         if lost:
             parts.append("lost when opening: " + ", ".join(f"{k} {v}" for k, v in sorted(lost.items())))
+        if self.caption_fallbacks:
+            parts.append(f"{self.caption_fallbacks} captions not UTF-8, read as {CAPTION_FALLBACK}")
         return "; ".join(parts)
 
 
@@ -268,4 +274,5 @@ def make_train_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    return TrainLoader(loader, LoaderStats(lost=mixture.skipped))
+    fallbacks = sum(getattr(s, "caption_fallbacks", 0) for s in mixture.sources)
+    return TrainLoader(loader, LoaderStats(lost=mixture.skipped, caption_fallbacks=fallbacks))

@@ -3,18 +3,21 @@
 Output folder::
 
     00000.tar            000000000.jpg  000000000.txt  000000000.json  000000001.jpg ...
-    00000_stats.json     count, successes, failures by reason, sizes, seconds, packing settings
+    00000_stats.json     what was written: count, successes, failures by reason, caption fallbacks, sizes,
+                         seconds, packing settings
     00001.tar ...
 
 Item ``i`` of the (sorted, hence stable) input goes to shard ``i // samples_per_shard`` under the key
 ``SSSSS`` + its position in the shard, as img2dataset names them; a failed item leaves a gap in the keys
 rather than shifting the others. Images are shrunk to ``max_side`` (aspect kept; JPEGs are decoded
 at a reduced DCT scale first) and encoded once; a JPEG that needs no resizing is copied unchanged.
+Captions are stored as UTF-8; one that was not UTF-8 in the input was decoded by the fallback of
+:func:`lipkit.data.decode.decode_text`, and is counted (``caption_fallbacks``) and warned about.
 
 Shards are written under a temporary name and renamed when complete, then their stats file is written:
 a shard with a stats file is finished and is skipped when the same packing runs again, so an interrupted
 run resumes where it stopped and a reader never sees half a shard. Unreadable images and missing captions
-are counted in the stats, never fatal.
+are counted in the stats, never fatal. A packing locks its folder: a second one into the same folder is refused.
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ from typing import Any, Protocol
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lipkit.data.decode import BadSample, UndecodableImage, encode_image, open_for_max_side, resize_max_side
+from lipkit.data.decode import (
+    BadSample,
+    UndecodableImage,
+    encode_image,
+    open_for_max_side,
+    resize_max_side,
+    warn_caption_fallbacks,
+)
 from lipkit.data.files import TABLE_EXTENSIONS, folder_pairs, table_pairs
 from lipkit.errors import LipkitError
-from lipkit.utils import atomic_write, atomic_write_text
+from lipkit.utils import FolderLock, atomic_write, atomic_write_text, strict_json
 
 FORMATS = ("jpg", "png", "webp")
 
@@ -89,12 +99,14 @@ class Item:
         caption: The caption; ``None`` or empty counts as a missing caption.
         image: How to load the image.
         meta: Extra JSON fields (e.g. translations, tags).
+        caption_fallback: The caption was not UTF-8 (see :func:`lipkit.data.decode.decode_text`).
     """
 
     source: str
     caption: str | None
     image: ImageRef
     meta: dict[str, Any] = field(default_factory=dict, hash=False)
+    caption_fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,7 @@ class PackResult:
         count: Items packed (or attempted).
         successes: Samples written.
         failures: Items left out, by reason.
+        caption_fallbacks: Samples written whose caption was not UTF-8 (read by the fallback encoding).
     """
 
     out: Path
@@ -164,6 +177,7 @@ class PackResult:
     count: int
     successes: int
     failures: dict[str, int]
+    caption_fallbacks: int = 0
 
 
 def file_items(source: str | Path, image_col: str | None = None, caption_col: str | None = None) -> list[Item]:
@@ -174,10 +188,14 @@ def file_items(source: str | Path, image_col: str | None = None, caption_col: st
     """
     path = Path(source)
     if path.is_dir():
-        return [Item(p.key, p.caption, FileImage(p.image_path)) for p in folder_pairs(path)]
+        pairs = folder_pairs(path)
+        return [Item(p.key, p.caption, FileImage(p.image_path), caption_fallback=p.caption_fallback) for p in pairs]
     if path.suffix.lower() in TABLE_EXTENSIONS:
         pairs = table_pairs(path, image_col, caption_col)
-        return [Item(p.key, p.caption, FileImage(p.image_path), {"image": p.image_path.name}) for p in pairs]
+        return [
+            Item(p.key, p.caption, FileImage(p.image_path), {"image": p.image_path.name}, p.caption_fallback)
+            for p in pairs
+        ]
     if path.exists():
         raise LipkitError(f"{source} is neither a folder nor a table ({', '.join(TABLE_EXTENSIONS)})")
     raise LipkitError(f"{source} does not exist")
@@ -196,24 +214,29 @@ def sample_key(shard: int, position: int, samples_per_shard: int) -> str:
 def pack(items: Sequence[Item], out: str | Path, options: PackOptions, progress: bool = True) -> PackResult:
     """Write ``items`` into tar shards in ``out``, skipping shards a previous run finished.
 
+    The folder is locked while packing (:class:`~lipkit.utils.FolderLock`): a second packing into it is
+    refused, rather than removing the temporary files of the first.
+
     Raises:
         LipkitError: Bad options, no items, or ``out`` holds shards packed from other items or settings.
+        FolderInUseError: Another process is packing into ``out``.
+        StorageError: ``out`` cannot be written (read-only, full, no permission).
     """
     options.validate()
     if not items:
         raise LipkitError("nothing to pack: the source holds no items")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    settings = _settings(items, options)
-    tasks = _plan(items, out, options, settings)
-    _check_existing(out, settings)
-    todo = [t for t in tasks if not _stats_path(out, t.shard).is_file()]
-    done = sum(len(t.items) for t in tasks) - sum(len(t.items) for t in todo)
-    with tqdm(total=len(items), initial=done, unit="img", desc=f"packing {out}", disable=not progress) as bar:
-        for stats in _run(todo, options.workers):
-            bar.update(stats["count"])
-    return _summarise(out, tasks, len(todo))
+    with FolderLock(out, "packing shards"):
+        _remove_stale_temporaries(out)
+        settings = _settings(items, options)
+        tasks = _plan(items, out, options, settings)
+        _check_existing(out, settings)
+        todo = [t for t in tasks if not _stats_path(out, t.shard).is_file()]
+        done = sum(len(t.items) for t in tasks) - sum(len(t.items) for t in todo)
+        with tqdm(total=len(items), initial=done, unit="img", desc=f"packing {out}", disable=not progress) as bar:
+            for stats in _run(todo, options.workers):
+                bar.update(stats["count"])
+        return _summarise(out, tasks, len(todo))
 
 
 def _settings(items: Sequence[Item], options: PackOptions) -> dict[str, Any]:
@@ -268,10 +291,10 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     start = time.perf_counter()
     failures: Counter[str] = Counter()
     sizes: list[tuple[int, int]] = []
-    image_bytes = 0
+    image_bytes = fallbacks = 0
 
     def fill(f: io.BufferedWriter) -> None:
-        nonlocal image_bytes
+        nonlocal image_bytes, fallbacks
         with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for position, item in enumerate(task.items):
                 key = sample_key(task.shard, position, task.options.samples_per_shard)
@@ -284,12 +307,14 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
                     add_member(tar, name, data)
                 sizes.append(size)
                 image_bytes += len(files[f"{key}.{task.options.image_format}"])
+                fallbacks += item.caption_fallback
 
     tar_path = task.out / f"{shard_name(task.shard)}.tar"
     atomic_write(tar_path, fill)
     tar_path.chmod(0o644)  # the temporary file was private
-    stats = _shard_stats(task, sizes, failures, image_bytes, tar_path.stat().st_size, time.perf_counter() - start)
-    atomic_write_text(_stats_path(task.out, task.shard), json.dumps(stats, indent=1) + "\n")
+    seconds = time.perf_counter() - start
+    stats = _shard_stats(task, sizes, failures, fallbacks, image_bytes, tar_path.stat().st_size, seconds)
+    atomic_write_text(_stats_path(task.out, task.shard), strict_json(stats, indent=1) + "\n")
     _stats_path(task.out, task.shard).chmod(0o644)
     return stats
 
@@ -323,7 +348,7 @@ def encode_item(item: Item, key: str, options: PackOptions) -> tuple[dict[str, b
     files = {
         f"{key}.{options.image_format}": data,
         f"{key}.txt": caption.encode("utf-8"),
-        f"{key}.json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        f"{key}.json": strict_json(meta, ensure_ascii=False).encode("utf-8"),
     }
     return files, img.size
 
@@ -339,6 +364,7 @@ def _shard_stats(
     task: ShardTask,
     sizes: list[tuple[int, int]],
     failures: Counter[str],
+    caption_fallbacks: int,
     image_bytes: int,
     tar_bytes: int,
     seconds: float,
@@ -354,6 +380,7 @@ def _shard_stats(
         "count": len(task.items),
         "successes": len(sizes),
         "failures": dict(sorted(failures.items())),
+        "caption_fallbacks": caption_fallbacks,
         "tar_bytes": tar_bytes,
         "image_bytes": image_bytes,
         "width": spread(widths),
@@ -364,11 +391,14 @@ def _shard_stats(
 
 
 def _summarise(out: Path, tasks: list[ShardTask], written: int) -> PackResult:
-    count = successes = 0
+    count = successes = fallbacks = 0
     failures: Counter[str] = Counter()
     for task in tasks:
         stats = json.loads(_stats_path(out, task.shard).read_text())
         count += stats["count"]
         successes += stats["successes"]
+        fallbacks += stats.get("caption_fallbacks", 0)  # absent from the stats of older packings
         failures.update(stats["failures"])
-    return PackResult(out, len(tasks), written, count, successes, dict(sorted(failures.items())))
+    result = PackResult(out, len(tasks), written, count, successes, dict(sorted(failures.items())), fallbacks)
+    warn_caption_fallbacks(f"packing {out}", fallbacks, stacklevel=4)
+    return result

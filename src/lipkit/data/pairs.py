@@ -20,11 +20,15 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Pair:
-    """One image-caption pair on disk (a listing may hold ``caption=None``; sources never serve those)."""
+    """One image-caption pair on disk (a listing may hold ``caption=None``; sources never serve those).
+
+    ``caption_fallback`` tells that the caption was not UTF-8 (see :func:`lipkit.data.decode.decode_text`).
+    """
 
     key: str
     image_path: Path
     caption: str | None
+    caption_fallback: bool = False
 
 
 class PairSource:

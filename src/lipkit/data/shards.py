@@ -8,7 +8,14 @@ and modification time, so it is rebuilt only when the shard changes. With the in
 becomes a map-style source and the loader can use the same deterministic step -> batch sampler as any
 other source, which gives exact resume.
 
-A truncated shard keeps its complete samples; the lost ones are counted and reported once.
+Damage is skipped sample by sample. :func:`scan_tar` walks the headers itself: a block that is not a
+valid header (bad checksum, malformed fields) is skipped, and the walk resynchronises on the next block
+that is, so a corrupt header loses only the member it described and a truncated shard keeps everything
+before the cut. A sample left without an image or a caption is counted as incomplete; samples of which
+nothing could be read are counted as corrupt, from the number of samples that the shard's stats file
+(``NNNNN_stats.json``, written by ``lipkit data pack`` and by img2dataset) says were written. The counts
+are reported once, when the shards are opened. Captions are decoded by the caption policy of
+:func:`lipkit.data.decode.decode_text` (UTF-8, else a counted fallback).
 """
 
 from __future__ import annotations
@@ -22,20 +29,40 @@ import re
 import tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from lipkit.data.decode import SHARD_IMAGE_EXTENSIONS, UndecodableImage, UnreadableCaption, open_image
+from lipkit.data.decode import (
+    SHARD_IMAGE_EXTENSIONS,
+    UndecodableImage,
+    UnreadableCaption,
+    decode_text,
+    open_image,
+    warn_caption_fallbacks,
+)
 from lipkit.data.pairs import PairSource
-from lipkit.errors import LipkitError
+from lipkit.errors import LipkitError, StorageError
 from lipkit.utils import cache_root
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 MAX_OPEN_FILES = 64
+BLOCK = tarfile.BLOCKSIZE
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_CAPTION_EXTENSIONS = ("txt", "json")
+# The first bytes of compressed files, which cannot be read at random.
+COMPRESSED_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\x04\x22\x4d\x18": "lz4",
+    b"PK\x03\x04": "zip",
+}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -92,15 +119,20 @@ def resolve_shards(pattern: str) -> list[Path]:
 
 @dataclass
 class TarIndex:
-    """Where the samples of one shard lie.
+    """Where the samples of one shard lie, and what the shard lost.
 
     Attributes:
         keys: Sample keys, UTF-8 bytes (a compact array).
         image: (N, 2) offsets and sizes of the image members.
         text: (N, 2) offsets and sizes of the caption members.
         text_is_json: (N,) whether the caption is the ``caption`` field of a ``.json`` member.
-        incomplete: Samples dropped for lacking an image or a caption (truncation included).
-        truncated: The tar ends early (its end-of-archive blocks are missing).
+        incomplete: Samples found without an image or a caption (written so, or left so by damage).
+        truncated: The tar ends early (inside a member, or before its end-of-archive blocks).
+        corrupt: Samples of which nothing could be read (under corrupt headers, past a truncation): those
+            the shard's stats file says were written, less those found. 0 without a stats file.
+        damaged: Corrupt regions: runs of blocks that are neither a valid header, a member's data nor zeros.
+        uncounted: The shard is damaged and has no stats file, so samples it lost whole are not counted.
+        caption_fallbacks: Captions of the samples that are not UTF-8.
     """
 
     keys: np.ndarray
@@ -109,9 +141,38 @@ class TarIndex:
     text_is_json: np.ndarray
     incomplete: int = 0
     truncated: bool = False
+    corrupt: int = 0
+    damaged: int = 0
+    uncounted: bool = False
+    caption_fallbacks: int = 0
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+_COUNTS = ("incomplete", "corrupt", "damaged", "caption_fallbacks")  # the scalar fields, as cached
+_FLAGS = ("truncated", "uncounted")
+
+
+@dataclass
+class TarScan:
+    """What one walk over a tar's headers found.
+
+    Attributes:
+        members: Offset and size of each file member's data, by sample key, then extension.
+        not_utf8: Data offsets of the caption members (``.txt``, ``.json``) that are not UTF-8.
+        headers: Valid headers found.
+        damaged: Corrupt regions (see :class:`TarIndex`).
+        tar_like: Some block that is not a valid header still holds the ``ustar`` magic of a tar header.
+        truncated: The file ends inside a member or a block, or before two zero blocks end the archive.
+    """
+
+    members: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    not_utf8: set[int] = field(default_factory=set)
+    headers: int = 0
+    damaged: int = 0
+    tar_like: bool = False
+    truncated: bool = False
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -122,44 +183,137 @@ def split_member(name: str) -> tuple[str, str]:
 
 
 def index_tar(path: Path) -> TarIndex:
-    """Scan a tar's headers (not its data) and record every complete sample.
+    """Walk a tar's headers (not its images) and record every complete sample, skipping damage.
 
     Raises:
-        LipkitError: The file is not an uncompressed tar.
+        LipkitError: The file is compressed, or nothing says that it is a tar: no block of it is (even a
+            corrupt) tar header, and no stats file beside it says how many samples were written to it.
     """
     size = path.stat().st_size
-    members: dict[str, dict[str, tuple[int, int]]] = {}
-    truncated = False
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                if m.isfile():
-                    if m.offset_data + m.size > size:
-                        truncated = True
-                        break
-                    key, ext = split_member(m.name)
-                    members.setdefault(key, {})[ext] = (m.offset_data, m.size)
-            truncated = truncated or not _has_end_blocks(path, tar.offset, size)
-    except tarfile.ReadError as exc:
-        if not members:
-            raise LipkitError(
-                f"{path} is not an uncompressed tar ({exc}); compressed shards cannot be read at random, "
-                "decompress them first"
-            ) from None
-        truncated = True
-    return _build_index(members, truncated)
-
-
-def _has_end_blocks(path: Path, offset: int, size: int) -> bool:
     with open(path, "rb") as f:
+        _refuse_compressed(path, f.read(BLOCK))
+        scan = scan_tar(f, size)
+    index = _build_index(scan)
+    if index.truncated or index.damaged:
+        written = written_samples(path)
+        if written is None and not scan.headers and scan.damaged and not scan.tar_like:
+            raise LipkitError(
+                f"{path} is not an uncompressed tar (no block of it is a tar header); compressed shards cannot "
+                "be read at random, decompress them first"
+            )
+        index.uncounted = written is None
+        index.corrupt = 0 if written is None else max(0, written - len(index) - index.incomplete)
+    return index
+
+
+def _refuse_compressed(path: Path, first: bytes) -> None:
+    kind = next((kind for magic, kind in COMPRESSED_MAGIC.items() if first.startswith(magic)), None)
+    if kind is None:
+        return
+    with contextlib.suppress(tarfile.HeaderError):
+        if _header(first) is not None:
+            return  # a tar whose first member's name happens to start like a compressed file
+    raise LipkitError(
+        f"{path} is not an uncompressed tar ({kind} data); compressed shards cannot be read at random, "
+        "decompress them first"
+    )
+
+
+def scan_tar(f: BinaryIO, size: int) -> TarScan:
+    """Walk the headers of the tar in ``f`` (``size`` bytes long) from the start, resynchronising after damage.
+
+    A block that is neither zeros nor a valid header is skipped, and the walk goes on at the next block
+    that is a valid header: the skipped blocks form one corrupt region. A member whose data runs past the
+    end of the file ends the walk.
+    """
+    scan, offset, zeros, extended = TarScan(), 0, 0, {}
+    in_damage = False
+    while offset + BLOCK <= size:
         f.seek(offset)
-        end = f.read(1024)
-    return len(end) == 1024 and not any(end) and offset + 1024 <= size
+        block = f.read(BLOCK)
+        try:
+            info = _header(block)
+        except tarfile.HeaderError:
+            scan.damaged += not in_damage
+            scan.tar_like = scan.tar_like or block[257:262] == b"ustar"
+            in_damage, extended, offset = True, {}, offset + BLOCK
+            continue
+        if info is None:  # zeros: padding, or the end of the archive
+            zeros, offset = zeros + 1, offset + BLOCK
+            continue
+        in_damage, zeros = False, 0
+        scan.headers += 1
+        data_size = int(extended.get("size", info.size))
+        if offset + BLOCK + data_size > size:
+            scan.truncated = True
+            return scan
+        extended = _take_member(f, scan, info, extended, offset + BLOCK, data_size)
+        offset += BLOCK + -(-data_size // BLOCK) * BLOCK  # the data is padded to whole blocks
+    f.seek(offset)
+    scan.truncated = zeros < 2 or any(f.read(BLOCK))
+    return scan
 
 
-def _build_index(members: dict[str, dict[str, tuple[int, int]]], truncated: bool) -> TarIndex:
+def _header(block: bytes) -> tarfile.TarInfo | None:
+    """The tar header in ``block``; ``None`` for a zero block.
+
+    Raises:
+        tarfile.HeaderError: ``block`` is not a sane header: a bad checksum, a malformed number, no name,
+            a negative size, or a magic that is neither ustar's (POSIX and GNU) nor empty (V7).
+    """
+    try:
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.EOFHeaderError:
+        return None
+    if not info.name or info.size < 0 or not (block[257:262] == b"ustar" or not any(block[257:265])):
+        raise tarfile.InvalidHeaderError("a header without a name, with a negative size or a foreign magic")
+    return info
+
+
+def _take_member(
+    f: BinaryIO, scan: TarScan, info: tarfile.TarInfo, extended: dict[str, str], offset: int, size: int
+) -> dict[str, str]:
+    """Record a file member (``f`` is at its data), or read an extended header; returns the extended fields
+    (GNU long name, pax ``path`` and ``size``) that apply to the next member."""
+    if info.type == tarfile.GNUTYPE_LONGNAME:
+        return {"path": f.read(size).rstrip(b"\0").decode("utf-8", "surrogateescape")}
+    if info.type == tarfile.XHDTYPE:
+        return pax_fields(f.read(size))
+    if info.type in _FILE_TYPES:
+        key, ext = split_member(extended.get("path", info.name))
+        scan.members.setdefault(key, {})[ext] = (offset, size)
+        if ext in _CAPTION_EXTENSIONS and decode_text(f.read(size))[1]:
+            scan.not_utf8.add(offset)
+    return {}
+
+
+def pax_fields(data: bytes) -> dict[str, str]:
+    """The ``path`` and ``size`` records of a pax extended header; parsing stops at a malformed record."""
+    fields, pos = {}, 0
+    while pos < len(data):
+        length, space, _ = data[pos : pos + 20].partition(b" ")
+        if not space or not length.isdigit() or int(length) <= len(length) + 1:
+            break
+        key, _, value = data[pos + len(length) + 1 : pos + int(length) - 1].partition(b"=")
+        fields[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += int(length)
+    if not fields.get("size", "0").isdigit():
+        fields.pop("size")
+    return {k: v for k, v in fields.items() if k in ("path", "size")}
+
+
+def written_samples(path: Path) -> int | None:
+    """How many samples were written to a shard, by its stats file (``NAME_stats.json``, the ``successes``
+    of ``lipkit data pack`` and img2dataset); ``None`` when there is no readable one."""
+    try:
+        return int(json.loads(path.with_name(f"{path.stem}_stats.json").read_text())["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _build_index(scan: TarScan) -> TarIndex:
     keys, image, text, is_json = [], [], [], []
-    for key, entries in members.items():
+    for key, entries in scan.members.items():
         img = next((entries[e] for e in SHARD_IMAGE_EXTENSIONS if e in entries), None)
         txt = entries.get("txt") if entries.get("txt", (0, 0))[1] > 0 else None
         cap = txt or entries.get("json")
@@ -174,8 +328,10 @@ def _build_index(members: dict[str, dict[str, tuple[int, int]]], truncated: bool
         np.array(image, np.int64).reshape(-1, 2),
         np.array(text, np.int64).reshape(-1, 2),
         np.array(is_json, bool),
-        incomplete=len(members) - len(keys),
-        truncated=truncated,
+        incomplete=len(scan.members) - len(keys),
+        truncated=scan.truncated,
+        damaged=scan.damaged,
+        caption_fallbacks=sum(offset in scan.not_utf8 for offset, _ in text),
     )
 
 
@@ -192,8 +348,9 @@ def load_index(path: Path) -> TarIndex:
     try:
         with np.load(cached, allow_pickle=False) as z:
             if np.array_equal(z["stamp"], stamp):
-                flags = z["flags"]
-                return TarIndex(z["keys"], z["image"], z["text"], z["text_is_json"], int(flags[0]), bool(flags[1]))
+                counts = dict(zip(_COUNTS + _FLAGS, z["flags"].tolist()))
+                counts.update({name: bool(counts[name]) for name in _FLAGS})
+                return TarIndex(z["keys"], z["image"], z["text"], z["text_is_json"], **counts)
     except (OSError, KeyError, ValueError):
         pass
     index = index_tar(path)
@@ -204,9 +361,9 @@ def load_index(path: Path) -> TarIndex:
 def _save_index(cached: Path, index: TarIndex, stamp: np.ndarray) -> None:
     from lipkit.utils import atomic_write
 
-    flags = np.array([index.incomplete, index.truncated], np.int64)
+    flags = np.array([getattr(index, name) for name in _COUNTS + _FLAGS], np.int64)
     arrays = {"keys": index.keys, "image": index.image, "text": index.text, "text_is_json": index.text_is_json}
-    with contextlib.suppress(OSError):  # a read-only cache only costs re-indexing next time
+    with contextlib.suppress(OSError, StorageError):  # a read-only cache only costs re-indexing next time
         atomic_write(cached, lambda f: np.savez(f, stamp=stamp, flags=flags, **arrays))
 
 
@@ -218,8 +375,10 @@ class ShardPairs(PairSource):
         name: What the shards came from (a pattern or folder), for messages.
 
     Attributes:
-        skipped: Samples lost before training: ``incomplete_samples`` (no image or caption, including
-            those cut off by truncation) and ``truncated_shards``.
+        skipped: What was lost before training: ``incomplete_samples`` (found without an image or a
+            caption), ``corrupt_samples`` (nothing of them could be read, counted from the shards' stats
+            files), ``truncated_shards`` and ``corrupt_shards`` (with corrupt headers or garbage).
+        caption_fallbacks: Captions that are not UTF-8 (see :func:`lipkit.data.decode.decode_text`).
     """
 
     def __init__(self, shards: list[Path], name: str) -> None:
@@ -238,20 +397,35 @@ class ShardPairs(PairSource):
         self.text_is_json = np.concatenate([ix.text_is_json for ix in indexes])
         self.skipped = {
             "incomplete_samples": sum(ix.incomplete for ix in indexes),
+            "corrupt_samples": sum(ix.corrupt for ix in indexes),
             "truncated_shards": sum(ix.truncated for ix in indexes),
+            "corrupt_shards": sum(ix.damaged > 0 for ix in indexes),
         }
-        self._warn(name, [p for p, ix in zip(self.paths, indexes) if ix.truncated])
+        self.caption_fallbacks = sum(ix.caption_fallbacks for ix in indexes)
+        self._warn(name, indexes)
         if not len(self.keys):
             raise LipkitError(f"{name}: the shards hold no complete image-caption samples")
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
-    def _warn(self, name: str, truncated: list[str]) -> None:
+    def _warn(self, name: str, indexes: list[TarIndex]) -> None:
+        truncated = [p for p, ix in zip(self.paths, indexes) if ix.truncated]
+        corrupt = [p for p, ix in zip(self.paths, indexes) if ix.damaged]
+        uncounted = sum(ix.uncounted for ix in indexes)
+        found = []
         if truncated:
-            warnings.warn(f"{name}: {len(truncated)} truncated shard(s), e.g. {truncated[0]}", stacklevel=3)
+            found.append(f"{len(truncated)} truncated shard(s), e.g. {truncated[0]}")
+        if corrupt:
+            found.append(f"{len(corrupt)} shard(s) with corrupt tar headers, read past them, e.g. {corrupt[0]}")
         if self.skipped["incomplete_samples"]:
-            n = self.skipped["incomplete_samples"]
-            warnings.warn(f"{name}: skipped {n} samples without an image or a caption", stacklevel=3)
+            found.append(f"skipped {self.skipped['incomplete_samples']} samples without an image or a caption")
+        if self.skipped["corrupt_samples"]:
+            found.append(f"lost {self.skipped['corrupt_samples']} samples of which nothing could be read")
+        if uncounted:
+            found.append(f"{uncounted} damaged shard(s) have no stats file: samples they lost whole are not counted")
+        if found:
+            warnings.warn(f"{name}: {'; '.join(found)}", stacklevel=3)
+        warn_caption_fallbacks(name, self.caption_fallbacks, stacklevel=4)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -272,13 +446,12 @@ class ShardPairs(PairSource):
         return self.keys[index].decode("utf-8")
 
     def caption(self, index: int) -> str:
-        data = self._read(index, self.text_loc[index], UnreadableCaption)
-        try:
-            text = data.decode("utf-8")
-            if self.text_is_json[index]:
+        text, _ = decode_text(self._read(index, self.text_loc[index], UnreadableCaption))
+        if self.text_is_json[index]:
+            try:
                 text = str(json.loads(text).get("caption") or "")
-        except (UnicodeDecodeError, ValueError, AttributeError) as exc:
-            raise UnreadableCaption(f"{self.key(index)}: {exc}") from None
+            except (ValueError, AttributeError) as exc:
+                raise UnreadableCaption(f"{self.key(index)}: {exc}") from None
         return text.strip()
 
     def image(self, index: int, draft: tuple[int, int] | None = None) -> Image.Image:

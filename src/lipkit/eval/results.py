@@ -22,7 +22,7 @@ from typing import Any
 
 from lipkit import __version__
 from lipkit.errors import LipkitError
-from lipkit.utils import atomic_write_text
+from lipkit.utils import atomic_write_text, strict_json
 
 RESULT_KEYS = ("task", "model", "checkpoint", "data", "metrics", "details", "lipkit_version", "created")
 
@@ -100,7 +100,7 @@ def write_results(path: str | Path, result: Mapping[str, Any]) -> None:
     bad = [k for k, v in result["metrics"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
     if bad:
         raise LipkitError(f"metrics {', '.join(bad)} are not finite numbers")
-    atomic_write_text(Path(path), json.dumps(result, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(Path(path), strict_json(result, indent=2) + "\n")
 
 
 def read_results(path: str | Path) -> dict[str, Any]:

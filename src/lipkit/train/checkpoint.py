@@ -5,16 +5,24 @@ from __future__ import annotations
 import pickle
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from lipkit.errors import CheckpointError
-from lipkit.utils import atomic_write
+from lipkit.config import to_dict
+from lipkit.errors import CheckpointError, ConfigError
+from lipkit.utils import atomic_temporaries, atomic_write, strict_json
+
+if TYPE_CHECKING:
+    from lipkit.train.config import TrainConfig
 
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # the files of a run directory written atomically
+RUN_IDENTITY = ("model", "model_overrides")  # the keys of a run's config that decide its weights' shapes
+SHOWN_DIFFERENCES = 4  # a refused resume names at most this many differences
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -60,6 +68,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous checkpoints intact."""
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that interrupted writes of checkpoints and run files left in ``run_dir``.
+
+    Only names that :func:`lipkit.utils.atomic_write` gives its temporary files for these files are touched.
+    Call it only while holding the run's lock: a running writer's temporary file looks just the same.
+
+    Returns:
+        The files deleted.
+    """
+    stale = atomic_temporaries(run_dir / "checkpoints", "step_*.pt")
+    for name in RUN_FILES:
+        stale += atomic_temporaries(run_dir, name)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -163,3 +188,69 @@ def resolve_weights(path: str | Path) -> Path:
             raise CheckpointError(f"{path} is a directory without checkpoints (expected a run directory or a file)")
         return found[-1]
     return path
+
+
+def check_resume(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume ``cfg`` from a checkpoint of another model or seed, or one past the run's last step.
+
+    Args:
+        saved: The checkpoint (:func:`load_checkpoint`).
+        cfg: The run that would resume from it.
+        path: The checkpoint's file, for the messages.
+
+    Raises:
+        ConfigError: The checkpoint is past ``cfg.steps``.
+        CheckpointError: It was trained with another model (name, overrides or resolved config) or seed, and
+            ``cfg.resume_force`` is false; one line naming the differences.
+    """
+    step = int(saved["step"])
+    if step > cfg.steps:
+        raise ConfigError(f"resume: {path} is at step {step}, past steps={cfg.steps}; set steps to {step} or more")
+    differences = run_differences(saved, cfg)
+    if not differences or cfg.resume_force:
+        return
+    shown = differences[:SHOWN_DIFFERENCES]
+    more = f" and {len(differences) - len(shown)} more" if len(differences) > len(shown) else ""
+    was = ", ".join(f"{key}={_shown(old)}" for key, old, _ in shown)
+    now = ", ".join(f"{key}={_shown(new)}" for key, _, new in shown)
+    raise CheckpointError(
+        f"resume: {path} was trained with {was}{more}; this run has {now}; pass resume_force=true to resume anyway"
+    )
+
+
+def run_differences(saved: Mapping[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """What a checkpoint's run and ``cfg`` disagree on: the model (name, overrides, resolved config) and the seed.
+
+    The resolved model configs are compared key by key (``model_config.vision.width``) when the names and
+    overrides agree, so a changed config file is found too. Entries an older checkpoint lacks are not compared.
+
+    Returns:
+        ``(key, the checkpoint's value, this run's value)`` for each difference.
+    """
+    from lipkit.models.config import get_model_config
+
+    old, new = saved.get("config", {}), to_dict(cfg)
+    differences = [(key, old[key], new[key]) for key in RUN_IDENTITY if key in old and old[key] != new[key]]
+    if not differences and "model_config" in saved:
+        current = _flat(to_dict(get_model_config(cfg.model, **cfg.model_overrides)), "model_config.")
+        recorded = _flat(saved["model_config"], "model_config.")
+        differences = [(k, recorded[k], current[k]) for k in recorded if k in current and recorded[k] != current[k]]
+    if "seed" in old and old["seed"] != cfg.seed:
+        differences.append(("seed", old["seed"], cfg.seed))
+    return differences
+
+
+def _flat(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """A nested mapping as one mapping with dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(value: Any) -> str:
+    """A config value as a ``key=value`` override spells it."""
+    return value if isinstance(value, str) else strict_json(to_dict(value))

@@ -128,7 +128,10 @@ class TrainConfig:
         log_every: Steps between metric records.
         checkpoint_every: Steps between checkpoints (a final one is always written).
         keep_checkpoints: How many step checkpoints to keep (older ones are deleted).
-        resume: ``latest`` (this run's newest checkpoint) or a checkpoint path.
+        resume: ``latest`` (this run's newest checkpoint) or a checkpoint path. A checkpoint of another
+            model or seed is refused, as is one past ``steps``.
+        resume_force: Resume even from a checkpoint trained with another model config or seed (its weights
+            must still fit the model).
         overwrite: Start afresh in a run directory that already holds checkpoints (deleting them).
         tensorboard: Also write TensorBoard event files.
         progress: Show a progress bar.
@@ -174,6 +177,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str | None = None
+    resume_force: bool = False
     overwrite: bool = False
     tensorboard: bool = True
     progress: bool = True

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lipkit.errors import ConfigError
-from lipkit.utils import rank_and_world
+from lipkit.utils import check_device, rank_and_world, resolve_device
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,16 @@ def setup(device_name: str, timeout_s: float = 600.0) -> tuple[DistEnv, torch.de
     Args:
         device_name: ``auto``, ``cpu``, ``cuda``...; under torchrun, CUDA devices are taken by local rank.
         timeout_s: Collective timeout: a rank that stops answering ends the others' wait with an error.
+
+    Raises:
+        ConfigError: The device is not a device name, or one this machine lacks (checked before anything
+            is created).
     """
     env = env_from_environ()
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(device_name)
     if device.type == "cuda" and env.distributed:
         device = torch.device("cuda", env.local_rank)
+        check_device(device)
         torch.cuda.set_device(device)
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

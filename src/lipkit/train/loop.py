@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -19,10 +18,12 @@ from tqdm.auto import tqdm
 
 from lipkit.config import save_yaml, to_dict
 from lipkit.data.loader import make_train_loader
-from lipkit.data.spec import open_mixture
-from lipkit.errors import ConfigError, FolderInUseError, TrainingDivergedError
+from lipkit.data.spec import Mixture, open_mixture
+from lipkit.errors import ConfigError, FolderInUseError, LipkitError, TrainingDivergedError
 from lipkit.losses import LOSSES, create_loss
 from lipkit.models import DualEncoder, create_model, image_transform
+from lipkit.models.config import get_model_config
+from lipkit.models.convert import check_fit
 from lipkit.models.factory import batch_tokenizer, preprocess_config
 from lipkit.models.text_inputs import TensorRecord
 from lipkit.train import checkpoint as ckpt
@@ -32,9 +33,9 @@ from lipkit.train.config import TrainConfig
 from lipkit.train.distributed import DistEnv
 from lipkit.train.evaluate import evaluate_now
 from lipkit.train.feature_cache import cached_features, check_lockable, make_feature_loader
-from lipkit.train.metrics import MetricLogger
+from lipkit.train.metrics import MetricLogger, recorded_value
 from lipkit.train.optim import build_optimizer, lr_at
-from lipkit.utils import FolderLock, atomic_write_text, seed_everything
+from lipkit.utils import FolderLock, atomic_write_text, seed_everything, strict_json
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -83,7 +84,8 @@ class TrainState:
 def prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
     """Create the run directory and save the resolved config; refuse to overwrite a run by accident.
 
-    Every rank checks (so all raise together); only the main rank writes.
+    Temporary files that an interrupted write left there are deleted. Every rank checks (so all raise
+    together); only the main rank writes.
     """
     run_dir = Path(cfg.out_dir) / cfg.name
     if cfg.resume is None and not cfg.overwrite and ckpt.list_checkpoints(run_dir):
@@ -99,6 +101,7 @@ def prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(run_dir)
         save_yaml(cfg, run_dir / "config.yaml")
     distributed.barrier(env)
     return run_dir
@@ -162,9 +165,29 @@ def compile_backend(setting: str | None, device: torch.device) -> str | None:
     return setting or None
 
 
-def restore(state: TrainState, path: Path) -> None:
-    """Load model, optimizer, step and random generators from a checkpoint."""
+def load_resume(cfg: TrainConfig, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint that ``cfg.resume`` names and its contents, checked against ``cfg``; None for a new run.
+
+    Raises:
+        CheckpointError: It is missing or unreadable, or was trained with another model or seed (unless
+            ``resume_force``).
+        ConfigError: It is past ``cfg.steps``.
+    """
+    if not cfg.resume:
+        return None
+    path = ckpt.resolve_resume(run_dir, cfg.resume)
     saved = ckpt.load_checkpoint(path)
+    ckpt.check_resume(saved, cfg, path)
+    return path, saved
+
+
+def restore(state: TrainState, path: Path, saved: dict[str, Any]) -> None:
+    """Load model, optimizer, step and random generators from checkpoint ``path``, read as ``saved``.
+
+    Raises:
+        CheckpointError: Its weights do not fit the model (missing, unexpected and mis-shaped keys listed).
+    """
+    check_fit(state.model.state_dict(), saved["model"], f"resume: {path} does not fit the model")
     sharded = bool(state.replicated)
     distributed.load_full_state(state.model, state.optimizer, saved["model"], saved["optimizer"], sharded)
     state.step = int(saved["step"])
@@ -172,7 +195,12 @@ def restore(state: TrainState, path: Path) -> None:
 
 
 def save(state: TrainState, cfg: TrainConfig, run_dir: Path) -> Path:
-    """Write a checkpoint for the current step (main rank) and prune old ones; every rank calls it."""
+    """Write a checkpoint for the current step (main rank) and prune old ones; every rank calls it.
+
+    Raises:
+        TrainingDivergedError: A weight is NaN or infinite: no checkpoint is written.
+    """
+    check_weights(state)
     path = ckpt.checkpoint_path(run_dir, state.step)
     model_state, optim_state = distributed.full_state(state.model, state.optimizer, bool(state.replicated))
     if not state.env.is_main:
@@ -188,6 +216,24 @@ def save(state: TrainState, cfg: TrainConfig, run_dir: Path) -> Path:
     ckpt.save_checkpoint(path, payload)
     ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
     return path
+
+
+def check_weights(state: TrainState) -> None:
+    """Stop the run if the last update made a weight NaN or infinite (every rank raises together).
+
+    The loss and gradients of a step can be finite while its update is not (an extreme learning rate):
+    only the weights show it, so they are checked before each checkpoint.
+    """
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in state.model.parameters()]  # FSDP: own shard
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in local]).all()
+    if float(distributed.mean_across_ranks((~finite).float().reshape(1), state.env)) > 0:
+        raise TrainingDivergedError(f"the weights became NaN or infinite in the update of step {state.step}")
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    """What a stopped run leaves to resume from, in words."""
+    found = ckpt.list_checkpoints(run_dir)
+    return f"the last good checkpoint, {found[-1]}, is kept" if found else "no checkpoint was written"
 
 
 def compute_loss(state: TrainState, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -251,8 +297,7 @@ def check_window(state: TrainState) -> torch.Tensor:
     if not torch.isfinite(stats).all():
         bad = state.step - len(state.window) + int((~torch.isfinite(stats)).any(dim=1).nonzero()[0]) + 1
         raise TrainingDivergedError(
-            f"the loss or gradient became {stats[bad - state.step - 1].tolist()} (loss, grad norm) at step {bad}; "
-            "the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip, or use precision=fp32."
+            f"the loss or gradient became {stats[bad - state.step - 1].tolist()} (loss, grad norm) at step {bad}"
         )
     return stats
 
@@ -288,14 +333,13 @@ def sampling_options(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     }
 
 
-def make_loader(cfg: TrainConfig, model: DualEncoder, start_step: int, env: DistEnv) -> Iterable:
+def make_loader(cfg: TrainConfig, mixture: Mixture, model: DualEncoder, start_step: int, env: DistEnv) -> Iterable:
     """The deterministic loader for the run's remaining steps (this rank's slice of each global batch).
 
     JPEGs are decoded at the smallest DCT scale that still covers the model's input, allowing for the
     smallest random crop, so most of the decoding cost of large images is skipped. With
     ``cache_features`` the batches hold frozen-trunk features instead of images and tokens.
     """
-    mixture = open_mixture(cfg.data.train)
     if cfg.cache_features:
         device = next(model.parameters()).device
         image, text = cached_features(
@@ -345,7 +389,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
         callbacks: Called as ``cb(step, metrics)`` after each step (``metrics`` empty between records).
 
     Raises:
-        TrainingDivergedError: The loss or gradient became NaN/Inf; the last good checkpoint is kept.
+        TrainingDivergedError: The loss, a gradient or a weight became NaN/Inf; the last good checkpoint is kept.
+        LipkitError: The config, the data or the device is unusable (found before anything is written), or
+            the checkpoint to resume from does not match the run.
     """
     env, device = distributed.setup(cfg.device)
     try:
@@ -356,8 +402,24 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
 
 def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequence[Callback]) -> TrainResult:
     distributed.check_batch(cfg.data.batch_size, env)
+    mixture = open_inputs(cfg)
     with lock_run_dir(Path(cfg.out_dir) / cfg.name, env, device):
-        return _train_locked(cfg, env, device, callbacks)
+        return _train_locked(cfg, env, device, callbacks, mixture)
+
+
+def open_inputs(cfg: TrainConfig) -> Mixture:
+    """Check the model and the loss, and open the data, before anything of the run is written.
+
+    Raises:
+        LipkitError: An unknown model or loss, or data that cannot be opened (an unknown source, a
+            pattern that matches no file...).
+    """
+    get_model_config(cfg.model, **cfg.model_overrides)
+    LOSSES.get(cfg.loss)
+    try:
+        return open_mixture(cfg.data.train)
+    except LipkitError as exc:
+        raise ConfigError(f"data.train: {exc}") from None
 
 
 @contextmanager
@@ -370,7 +432,7 @@ def lock_run_dir(run_dir: Path, env: DistEnv, device: torch.device) -> Iterator[
     if env.is_main:
         try:
             lock.acquire()
-        except FolderInUseError as exc:
+        except LipkitError as exc:  # busy, or the folder cannot be written
             problem = exc
     failed = distributed.mean_across_ranks(torch.tensor([float(problem is not None)], device=device), env)
     try:
@@ -383,30 +445,61 @@ def lock_run_dir(run_dir: Path, env: DistEnv, device: torch.device) -> Iterator[
         lock.release()
 
 
-def _train_locked(cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequence[Callback]) -> TrainResult:
+def _train_locked(
+    cfg: TrainConfig, env: DistEnv, device: torch.device, callbacks: Sequence[Callback], mixture: Mixture
+) -> TrainResult:
+    resumed = load_resume(cfg, Path(cfg.out_dir) / cfg.name)  # before anything in the run directory changes
     run_dir = prepare_run_dir(cfg, env)
     state = build_state(cfg, env, device)
-    if cfg.resume:
-        restore(state, ckpt.resolve_resume(run_dir, cfg.resume))
-    logger = MetricLogger(run_dir, cfg.tensorboard, resume_step=state.step if cfg.resume else None, enabled=env.is_main)
+    if resumed is not None:
+        restore(state, *resumed)
+        if env.is_main:  # the result when no step is left to run
+            state.last_loss = recorded_value(run_dir, state.step, "loss")
+    logger = MetricLogger(run_dir, cfg.tensorboard, resume_step=state.step, enabled=env.is_main)
     bar = tqdm(
         total=cfg.steps, initial=state.step, desc=cfg.name, unit="step", disable=not (cfg.progress and env.is_main)
     )
-    path = ckpt.checkpoint_path(run_dir, state.step)
-    state.window, state.window_start = [], time.perf_counter()
     try:
-        loader = make_loader(cfg, state.model, state.step, env)
-        for images, tokens in loader:  # the step moves them to the device (see backward)
-            path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
+        path, stats = run_steps(state, cfg, run_dir, logger, bar, mixture, callbacks)
+    except TrainingDivergedError as exc:
+        raise TrainingDivergedError(
+            f"{exc}; {last_good_checkpoint(run_dir)}. Lower optim.lr, set optim.grad_clip, or use precision=fp32."
+        ) from None
     finally:
         bar.close()
         logger.close()
-    stats = getattr(loader, "stats", None)
-    data = {"lost": dict(stats.lost), "replaced": dict(stats.replaced)} if stats else {}
     if env.is_main:
-        summary = json.dumps({"step": state.step, "loss": state.last_loss, "data": data}) + "\n"
-        atomic_write_text(run_dir / "summary.json", summary)
+        write_summary(run_dir, state, stats)
     return TrainResult(run_dir, state.step, state.last_loss, path, stats.summary() if stats else "")
+
+
+def run_steps(
+    state: TrainState,
+    cfg: TrainConfig,
+    run_dir: Path,
+    logger: MetricLogger,
+    bar: tqdm,
+    mixture: Mixture,
+    callbacks: Sequence[Callback],
+) -> tuple[Path, Any]:
+    """Train the remaining steps; returns the last checkpoint and the loader's data counts (None if it has none)."""
+    path = ckpt.checkpoint_path(run_dir, state.step)
+    state.window, state.window_start = [], time.perf_counter()
+    loader = make_loader(cfg, mixture, state.model, state.step, state.env)
+    for images, tokens in loader:  # the step moves them to the device (see backward)
+        path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
+    return path, getattr(loader, "stats", None)
+
+
+def write_summary(run_dir: Path, state: TrainState, stats: Any) -> None:
+    """Write ``summary.json``: the step, the last loss (``null`` when none was recorded) and the data counts."""
+    data = (
+        {"lost": dict(stats.lost), "replaced": dict(stats.replaced), "caption_fallbacks": stats.caption_fallbacks}
+        if stats
+        else {}
+    )
+    summary = {"step": state.step, "loss": state.last_loss, "data": data}
+    atomic_write_text(run_dir / "summary.json", strict_json(summary) + "\n")
 
 
 def to_device(batch: Any, device: torch.device, cfg: TrainConfig) -> Any:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 from lipkit.metrics_log import read_metrics, read_metrics_log
+from lipkit.utils import atomic_write_text, strict_json
 
-__all__ = ["MetricLogger", "read_metrics", "read_metrics_log"]
+__all__ = ["MetricLogger", "read_metrics", "read_metrics_log", "recorded_value"]
 
 
 class MetricLogger:
     """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
-    On resume, records after the resumed step are dropped first, so the file never holds a step twice.
+    Given the step the run starts from (``resume_step``), records after it are dropped first, and so is a
+    cut-off last line, so the file never holds a step twice; TensorBoard is told to drop its events from
+    the next step on (``purge_step``). Non-finite values are recorded as ``null`` (strict JSON).
     """
 
     def __init__(
@@ -33,7 +36,8 @@ class MetricLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 warnings.warn("tensorboard is not installed; logging to metrics.jsonl only", stacklevel=2)
 
@@ -41,13 +45,13 @@ class MetricLogger:
         if not self.path.exists():
             return
         kept = [record for record in read_metrics(self.path.parent) if record["step"] <= step]
-        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        atomic_write_text(self.path, "".join(strict_json(record) + "\n" for record in kept))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record ``metrics`` at ``step``."""
         if self.file is None:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write(strict_json({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.writer is not None:
             for key, value in metrics.items():
@@ -60,3 +64,11 @@ class MetricLogger:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def recorded_value(run_dir: Path, step: int, key: str) -> float:
+    """The number recorded for ``key`` at ``step`` in a run's ``metrics.jsonl``; NaN when there is none."""
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
+        return math.nan
+    values = [r[key] for r in read_metrics(run_dir) if r["step"] == step and isinstance(r.get(key), (int, float))]
+    return float(values[-1]) if values else math.nan
