@@ -374,7 +374,7 @@ def test_building_a_labelled_set_in_a_busy_folder_is_refused(tmp_path):
 
     with FolderLock(tmp_path / "set", "another build"), pytest.raises(FolderInUseError, match="another build"):
         write_labelled(OneImage(), tmp_path / "set", "test", ["a {c}"], progress=False)
-    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [".lock"]
+    assert not (tmp_path / "set").exists()  # the refused build wrote nothing; the holder's empty folder went with it
     assert write_labelled(OneImage(), tmp_path / "set", "test", ["a {c}"], progress=False) == 1
 
 
@@ -405,3 +405,41 @@ def _png_bytes() -> bytes:
 
 def _png(path: Path) -> None:
     path.write_bytes(_png_bytes())
+
+
+class TextFillsUp(FillsUp):
+    """:class:`FillsUp` for a text file."""
+
+    def write(self, data: str) -> int:
+        if len(data) > self.room:
+            self.file.write(data[: self.room])
+            self.file.flush()
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_metrics_are_appended_names_the_file_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    import pathlib
+
+    from lipkit.metrics_log import read_metrics
+
+    real_open = pathlib.Path.open
+
+    def opens(path: pathlib.Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        file = real_open(path, mode, *args, **kwargs)
+        # room for the first record (about 160 characters) and part of the second
+        return TextFillsUp(file, room=250) if path.name == "metrics.jsonl" and mode == "a" else file
+
+    monkeypatch.setattr(pathlib.Path, "open", opens)
+    overrides = [f"out_dir={tmp_path}", "name=full", "progress=false", "tensorboard=false", "device=cpu"]
+    argv = ["train", "tiny-synthetic", "--set", *overrides, "steps=3", "checkpoint_every=1", "log_every=1"]
+    assert main(argv) == 2
+    metrics = tmp_path / "full" / "metrics.jsonl"
+    assert one_line(capsys.readouterr().err) == f"lipkit train: error: cannot write {metrics}: {FULL}"
+    assert not metrics.read_text().endswith("\n")  # the disk took part of a line
+    monkeypatch.undo()
+    assert main([*argv, "resume=latest"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "full")] == [1, 2, 3]  # the cut-off line is gone

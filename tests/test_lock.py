@@ -80,3 +80,16 @@ def test_cli_reports_a_busy_folder_in_one_line(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "another process is working there" in out.stderr and "Traceback" not in out.stderr
     assert time.perf_counter() - start < 60  # refused at once, not after waiting
+
+
+def test_a_folder_the_lock_created_goes_again_when_the_job_wrote_nothing(tmp_path):
+    with FolderLock(tmp_path / "new" / "run"):
+        assert (tmp_path / "new" / "run" / ".lock").exists()
+    assert list(tmp_path.iterdir()) == []  # both folders the lock made are gone
+    with FolderLock(tmp_path / "kept"):
+        (tmp_path / "kept" / "result.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [".lock", "result.json"]
+    (tmp_path / "existing").mkdir()
+    with FolderLock(tmp_path / "existing"):
+        pass
+    assert [p.name for p in (tmp_path / "existing").iterdir()] == [".lock"]  # not ours to remove

@@ -289,6 +289,10 @@ class FolderLock:
     lock (``lockf``), which forked children do not inherit either, because a record lock is dropped when
     the process closes *any* descriptor of the file, and a second one taken in the same process succeeds.
 
+    A folder that :meth:`acquire` created is removed again on :meth:`release` when nothing but the lock
+    file is in it, so a job refused before it wrote anything (a resume that does not fit, bad data) leaves
+    no empty folder behind.
+
     Raises:
         FolderInUseError: On :meth:`acquire` (or entering the context) while another process holds it.
         StorageError: On :meth:`acquire` when the folder or its lock file cannot be created (read-only, no permission).
@@ -298,11 +302,13 @@ class FolderLock:
         self.folder, self.what = Path(folder), what
         self.path = self.folder / ".lock"
         self._fd: int | None = None
+        self._created: list[Path] = []  # the folders acquire made, innermost first
 
     def acquire(self) -> FolderLock:
         import fcntl
         import time
 
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -319,15 +325,27 @@ class FolderLock:
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{self.what}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-        self._fd = fd
+        self._fd, self._created = fd, missing
         _HELD_LOCKS.add(self)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
+            self._remove_unused_folders()  # while the lock is still held
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
         _HELD_LOCKS.discard(self)
+
+    def _remove_unused_folders(self) -> None:
+        """Remove the folders :meth:`acquire` created if the job left nothing in them but the lock file."""
+        if not self._created or [p.name for p in self.folder.iterdir()] != [self.path.name]:
+            return
+        self.path.unlink()
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:  # another process put something there meanwhile
+                return
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -202,9 +202,28 @@ def test_a_sample_lost_whole_is_counted_from_the_stats_file(packed, tmp_path):
     assert open_quietly([root / f"{s:05d}.tar" for s in range(3)]).skipped == source.skipped  # from the cache
     (root / "00002_stats.json").unlink()
     (root / "00002.tar").touch()  # a new modification time: indexed again
-    with pytest.warns(UserWarning, match=r"1 damaged shard\(s\) have no stats file"):
+    with pytest.warns(UserWarning, match=r"1 damaged shard\(s\) have no stats file: .* only those named by a legible"):
         without_stats = ShardPairs([root / f"{s:05d}.tar" for s in range(3)], "shards")
-    assert len(without_stats) == SAMPLES - 1 and without_stats.skipped["corrupt_samples"] == 0
+    # the three headers still name one sample (000p21): counted from the names legible in corrupt headers
+    assert len(without_stats) == SAMPLES - 1 and without_stats.skipped["corrupt_samples"] == 1
+
+
+@pytest.mark.parametrize(
+    ("position", "mask", "counted"),
+    [(148, 0x01, 1), (3, 0x80, 0)],  # a flipped checksum leaves the name legible; a non-UTF-8 name does not
+    ids=["legible-name", "illegible-name"],
+)
+def test_without_a_stats_file_samples_lost_whole_are_counted_from_legible_names(
+    packed, tmp_path, position, mask, counted
+):
+    root = copy_shards(packed, tmp_path / "shards")
+    written = Written.read(root / "00001.tar")
+    headers = [written.members[(key, ext)][0] - 512 for key in ("000012", "000013") for ext in ("jpg", "txt", "json")]
+    damage(root / "00001.tar", [(h + position, mask) for h in headers])
+    (root / "00001_stats.json").unlink()
+    source = open_quietly([root / f"{s:05d}.tar" for s in range(3)])
+    assert len(source) == SAMPLES - 2
+    assert source.skipped["corrupt_samples"] == 2 * counted and source.skipped["incomplete_samples"] == 0
 
 
 def test_a_truncated_shard_counts_every_sample_after_the_cut(packed, tmp_path, capsys):

@@ -123,6 +123,15 @@ def test_resume_with_another_model_and_seed_is_refused_in_one_line(finished, cap
     assert (run_dir / "config.yaml").read_text() == config  # refused before the run directory changed
 
 
+def test_a_refused_resume_into_a_new_run_name_leaves_no_folder(finished, capsys, tmp_path):
+    overrides, run_dir = finished
+    path = run_dir / "checkpoints" / "step_00000002.pt"
+    line = one_line_error(capsys, ["train", PRESET, *overrides[:-1], "name=second", f"resume={path}", "seed=1"])
+    assert line.endswith("trained with seed=0; this run has seed=1; pass resume_force=true to resume anyway")
+    assert not (tmp_path / "second").exists()  # the lock's folder goes again: nothing was written there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
+
+
 def test_resume_with_another_seed_or_model_override_is_refused(finished):
     overrides, _ = finished
     with pytest.raises(CheckpointError, match=r"trained with seed=0; this run has seed=3; pass resume_force=true"):

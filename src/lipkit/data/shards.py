@@ -48,7 +48,7 @@ from lipkit.data.pairs import PairSource
 from lipkit.errors import LipkitError, StorageError
 from lipkit.utils import cache_root
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 MAX_OPEN_FILES = 64
 BLOCK = tarfile.BLOCKSIZE
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -129,9 +129,11 @@ class TarIndex:
         incomplete: Samples found without an image or a caption (written so, or left so by damage).
         truncated: The tar ends early (inside a member, or before its end-of-archive blocks).
         corrupt: Samples of which nothing could be read (under corrupt headers, past a truncation): those
-            the shard's stats file says were written, less those found. 0 without a stats file.
+            the shard's stats file says were written, less those found. Without a stats file, the samples
+            whose keys are still legible in corrupt headers and were found nowhere else: a lower bound.
         damaged: Corrupt regions: runs of blocks that are neither a valid header, a member's data nor zeros.
-        uncounted: The shard is damaged and has no stats file, so samples it lost whole are not counted.
+        uncounted: The shard is damaged and has no stats file, so ``corrupt`` is a lower bound: samples lost
+            with no legible header (past a truncation, or under an unreadable name) are not counted.
         caption_fallbacks: Captions of the samples that are not UTF-8.
     """
 
@@ -165,10 +167,13 @@ class TarScan:
         damaged: Corrupt regions (see :class:`TarIndex`).
         tar_like: Some block that is not a valid header still holds the ``ustar`` magic of a tar header.
         truncated: The file ends inside a member or a block, or before two zero blocks end the archive.
+        legible: Sample keys read from the name field of corrupt headers (those with the ``ustar`` magic, a
+            UTF-8 printable name and a shard member's extension).
     """
 
     members: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     not_utf8: set[int] = field(default_factory=set)
+    legible: set[str] = field(default_factory=set)
     headers: int = 0
     damaged: int = 0
     tar_like: bool = False
@@ -202,7 +207,10 @@ def index_tar(path: Path) -> TarIndex:
                 "be read at random, decompress them first"
             )
         index.uncounted = written is None
-        index.corrupt = 0 if written is None else max(0, written - len(index) - index.incomplete)
+        if written is None:  # a lower bound: the samples named by corrupt headers and found nowhere else
+            index.corrupt = len(scan.legible - scan.members.keys())
+        else:
+            index.corrupt = max(0, written - len(index) - index.incomplete)
     return index
 
 
@@ -235,7 +243,9 @@ def scan_tar(f: BinaryIO, size: int) -> TarScan:
             info = _header(block)
         except tarfile.HeaderError:
             scan.damaged += not in_damage
-            scan.tar_like = scan.tar_like or block[257:262] == b"ustar"
+            if block[257:262] == b"ustar":
+                scan.tar_like = True
+                _note_legible_key(scan, block)
             in_damage, extended, offset = True, {}, offset + BLOCK
             continue
         if info is None:  # zeros: padding, or the end of the archive
@@ -252,6 +262,17 @@ def scan_tar(f: BinaryIO, size: int) -> TarScan:
     f.seek(offset)
     scan.truncated = zeros < 2 or any(f.read(BLOCK))
     return scan
+
+
+def _note_legible_key(scan: TarScan, block: bytes) -> None:
+    """Record the sample key in a corrupt header's name field, if it reads as a shard member's name."""
+    try:
+        name = block[:100].split(b"\0", 1)[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    key, ext = split_member(name)
+    if key and name.isprintable() and (ext in SHARD_IMAGE_EXTENSIONS or ext in _CAPTION_EXTENSIONS):
+        scan.legible.add(key)
 
 
 def _header(block: bytes) -> tarfile.TarInfo | None:
@@ -422,7 +443,10 @@ class ShardPairs(PairSource):
         if self.skipped["corrupt_samples"]:
             found.append(f"lost {self.skipped['corrupt_samples']} samples of which nothing could be read")
         if uncounted:
-            found.append(f"{uncounted} damaged shard(s) have no stats file: samples they lost whole are not counted")
+            found.append(
+                f"{uncounted} damaged shard(s) have no stats file: of the samples they lost whole, only those named "
+                "by a legible corrupt header are counted"
+            )
         if found:
             warnings.warn(f"{name}: {'; '.join(found)}", stacklevel=3)
         warn_caption_fallbacks(name, self.caption_fallbacks, stacklevel=4)

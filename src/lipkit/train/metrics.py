@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
 from typing import Any
 
+from lipkit.errors import storage_error
 from lipkit.metrics_log import read_metrics, read_metrics_log
 from lipkit.utils import atomic_write_text, strict_json
 
@@ -31,7 +33,10 @@ class MetricLogger:
             return
         if resume_step is not None:
             self._truncate_after(resume_step)
-        self.file = self.path.open("a", encoding="utf-8")
+        try:
+            self.file = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise storage_error(exc, self.path) from None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -48,15 +53,30 @@ class MetricLogger:
         atomic_write_text(self.path, "".join(strict_json(record) + "\n" for record in kept))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Record ``metrics`` at ``step``."""
+        """Record ``metrics`` at ``step``.
+
+        Raises:
+            StorageError: The record cannot be written (a full disk...), naming the file. A line cut off
+                by the failure is dropped when the run resumes.
+        """
         if self.file is None:
             return
-        self.file.write(strict_json({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(strict_json({"step": step, **metrics}) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            self._abandon()
+            raise storage_error(exc, self.path) from None
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, step)
+
+    def _abandon(self) -> None:
+        """Close the file without flushing again what the disk refused once."""
+        file, self.file = self.file, None
+        with contextlib.suppress(OSError):
+            file.close()
 
     def close(self) -> None:
         """Flush and close the outputs."""
