@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -38,7 +39,8 @@ from lipkit.train import loop
 from lipkit.train.config import resolve_config
 
 SAMPLES, PER_SHARD = 24, 8
-FUZZ_EXAMPLES = 100
+FUZZ_EXAMPLES = int(os.environ.get("LIPKIT_FUZZ_EXAMPLES", "100"))  # damaged shard sets per run
+TALLY = {"shard sets": 0, "samples lost": 0, "counted": 0}  # printed at the end of the module (pytest -s)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,6 +48,8 @@ def _index_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LIPKIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         yield
+    if TALLY["shard sets"]:
+        print("\nfuzzed shards: " + ", ".join(f"{k} {v}" for k, v in TALLY.items()))
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +173,9 @@ def fuzz_once(packed: Path, draw: st.DataObject) -> tuple[int, int, int]:
 def test_fuzzed_shards_are_read_without_a_crash_and_every_lost_sample_is_counted(packed, draw):
     lost, counted, _ = fuzz_once(packed, draw)
     assert counted == lost
+    TALLY["shard sets"] += 1
+    TALLY["samples lost"] += lost
+    TALLY["counted"] += counted
 
 
 def test_a_corrupt_first_header_loses_only_its_member(packed, tmp_path):
