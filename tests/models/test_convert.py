@@ -37,11 +37,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def lipkit_text_overrides(name: str) -> dict[str, Any]:
-    """OpenCLIP's SigLIP tokenizer has 32000 tokens; lipkit's config keeps CLIP's BPE size."""
-    return {"vocab_size": 32000} if name == SIGLIP else {}
-
-
 def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
@@ -116,7 +111,7 @@ def save(obj: Any, path: Path) -> Path:
 def test_full_size_keys_and_shapes_correspond(name: str) -> None:
     with torch.device("meta"):
         oc = open_clip.create_model(name, pretrained=None, device="meta")
-        lk = DualEncoder(get_model_config(name, text=lipkit_text_overrides(name)))
+        lk = DualEncoder(get_model_config(name))
     oc_state, lk_state = oc.state_dict(), lk.state_dict()
     assert shapes(openclip_to_lipkit(oc_state)) == shapes(lk_state)
     assert shapes(lipkit_to_openclip(lk_state)) == shapes(oc_state)

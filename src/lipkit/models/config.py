@@ -47,6 +47,11 @@ class ViTConfig:
         proj: Project the pooled feature to ``embed_dim`` with a linear layer (else it must equal width).
         proj_bias: Bias in that projection.
         patch_dropout: Fraction of patch tokens dropped at training time (FLIP); 0 disables it.
+        norm_after_pool: Apply the final LayerNorm to the pooled feature instead of to every token
+            (OpenCLIP's ``final_ln_after_pool``, as CLIPA's average-pooled towers do).
+        openclip_layout: The key layout of this tower in OpenCLIP checkpoints: ``openclip`` (OpenCLIP's own
+            ViT: ``visual.conv1``, ``visual.transformer.resblocks``...) or ``timm`` (a timm ViT trunk,
+            ``visual.trunk.*``, as OpenCLIP's SigLIP models hold it). Import and export follow it.
     """
 
     image_size: int = 224
@@ -66,12 +71,14 @@ class ViTConfig:
     proj: bool = True
     proj_bias: bool = False
     patch_dropout: float = 0.0
+    norm_after_pool: bool = False
+    openclip_layout: str = "openclip"
 
     tower: ClassVar[str] = "lipkit.models.vit:VisionTransformer"
 
     def validate(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.image_size < self.patch_size:  # else the grid is image_size // patch_size (a remainder is cropped)
+            raise ConfigError(f"vision.image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ConfigError(f"vision.width {self.width} is not divisible by heads {self.heads}")
         _check_choice("vision.act", self.act, ACTIVATIONS)
@@ -80,6 +87,41 @@ class ViTConfig:
             raise ConfigError("vision.pool 'cls' needs class_token: true")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ConfigError(f"vision.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        _check_choice("vision.openclip_layout", self.openclip_layout, ("openclip", "timm"))
+        if self.norm_after_pool and self.pool == "map":
+            raise ConfigError("vision.norm_after_pool does not apply to attention pooling ('map')")
+
+
+@VISION_TOWERS.register("resnet")
+@dataclass
+class ResNetConfig:
+    """OpenAI's modified ResNet image tower (CLIP's RN50, RN101, RN50x4...).
+
+    Three stem convolutions with an average pool, four stages of bottleneck blocks that downsample
+    with an average pool before the strided path, and attention pooling over the final feature map whose
+    query is the mean of the map.
+
+    Attributes:
+        image_size: Input resolution (square), a multiple of 32.
+        layers: Bottleneck blocks in each of the four stages.
+        width: Channels after the stem; stage ``i`` has ``width * 2**i`` bottleneck channels, four times
+            that at its output, so the final map has ``width * 32`` channels.
+        head_width: Channels per head of the attention pool (its heads: ``width * 32 // head_width``).
+    """
+
+    image_size: int = 224
+    layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    width: int = 64
+    head_width: int = 64
+
+    tower: ClassVar[str] = "lipkit.models.resnet:ModifiedResNet"
+    openclip_layout: ClassVar[str] = "resnet"
+
+    def validate(self) -> None:
+        if self.image_size % 32:
+            raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of 32")
+        if (self.width * 32) % self.head_width:
+            raise ConfigError(f"vision.width * 32 = {self.width * 32} is not divisible by head_width {self.head_width}")
 
 
 @VISION_TOWERS.register("timm")
@@ -131,11 +173,14 @@ class TextTransformerConfig:
         mlp_ratio: Hidden width of the MLP relative to ``width``.
         act: ``gelu``, ``quick_gelu`` or ``gelu_tanh``.
         causal: Causal attention mask (CLIP); ``False`` gives a bidirectional encoder (SigLIP).
-        pool: ``eot`` (the end-of-text token, found as the largest token id as in CLIP), ``last``,
+        pool: ``eot`` (the end-of-text token, found as the largest token id as in CLIP), ``eos`` (the
+            first ``eos_id`` token, for vocabularies whose end token is not the largest id), ``last``,
             ``first`` or ``mean`` (over non-padding tokens).
         norm_eps: LayerNorm epsilon.
+        proj: Project the pooled feature to ``embed_dim`` with a linear layer (else ``width`` must equal it).
         proj_bias: Bias in the output projection.
         pad_id: Padding token id (used by ``mean`` pooling).
+        eos_id: End-of-text token id (used by ``eos`` pooling).
     """
 
     context_length: int = 77
@@ -148,8 +193,10 @@ class TextTransformerConfig:
     causal: bool = True
     pool: str = "eot"
     norm_eps: float = 1e-5
+    proj: bool = True
     proj_bias: bool = False
     pad_id: int = 0
+    eos_id: int = 2
 
     tower: ClassVar[str] = "lipkit.models.text:TextTransformer"
 
@@ -157,7 +204,7 @@ class TextTransformerConfig:
         if self.width % self.heads:
             raise ConfigError(f"text.width {self.width} is not divisible by heads {self.heads}")
         _check_choice("text.act", self.act, ACTIVATIONS)
-        _check_choice("text.pool", self.pool, ("eot", "last", "first", "mean"))
+        _check_choice("text.pool", self.pool, ("eot", "eos", "last", "first", "mean"))
 
 
 @TEXT_TOWERS.register("hf")
@@ -203,7 +250,19 @@ class ModelConfig:
         init_logit_scale: Initial log of the logit scale (CLIP: log(1/0.07); SigLIP: log(10)).
         init_logit_bias: Initial logit bias (SigLIP: -10); ``None`` for no bias parameter.
         max_logit_scale: The scale is clamped at this value (CLIP: 100).
-        tokenizer: ``clip`` for CLIP's BPE, or ``hf`` to use the Hugging Face text tower's tokenizer.
+        tokenizer: ``clip`` for CLIP's BPE, or ``hf`` for a Hugging Face tokenizer: the Hugging Face text
+            tower's own, or for a text transformer the one at ``tokenizer_path`` (SigLIP, CLIPA...).
+        tokenizer_path: Local tokenizer folder (``save_pretrained`` output) or ``tokenizer.json`` file for
+            an ``hf`` tokenizer; defaults to a Hugging Face text tower's ``text.path``. Nothing is downloaded.
+        tokenizer_source: Where that tokenizer is published (a Hugging Face hub name), named in the message
+            when ``tokenizer_path`` is missing.
+        tokenizer_clean: Clean-up of texts before an ``hf`` tokenizer: ``whitespace`` (fix text, collapse
+            whitespace), ``lower`` (that, lower-cased) or ``canonicalize`` (also drop punctuation), as
+            OpenCLIP's tokenizers do.
+        tokenizer_strip_sep: Replace the separator token by padding (CLIPA's BERT tokenizer).
+        family: The architecture family, for listings (e.g. ``siglip``, ``openai-resnet``).
+        custom_text: OpenCLIP holds this model's text tower under ``text.`` (its ``CustomTextCLIP``) rather
+            than at the top level; export writes that layout.
         preprocess: Overrides for :class:`lipkit.models.transforms.PreprocessConfig` (mean, std, ...).
         lock_image: Freeze the image tower (LiT); its projection head stays trainable.
         lock_text: Freeze the text tower; its projection head stays trainable.
@@ -218,6 +277,12 @@ class ModelConfig:
     init_logit_bias: float | None = None
     max_logit_scale: float = 100.0
     tokenizer: str = "clip"
+    tokenizer_path: str = ""
+    tokenizer_source: str = ""
+    tokenizer_clean: str = "whitespace"
+    tokenizer_strip_sep: bool = False
+    family: str = ""
+    custom_text: bool = False
     preprocess: dict[str, Any] = field(default_factory=dict)
     lock_image: bool = False
     lock_text: bool = False
@@ -234,10 +299,9 @@ class ModelConfig:
         if layers is not None and self.unlock_text_layers > layers:
             raise ConfigError(f"unlock_text_layers={self.unlock_text_layers} but the text tower has {layers} layers")
         _check_choice("tokenizer", self.tokenizer, ("clip", "hf"))
-        if self.tokenizer == "hf" and self.text.get("type") != "hf":
-            raise ConfigError("tokenizer 'hf' needs a text tower of type 'hf'")
+        _check_choice("tokenizer_clean", self.tokenizer_clean, ("whitespace", "lower", "canonicalize"))
 
-    def vision_config(self) -> ViTConfig | TimmConfig:
+    def vision_config(self) -> ViTConfig | ResNetConfig | TimmConfig:
         """The typed config of the image tower."""
         return _tower_config("vision", VISION_TOWERS, self.vision)
 
@@ -259,19 +323,49 @@ def _tower_config(kind: str, towers: Registry[type], spec: dict[str, Any]) -> An
     return from_dict(towers.get(tower_type), spec, prefix=f"{kind}.")
 
 
+CONFIG_FOLDERS = ("configs", "configs/openclip")
+"""Folders of built-in configs inside ``lipkit.models``: lipkit's own, and OpenCLIP's translated by
+``tools/openclip_configs.py`` (one file per name in OpenCLIP's list)."""
+
+UNSUPPORTED_KEY = "unsupported"
+"""A built-in config holding this key names a family lipkit cannot build yet; its value says why."""
+
+
+class UnsupportedModelError(ConfigError):
+    """A known model name whose architecture lipkit cannot build yet."""
+
+
 @lru_cache(maxsize=1)
 def _builtin_configs() -> dict[str, dict[str, Any]]:
-    folder = resources.files("lipkit.models") / "configs"
+    root = resources.files("lipkit.models")
     out = {}
-    for entry in folder.iterdir():
-        if entry.name.endswith(".json"):
-            out[entry.name[: -len(".json")]] = json.loads(entry.read_text())
+    for sub in CONFIG_FOLDERS:
+        folder = root.joinpath(*sub.split("/"))
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            if entry.name.endswith(".json"):
+                out[entry.name[: -len(".json")]] = json.loads(entry.read_text())
     return out
 
 
-def list_models() -> list[str]:
-    """Names of the built-in model configs."""
-    return sorted(_builtin_configs())
+def list_models(buildable: bool = False) -> list[str]:
+    """Names of the built-in model configs.
+
+    Args:
+        buildable: Only those lipkit can build now (leave out the families it cannot build yet).
+    """
+    return sorted(name for name, data in _builtin_configs().items() if not (buildable and UNSUPPORTED_KEY in data))
+
+
+def model_family(name: str) -> str:
+    """The family of a built-in config (``""`` when it names none)."""
+    return _builtin_configs()[name].get("family", "")
+
+
+def unsupported_reason(name: str) -> str | None:
+    """Why lipkit cannot build built-in model ``name`` yet, or ``None`` when it can."""
+    return _builtin_configs()[name].get(UNSUPPORTED_KEY)
 
 
 def timm_model_config(timm_name: str) -> dict[str, Any]:
@@ -291,6 +385,7 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
 
     Raises:
         UnknownNameError: The name is unknown; the message lists the closest names.
+        UnsupportedModelError: The name is known (an OpenCLIP model) but its family cannot be built yet.
         ConfigError: The resolved config is invalid.
     """
     if name.startswith("timm/"):
@@ -305,4 +400,8 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
         if name not in configs:
             raise UnknownNameError(f"unknown model {name!r}.{suggest(name, configs)} Run `lipkit models` to list them.")
         data = configs[name]
+        if UNSUPPORTED_KEY in data:
+            raise UnsupportedModelError(
+                f"model {name!r} ({data.get('family', 'unknown family')}) cannot be built yet: {data[UNSUPPORTED_KEY]}"
+            )
     return from_dict(ModelConfig, merge(data, overrides))

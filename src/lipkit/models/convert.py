@@ -10,8 +10,9 @@ Supported files (nothing is downloaded):
 - lipkit: a training checkpoint ``{"model": state_dict, ...}`` or a bare state dict;
 - OpenCLIP: ``torch.save(model.state_dict())``, or a training checkpoint ``{"state_dict": ...}``
   (``module.`` and ``_orig_mod.`` prefixes are stripped), or a ``.safetensors`` file; the image tower
-  is OpenCLIP's own ViT or, for SigLIP, timm's ViT with attention pooling (``visual.trunk.*``);
-- OpenAI: the original TorchScript archives (``ViT-B-32.pt``...), whose names follow OpenCLIP's.
+  is OpenCLIP's own ViT, timm's ViT with attention pooling (``visual.trunk.*``, SigLIP) or OpenAI's
+  modified ResNet;
+- OpenAI: the original TorchScript archives (``ViT-B-32.pt``, ``RN50.pt``...), whose names follow OpenCLIP's.
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ TIMM_VISION_RULES: list[Rule] = [  # a timm ViT trunk (SigLIP); block internals 
     ("^visual.head.proj.", "^visual.proj."),
 ]
 
+RESNET_RULES: list[Rule] = [  # OpenAI's modified ResNet (RN50...)
+    ("^visual.conv", "^visual.stem.conv"),
+    ("^visual.bn", "^visual.stem.bn"),
+    *((f"^visual.layer{i + 1}.", f"^visual.stages.{i}.") for i in range(4)),
+    ("^visual.attnpool.positional_embedding$", "^visual.attn_pool.pos_embed$"),
+    ("^visual.attnpool.q_proj.", "^visual.attn_pool.q."),
+    ("^visual.attnpool.k_proj.", "^visual.attn_pool.k."),
+    ("^visual.attnpool.v_proj.", "^visual.attn_pool.v."),
+    ("^visual.attnpool.c_proj.", "^visual.proj."),  # the pool's output projection is the tower's head
+]
+
+VISION_LAYOUTS: dict[str, list[Rule]] = {"openclip": VISION_RULES, "timm": TIMM_VISION_RULES, "resnet": RESNET_RULES}
+"""Rules by the ``openclip_layout`` of an image tower's config; export writes that layout."""
+
 TEXT_RULES: list[Rule] = [  # CLIP keeps these at the top level; CustomTextCLIP (SigLIP) nests them under ``text.``
     ("^token_embedding.", "^text.token_embed."),
     ("^positional_embedding$", "^text.pos_embed$"),
@@ -76,7 +91,20 @@ BLOCK_RULES: list[Rule] = [  # inside OpenCLIP's ``resblocks``
     (".ls_2.gamma$", ".ls2.gamma$"),
 ]
 
-IMPORT_RULES: list[Rule] = [*VISION_RULES, *TIMM_VISION_RULES, *TEXT_RULES, TEXT_PROJ_PARAM, TEXT_PROJ_LINEAR]
+RESNET_BLOCK_RULES: list[Rule] = [  # inside a bottleneck's projection shortcut (``-1`` is its parameter-free pool)
+    (".downsample.0.", ".shortcut.conv."),
+    (".downsample.1.", ".shortcut.bn."),
+]
+
+INNER_RULES: list[tuple[str, str, list[Rule]]] = [
+    # (marker in an OpenCLIP key, marker in a key with OpenCLIP's outer and lipkit's inner names, rules)
+    (".resblocks.", ".resblocks.", BLOCK_RULES),
+    (".downsample.", ".shortcut.", RESNET_BLOCK_RULES),
+]
+
+TEXT_IMPORT_RULES: list[Rule] = [*TEXT_RULES, TEXT_PROJ_PARAM, TEXT_PROJ_LINEAR]
+IMPORT_RULES: list[Rule] = [*VISION_RULES, *TIMM_VISION_RULES, *TEXT_IMPORT_RULES]
+"""What a ViT model (either layout) or a tower with no OpenCLIP layout of its own imports with."""
 
 
 def _transpose(t: Tensor) -> Tensor:
@@ -112,7 +140,24 @@ def _rename(key: str, rules: Iterable[Rule], reverse: bool = False) -> str | Non
     return None
 
 
-def openclip_to_lipkit(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def import_rules(layout: str = "") -> list[Rule]:
+    """The rename rules that read OpenCLIP checkpoints into a model whose image tower has ``layout``.
+
+    A ViT reads either ViT layout (OpenCLIP's own or timm's); ``resnet`` reads OpenAI's ResNet names.
+    """
+    if layout == "resnet":
+        return [*RESNET_RULES, *TEXT_IMPORT_RULES]
+    return IMPORT_RULES
+
+
+def _inner_rename(key: str, marked: str, reverse: bool) -> str:
+    for openclip_marker, export_marker, rules in INNER_RULES:
+        if (export_marker if reverse else openclip_marker) in marked:
+            return _rename(key, rules, reverse=reverse) or key
+    return key
+
+
+def openclip_to_lipkit(state: dict[str, Tensor], layout: str = "") -> dict[str, Tensor]:
     """Convert an OpenCLIP (or OpenAI) state dict to lipkit's names and layouts.
 
     Keys no rule knows (``logit_scale``, ``logit_bias``, anything foreign) are kept as they are, so a
@@ -120,50 +165,58 @@ def openclip_to_lipkit(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
     Args:
         state: OpenCLIP state dict, without ``module.`` prefixes.
+        layout: The ``openclip_layout`` of the receiving image tower (``resnet`` for OpenAI's ResNets;
+            any ViT layout, or none, reads both ViT layouts).
 
     Returns:
         The state dict with lipkit's key names.
     """
+    rules = import_rules(layout)
     out = {}
     for key, tensor in state.items():
         if key.rsplit(".", 1)[-1] in DROPPED:
             continue
         name = key.removeprefix("text.")  # CustomTextCLIP nests the text tower
-        new = _rename(name, IMPORT_RULES)
+        new = _rename(name, rules)
         if new is None:
             out[key] = tensor
             continue
-        if ".resblocks." in name:
-            new = _rename(new, BLOCK_RULES) or new
+        new = _inner_rename(new, name, reverse=False)
         out[new] = RESHAPES[name][0](tensor) if name in RESHAPES else tensor
     return out
 
 
-def lipkit_to_openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def lipkit_to_openclip(
+    state: dict[str, Tensor], layout: str | None = None, custom_text: bool | None = None
+) -> dict[str, Tensor]:
     """Convert a lipkit state dict to OpenCLIP's names and layouts.
 
-    A model with an attention-pooled (SigLIP) image tower maps to OpenCLIP's ``CustomTextCLIP`` with a
-    timm ViT trunk (as OpenCLIP's ``ViT-B-16-SigLIP``); any other ViT maps to OpenCLIP's ``CLIP``. The
-    text projection is an ``nn.Linear`` in OpenCLIP when it has a bias, else a transposed Parameter.
+    The text projection is an ``nn.Linear`` in OpenCLIP when it has a bias, else a transposed Parameter.
 
     Args:
         state: lipkit state dict.
+        layout: The image tower's OpenCLIP layout (``openclip``, ``timm`` or ``resnet``, see
+            :data:`VISION_LAYOUTS`); by default ``timm`` for an attention-pooled ViT, else ``openclip``.
+        custom_text: Nest the text tower under ``text.`` (OpenCLIP's ``CustomTextCLIP``); by default
+            when the layout is ``timm``.
 
     Returns:
         The state dict with OpenCLIP's key names, loadable by the matching ``open_clip`` model. Features
-        OpenCLIP cannot express (e.g. a bias in the image projection) keep their lipkit names.
+        OpenCLIP cannot express (e.g. a bias in a ViT's image projection) keep their lipkit names.
     """
-    siglip = "visual.attn_pool.latent" in state
+    if layout is None:
+        layout = "timm" if "visual.attn_pool.latent" in state else "openclip"
+    if custom_text is None:
+        custom_text = layout == "timm"
     text_proj = TEXT_PROJ_LINEAR if "text.proj.bias" in state else TEXT_PROJ_PARAM
-    rules = [*(TIMM_VISION_RULES if siglip else VISION_RULES), *TEXT_RULES, text_proj]
+    rules = [*VISION_LAYOUTS[layout], *TEXT_RULES, text_proj]
     out = {}
     for key, tensor in state.items():
         name = _rename(key, rules, reverse=True) or key
-        if ".resblocks." in name:
-            name = _rename(name, BLOCK_RULES, reverse=True) or name
+        name = _inner_rename(name, name, reverse=True)
         if name in RESHAPES:
             tensor = RESHAPES[name][1](tensor)
-        if siglip and key.startswith("text."):
+        if custom_text and key.startswith("text."):
             name = f"text.{name}"
         out[name] = tensor
     return out
@@ -279,7 +332,7 @@ def load_pretrained(model: DualEncoder, path: str | Path) -> None:
     """
     expected = model.state_dict()
     state = read_state_dict(path)
-    converted = openclip_to_lipkit(state)
+    converted = openclip_to_lipkit(state, getattr(model.cfg.vision_config(), "openclip_layout", ""))
     from_openclip = _overlap(converted, expected) > _overlap(state, expected)
     note = " (OpenCLIP names, converted)" if from_openclip else ""
     state = converted if from_openclip else state
@@ -330,5 +383,7 @@ def export_openclip(model: DualEncoder, path: str | Path) -> None:
         model: The model to export.
         path: Destination file (``torch.save`` format).
     """
-    state = lipkit_to_openclip({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    layout = getattr(model.cfg.vision_config(), "openclip_layout", None)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = lipkit_to_openclip(state, layout=layout, custom_text=model.cfg.custom_text)
     atomic_write(Path(path), lambda f: torch.save(state, f))

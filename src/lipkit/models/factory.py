@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from lipkit.config import from_dict
+from lipkit.errors import LipkitError
 from lipkit.models.clip import DualEncoder
-from lipkit.models.config import ModelConfig, get_model_config
+from lipkit.models.config import HFTextConfig, ModelConfig, get_model_config
 from lipkit.models.text_inputs import TextTokens, Tokens, padded_length
 
 
@@ -56,18 +57,61 @@ def create_model(
 def get_tokenizer(name: str | ModelConfig, **overrides: Any) -> Callable[..., Tokens]:
     """The tokenizer that matches a model config: call it on a list of strings.
 
-    It returns what the model's text tower takes: token ids (B, T) from the CLIP tokenizer, or
-    :class:`~lipkit.models.text_inputs.TextTokens` (ids and attention mask) from a Hugging Face one.
+    It returns what the model's text tower takes: token ids (B, T) for a text transformer (from CLIP's
+    BPE, or from the local Hugging Face tokenizer at ``tokenizer_path`` for SigLIP and the like), or
+    :class:`~lipkit.models.text_inputs.TextTokens` (ids and attention mask) for a Hugging Face text tower.
+
+    Args:
+        name: Model name or config.
+        **overrides: Config overrides, e.g. ``tokenizer_path="/models/siglip-tokenizer"``.
+
+    Raises:
+        LipkitError: The model needs a local tokenizer and ``tokenizer_path`` is not set (the message names
+            the tokenizer to fetch), or nothing is at that path.
     """
     cfg = _as_config(name, overrides)
     text_cfg = cfg.text_config()
-    if cfg.tokenizer == "hf":
+    if cfg.tokenizer == "hf" and isinstance(text_cfg, HFTextConfig):
         from lipkit.models.hf_tokenizer import HFTokenizer
 
-        return HFTokenizer(text_cfg.path, context_length=text_cfg.context_length)
+        return HFTokenizer(cfg.tokenizer_path or text_cfg.path, context_length=text_cfg.context_length)
+    if cfg.tokenizer == "hf":
+        return _local_hf_tokenizer(cfg, f"model {name!r}" if isinstance(name, str) else "this model")
     from lipkit.models.tokenizer import ClipTokenizer
 
     return ClipTokenizer(context_length=text_cfg.context_length)
+
+
+def check_tokenizer(name: str | ModelConfig, **overrides: Any) -> None:
+    """Raise now, before any work, if the model's tokenizer would be missing (see :func:`get_tokenizer`)."""
+    cfg = _as_config(name, overrides)
+    if cfg.tokenizer == "hf" and not isinstance(cfg.text_config(), HFTextConfig):
+        _require_tokenizer_path(cfg, f"model {name!r}" if isinstance(name, str) else "this model")
+
+
+def _require_tokenizer_path(cfg: ModelConfig, label: str) -> None:
+    if not cfg.tokenizer_path:
+        source = f" {cfg.tokenizer_source!r}" if cfg.tokenizer_source else ""
+        raise LipkitError(
+            f"{label} needs its Hugging Face tokenizer{source} from a local file or folder and none is set: "
+            f"pass tokenizer_path=PATH (a tokenizer.json file or a save_pretrained folder) to get_tokenizer, "
+            f"or set tokenizer_path in the model config (in training: model_overrides.tokenizer_path=PATH)"
+        )
+
+
+def _local_hf_tokenizer(cfg: ModelConfig, label: str) -> Callable[..., Tokens]:
+    """The Hugging Face tokenizer at ``cfg.tokenizer_path`` for a text transformer (token ids out)."""
+    from lipkit.models.hf_tokenizer import HFIdsTokenizer
+
+    _require_tokenizer_path(cfg, label)
+    text_cfg = cfg.text_config()
+    return HFIdsTokenizer(
+        cfg.tokenizer_path,
+        context_length=text_cfg.context_length,
+        clean=cfg.tokenizer_clean,
+        strip_sep=cfg.tokenizer_strip_sep,
+        pad_id=getattr(text_cfg, "pad_id", 0),
+    )
 
 
 class TrimPadding:
@@ -99,9 +143,9 @@ def padding_trim_is_exact(name: str | ModelConfig) -> bool:
     towers, whose tokens attend to the padding.
     """
     cfg = _as_config(name, {})
-    if cfg.tokenizer == "hf":
-        return True
     text = cfg.text_config()
+    if isinstance(text, HFTextConfig):
+        return True
     return bool(getattr(text, "causal", False)) and text.pool != "last"
 
 

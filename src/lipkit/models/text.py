@@ -15,18 +15,20 @@ from lipkit.models.text_inputs import TextCache, TextTokens
 from lipkit.utils import package_path
 
 
-def pool_tokens(x: torch.Tensor, tokens: torch.Tensor, how: str, pad_id: int = 0) -> torch.Tensor:
+def pool_tokens(x: torch.Tensor, tokens: torch.Tensor, how: str, pad_id: int = 0, eos_id: int = 2) -> torch.Tensor:
     """Pool token features (B, T, W) into (B, W).
 
     Args:
         x: Token features.
-        tokens: Token ids or attention mask (B, T), used by ``eot`` and ``mean``.
-        how: ``eot`` (position of the largest id, CLIP's end-of-text), ``last``, ``first``/``cls``,
-            ``mean`` (over positions whose id is not ``pad_id``).
+        tokens: Token ids or attention mask (B, T), used by ``eot``, ``eos`` and ``mean``.
+        how: ``eot`` (position of the largest id, CLIP's end-of-text), ``eos`` (first position holding
+            ``eos_id``; the first position when none does), ``last``, ``first``/``cls``, ``mean`` (over
+            positions whose id is not ``pad_id``).
         pad_id: Padding id for ``mean``.
+        eos_id: End-of-text id for ``eos``.
     """
-    if how == "eot":
-        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if how in ("eot", "eos"):
+        return x[torch.arange(x.shape[0], device=x.device), pool_index(tokens, how, eos_id)]
     if how == "last":
         return x[:, -1]
     if how in ("first", "cls"):
@@ -35,10 +37,12 @@ def pool_tokens(x: torch.Tensor, tokens: torch.Tensor, how: str, pad_id: int = 0
     return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
 
 
-def pool_index(tokens: torch.Tensor, how: str) -> int | torch.Tensor | None:
-    """The position :func:`pool_tokens` selects for ``how``: an int, a (B,) tensor (``eot``) or ``None`` (``mean``)."""
+def pool_index(tokens: torch.Tensor, how: str, eos_id: int = 2) -> int | torch.Tensor | None:
+    """The position :func:`pool_tokens` selects for ``how``: an int, a (B,) tensor (``eot``, ``eos``) or ``None``."""
     if how == "eot":
         return tokens.argmax(dim=-1)
+    if how == "eos":
+        return (tokens == eos_id).int().argmax(dim=-1)
     if how == "last":
         return -1
     if how in ("first", "cls"):
@@ -66,14 +70,17 @@ class TextTransformer(nn.Module):
             cfg.width, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps
         )
         self.norm = LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=cfg.proj_bias)
+        if not cfg.proj and cfg.width != embed_dim:
+            raise ConfigError(f"text.proj is false but width {cfg.width} != embed_dim {embed_dim}")
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=cfg.proj_bias) if cfg.proj else nn.Identity()
         self.output_dim = embed_dim
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
         self.transformer.init_weights(cfg.width, cfg.layers)
-        nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
-        if self.proj.bias is not None:
-            nn.init.zeros_(self.proj.bias)
+        if isinstance(self.proj, nn.Linear):
+            nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
+            if self.proj.bias is not None:
+                nn.init.zeros_(self.proj.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""
@@ -108,7 +115,7 @@ class TextTransformer(nn.Module):
 
     def features_from_hidden(self, x: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """The pooled feature from token states ``x`` that went through the first ``start`` blocks."""
-        index = pool_index(tokens, self.cfg.pool)
+        index = pool_index(tokens, self.cfg.pool, self.cfg.eos_id)
         if index is not None:  # one token per text: the last block computes only that one, then the norm
             return self.norm(self.transformer.forward_pooled(x, index, causal=self.cfg.causal, start=start))
         x = self.norm(self.transformer(x, causal=self.cfg.causal, start=start))
@@ -120,7 +127,9 @@ class TextTransformer(nn.Module):
             return states
         tokens = states.tokens
         used = tokens != self.cfg.pad_id
-        used[torch.arange(tokens.shape[0]), tokens.argmax(dim=-1)] = True  # the end-of-text token pools
+        index = pool_index(tokens, self.cfg.pool, self.cfg.eos_id)
+        if isinstance(index, torch.Tensor):  # the end-of-text token pools, even where it is the padding id
+            used[torch.arange(tokens.shape[0]), index] = True
         keep = int(used.nonzero()[:, 1].max()) + 1 if used.any() else 1
         return TextCache(states.features[:, :keep], tokens[:, :keep])
 

@@ -11,6 +11,8 @@ from lipkit.errors import CheckpointError, LipkitError
 from lipkit.models.config import TimmConfig
 from lipkit.models.text import make_head, resolve_local_path
 
+CLASSIFIER_NAMES = ("classifier", "fc", "head", "_fc", "head.fc")  # where weight files keep the classifier
+
 
 def map_keys_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename ``source``'s tensors to ``target``'s keys by position, checking every shape.
@@ -85,6 +87,28 @@ class TimmTower(nn.Module):
             raise CheckpointError(
                 f"{path} does not fit timm {self.cfg.name}: missing {missing}, unexpected {unexpected}"
             )
+
+    def classifier_head(self) -> torch.Tensor:
+        """The weight rows (C, num_features) of the classifier in the tower's weights file.
+
+        The trunk drops the classifier when it loads; its rows live in the space :meth:`features` returns
+        (classifier prototypes, :mod:`lipkit.data.prototypes`).
+
+        Raises:
+            LipkitError: No weights file is set, or it holds no classifier that reads these features.
+        """
+        if not self.cfg.pretrained:
+            raise LipkitError(f"image tower timm {self.cfg.name} has no classifier head: vision.pretrained is not set")
+        state = load_local_weights(resolve_local_path(self.cfg.pretrained))
+        names = [self.trunk.pretrained_cfg.get("classifier") or "", *CLASSIFIER_NAMES]
+        for name in names:
+            weight = state.get(f"{name}.weight")
+            if weight is not None and weight.ndim == 2 and weight.shape[1] == self.trunk.num_features:
+                return weight.float()
+        raise LipkitError(
+            f"image tower timm {self.cfg.name} has no classifier head: {self.cfg.pretrained} holds no "
+            f"({self.trunk.num_features}-wide) weight under {', '.join(n for n in names if n)}"
+        )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass to save memory."""

@@ -77,10 +77,10 @@ class VisionTransformer(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Token features after the final norm: (B, T, width)."""
+        """Token features (B, T, width), after the final norm unless it follows the pooling (``norm_after_pool``)."""
         x = self.drop_patches(self.embed(images))
         x = self.transformer(self.norm_pre(x))
-        return self.norm(x)
+        return x if self.cfg.norm_after_pool else self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Pool token features (B, T, width) into one vector per image (B, width)."""
@@ -96,7 +96,8 @@ class VisionTransformer(nn.Module):
             # Only the first token is kept: the last block computes just that one, and the norm follows.
             x = self.transformer.forward_pooled(self.norm_pre(self.drop_patches(self.embed(images))), 0)
             return self.norm(x)
-        return self.pool(self.forward_features(images))
+        pooled = self.pool(self.forward_features(images))
+        return self.norm(pooled) if self.cfg.norm_after_pool else pooled
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed images (B, 3, H, W) into (B, embed_dim), not normalised."""
