@@ -45,6 +45,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,25 @@ BASE = [
     "model_overrides.preprocess.train_grayscale=0.0",
     "model_overrides.embed_dim=256",
 ]
+
+# the recipe adopted on 2026-12-01 (the preset's, as overrides on BASE)
+ADOPTED = [
+    "feature_views=4",
+    "model_overrides.preprocess.train_grayscale=0.5",
+    "model_overrides.unlock_text_layers=1",
+    "model_overrides.embed_dim=512",
+]
+
+VIEWS = ["feature_views=4", "model_overrides.preprocess.train_grayscale=0.5"]  # views4-grey0.5
+
+
+def proto_mix(weight: float, **options: str) -> str:
+    """Tux Paint and emoji (in their unweighted 36:64 ratio) with classifier prototypes at ``weight``."""
+    rest = 1 - weight
+    opts = ", ".join(f"{k}: {v}" for k, v in options.items())
+    proto = f"{{source: prototypes, weight: {weight}" + (f", options: {{{opts}}}}}" if opts else "}")
+    return f"[tuxpaint:train::{0.36 * rest:.3g}, emoji:train::{0.64 * rest:.3g}, {proto}]"
+
 
 # name -> overrides on BASE
 VARIANTS: dict[str, list[str]] = {
@@ -154,6 +174,19 @@ VARIANTS: dict[str, list[str]] = {
         "model_overrides.preprocess.train_grayscale=0.5",
         "model_overrides.unlock_text_layers=1",
     ],
+    # classifier prototypes (lipkit.data.prototypes) mixed in, on the 2026-12-01 preset
+    # (views4-grey0.5-unlock1-embed512): ImageNet head rows of the image tower with "a photo of a {c}."
+    "proto-mean3": [*ADOPTED, f"data.train={proto_mix(0.3)}"],
+    "proto-norm": [*ADOPTED, f"data.train={proto_mix(0.3, placement='norm')}"],
+    "proto-mean3-w0.5": [*ADOPTED, f"data.train={proto_mix(0.5)}"],
+    "proto-mean3-first": [*ADOPTED, f"data.train={proto_mix(0.3, captions='first')}"],
+    "proto-mean3-both": [*ADOPTED, f"data.train={proto_mix(0.3, classnames='imagenet-1k-both')}"],
+    "proto-mean2": [*ADOPTED, f"data.train={proto_mix(0.3, placement='mean+2std')}"],
+    # the same on views4-grey0.5 (heads only, 256-d): training takes seconds instead of minutes
+    "views4-grey0.5-proto-mean3": [*VIEWS, f"data.train={proto_mix(0.3)}"],
+    "views4-grey0.5-proto-norm": [*VIEWS, f"data.train={proto_mix(0.3, placement='norm')}"],
+    "views4-grey0.5-proto-mean3-first": [*VIEWS, f"data.train={proto_mix(0.3, captions='first')}"],
+    "views4-grey0.5-proto-mean3-w0.5": [*VIEWS, f"data.train={proto_mix(0.5)}"],
     # combinations of the single changes that scored best on validation
     "mlpv-lr3e-3": ["model_overrides.vision.proj=mlp", "optim.lr=3e-3"],
     "scale30-mix": ["model_overrides.init_logit_scale=3.4012", "data.train=tuxpaint:train::0.5,emoji:train::0.5"],
@@ -185,16 +218,20 @@ class TrunkMemo:
             update_digest(h, tower, skip_prefix="proj.")
             tower.features = self._memoised(tower.features, h.hexdigest()[:16])
 
-    def _memoised(self, features: Callable[[torch.Tensor], torch.Tensor], trunk: str) -> Callable:
-        def call(x: torch.Tensor) -> torch.Tensor:
-            data = x.detach().cpu().contiguous()
-            key = hashlib.sha256(f"{trunk}|{data.dtype}|{tuple(data.shape)}".encode())
-            key.update(data.numpy().tobytes())
+    def _memoised(self, features: Callable[[Any], torch.Tensor], trunk: str) -> Callable:
+        def call(x: Any) -> torch.Tensor:  # images, token ids, or a record of tensors (Hugging Face tokens)
+            parts = [getattr(x, f.name) for f in fields(x)] if is_dataclass(x) else [x]
+            parts = [t for t in parts if t is not None]
+            key = hashlib.sha256(trunk.encode())
+            for part in parts:
+                data = part.detach().cpu().contiguous()
+                key.update(f"|{data.dtype}|{tuple(data.shape)}".encode())
+                key.update(data.numpy().tobytes())
             key = key.hexdigest()
             if key not in self.table:
                 self.table[key] = features(x).detach().cpu()
                 self.added += 1
-            return self.table[key].to(x.device)
+            return self.table[key].to(parts[0].device)
 
         return call
 

@@ -253,6 +253,17 @@ def test_bad_data_is_refused_before_the_run_folder_exists(run_overrides, tmp_pat
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_missing_tokenizer_is_refused_before_the_run_folder_exists(tmp_path, capsys):
+    argv = ["train", "vit-b-16-siglip", "--set", f"out_dir={tmp_path}", "name=sig", "device=cpu", "progress=false"]
+    line = one_line_error(capsys, argv)
+    assert line.startswith(
+        "lipkit train: error: model 'ViT-B-16-SigLIP' needs its Hugging Face tokenizer 'timm/ViT-B-16-SigLIP' from a "
+        "local file or folder and none is set"
+    )
+    assert line.endswith("(in training: model_overrides.tokenizer_path=PATH)")
+    assert not (tmp_path / "sig").exists()
+
+
 def test_cuda_without_a_gpu_is_refused_before_the_run_folder_exists(run_overrides, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     overrides = [o for o in run_overrides if not o.startswith("device=")]

@@ -8,17 +8,20 @@ their captions, Noto Color Emoji) also feed the shard packer of :mod:`lipkit.dat
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import unicodedata
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from lipkit.data.decode import decode_text, warn_caption_fallbacks
 from lipkit.data.pairs import SPLITS, Pair, PairSource, split_of
+from lipkit.data.prototypes import open_prototypes
 from lipkit.errors import LipkitError
 from lipkit.registry import Registry
 
@@ -229,10 +232,23 @@ def _emoji(split: str = "train") -> PairSource:
     return EmojiPairs(split)
 
 
-def open_named(spec: str) -> PairSource:
-    """Open a registered source from ``NAME[:SPLIT]`` (e.g. ``tuxpaint:train``, ``synthetic``)."""
+SOURCES.add("prototypes", open_prototypes)  # classifier prototypes of the image tower (lipkit.data.prototypes)
+
+
+def open_named(spec: str, **options: Any) -> PairSource:
+    """Open a registered source from ``NAME[:SPLIT]`` (e.g. ``tuxpaint:train``, ``synthetic``).
+
+    Args:
+        spec: ``NAME[:SPLIT]``.
+        **options: Keyword options the source takes (a data spec entry's ``options``).
+    """
     name, _, split = spec.partition(":")
     split = split or "train"
     if split not in (*SPLITS, "all"):
         raise LipkitError(f"data spec {spec!r}: split must be one of train, val, test, all")
-    return SOURCES.get(name)(split=split)
+    factory = SOURCES.get(name)
+    try:
+        inspect.signature(factory).bind(split=split, **options)
+    except TypeError as exc:
+        raise LipkitError(f"data source {name!r}: {exc} (options given: {sorted(options)})") from None
+    return factory(split=split, **options)

@@ -10,6 +10,11 @@ With ``feature_views > 1``, augmented views of the training images are cached to
 evaluation transform; view ``v > 0`` is a draw of the training transform seeded by ``v`` and the
 sample's key), each view a cache entry of its own, and each step picks one view per sample from the
 sample's seed: augmentation at the cost of a few extra trunk passes, not one per step.
+
+A source of classifier prototypes (:mod:`lipkit.data.prototypes`) in the mixture has no images: its
+image features are its placed head rows (the same for every view), computed from the image tower's
+classifier and the cached features of the other sources' images, and its captions are cached through
+the text trunk on their own; the image sources keep the cache entry they have without the prototypes.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from lipkit.cache import cached, load_cached, try_save_cached
 from lipkit.config import to_dict
 from lipkit.data.loader import ResumableBatchSampler, TransformedPairs
 from lipkit.data.pairs import PairSource
-from lipkit.data.spec import Mixture
+from lipkit.data.prototypes import PrototypePairs, tower_head
+from lipkit.data.spec import ConcatPairs, Mixture
 from lipkit.errors import ConfigError
 from lipkit.models import DualEncoder, get_tokenizer, image_transform
 from lipkit.models.text_inputs import TextCache
@@ -128,17 +134,55 @@ def _compute(
     images, texts, aux = [], [], []
     for batch_images, captions in tqdm(loader, desc="caching frozen features", unit="batch", disable=not progress):
         images.append(model.visual.features(batch_images.to(device)).float().cpu())
-        tokens = tokenizer(list(captions)).to(device)
-        if layer is None:
-            texts.append(model.text.features(tokens).float().cpu())
-        else:
-            states = model.text.trim(model.text.hidden(tokens, layer))
-            texts.append(states.features.float().cpu())
-            aux.append(states.tokens.cpu())
+        _encode_text(model, tokenizer(list(captions)).to(device), layer, texts, aux)
     model.train(was_training)
+    return {"image": torch.cat(images), **_text_entry(texts, aux)}
+
+
+def _encode_text(model: DualEncoder, tokens: Any, layer: int | None, texts: list, aux: list) -> None:
+    """Append the text trunk's output for ``tokens`` (pooled features, or states and their tokens)."""
     if layer is None:
-        return {"image": torch.cat(images), "text": torch.cat(texts)}
-    return {"image": torch.cat(images), "text_hidden": _pad_cat(texts), "text_aux": _pad_cat(aux)}
+        texts.append(model.text.features(tokens).float().cpu())
+    else:
+        states = model.text.trim(model.text.hidden(tokens, layer))
+        texts.append(states.features.float().cpu())
+        aux.append(states.tokens.cpu())
+
+
+def _text_entry(texts: list[torch.Tensor], aux: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text part of a cache entry: ``text`` (pooled) or ``text_hidden`` and ``text_aux`` (states)."""
+    if not aux:
+        return {"text": torch.cat(texts)}
+    return {"text_hidden": _pad_cat(texts), "text_aux": _pad_cat(aux)}
+
+
+@torch.no_grad()
+def _compute_text(
+    model: DualEncoder, captions: list[str], batch_size: int, device: torch.device, rows: range | None = None
+) -> dict[str, torch.Tensor]:
+    """The text trunk's output for ``captions`` (the ``rows`` of them), as a cache entry."""
+    tokenizer, layer = get_tokenizer(model.cfg), model.text_cache_layer()
+    chosen = captions if rows is None else [captions[i] for i in rows]
+    was_training = model.training
+    model.eval()
+    texts: list[torch.Tensor] = []
+    aux: list[torch.Tensor] = []
+    for start in range(0, len(chosen), batch_size):
+        _encode_text(model, tokenizer(chosen[start : start + batch_size]).to(device), layer, texts, aux)
+    model.train(was_training)
+    return _text_entry(texts, aux)
+
+
+def text_cache_key(model: DualEncoder, source: PairSource) -> str:
+    """A digest of what the text trunk's outputs for ``source``'s captions depend on."""
+    h = hashlib.sha256()
+    cfg = to_dict(model.cfg)
+    text = {k: v for k, v in cfg["text"].items() if k not in HEAD_KEYS}
+    h.update(json.dumps(["text-only", text, cfg["tokenizer"], model.text_cache_layer()], sort_keys=True).encode())
+    update_digest(h, model.text, skip_prefix="proj.")
+    for i in range(len(source)):
+        h.update(f"{source.caption(i)}\n".encode())
+    return h.hexdigest()[:24]
 
 
 @torch.no_grad()
@@ -234,6 +278,85 @@ class _Share:
 
 
 def _cached_features(
+    model: DualEncoder,
+    source: PairSource,
+    cache_dir: str | Path | None,
+    batch_size: int,
+    workers: int,
+    device: torch.device | str,
+    progress: bool,
+    views: int,
+    share: _Share,
+) -> tuple[torch.Tensor, TextCache]:
+    def pairs(images: PairSource) -> tuple[torch.Tensor, TextCache]:
+        mine = _Share(share.rank, share.world_size, len(images))
+        return _cached_pair_features(model, images, cache_dir, batch_size, workers, device, progress, views, mine)
+
+    def texts(part: PairSource) -> TextCache:
+        return _cached_text(model, part, cache_dir, batch_size, torch.device(device), share)
+
+    parts = source.sources if isinstance(source, ConcatPairs) else [source]
+    if not any(isinstance(p, PrototypePairs) for p in parts):
+        return pairs(source)
+    return _with_prototypes(model, parts, pairs, texts)
+
+
+def _with_prototypes(
+    model: DualEncoder,
+    parts: list[PairSource],
+    pairs: Callable[[PairSource], tuple[torch.Tensor, TextCache]],
+    texts: Callable[[PairSource], TextCache],
+) -> tuple[torch.Tensor, TextCache]:
+    """Features of a mixture with prototype sources: the image sources' cached ones (their entry as
+    without the prototypes) and each prototype source's placed rows and cached caption features, in order."""
+    images = [p for p in parts if not isinstance(p, PrototypePairs)]
+    if not images:
+        raise ConfigError("prototype sources need image sources beside them: their placement uses the images' features")
+    image, text = pairs(images[0] if len(images) == 1 else ConcatPairs(images))
+    head = tower_head(model.visual)
+    reference = image if image.ndim == 2 else image[:, 0]  # the evaluation view of every training image
+    image_parts, text_parts, start = [], [], 0
+    for part in parts:
+        if isinstance(part, PrototypePairs):
+            rows = part.features(head, reference)  # (n, F), the same for every view
+            image_parts.append(rows if image.ndim == 2 else rows[:, None].expand(-1, image.shape[1], -1))
+            text_parts.append(texts(part))
+        else:
+            image_parts.append(image[start : start + len(part)])
+            text_parts.append(text[start : start + len(part)])
+            start += len(part)
+    joined = (_join([getattr(t, name) for t in text_parts]) for name in ("features", "tokens"))
+    return torch.cat(image_parts), TextCache(*joined)
+
+
+def _join(chunks: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Concatenate cached text chunks (padding token positions to the longest); ``None`` fields stay ``None``."""
+    return None if chunks[0] is None else _pad_cat(chunks)
+
+
+def _cached_text(
+    model: DualEncoder,
+    source: PairSource,
+    cache_dir: str | Path | None,
+    batch_size: int,
+    device: torch.device,
+    share: _Share,
+) -> TextCache:
+    """The text trunk's output for ``source``'s captions, from disk if cached."""
+    folder = Path(cache_dir or default_cache_dir())
+    captions = [source.caption(i) for i in range(len(source))]
+    saved = _Share(share.rank, share.world_size, len(source)).cached(
+        folder / f"text-{text_cache_key(model, source)}.pt",
+        lambda rows: _compute_text(model, captions, batch_size, device, rows),
+        lambda entry: (
+            all(t.shape[0] == len(source) for t in entry.values())
+            and ("text" in entry) == (model.text_cache_layer() is None)
+        ),
+    )
+    return TextCache(saved["text"]) if "text" in saved else TextCache(saved["text_hidden"], saved["text_aux"])
+
+
+def _cached_pair_features(
     model: DualEncoder,
     source: PairSource,
     cache_dir: str | Path | None,

@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 from lipkit.config import save_yaml, to_dict
 from lipkit.data.loader import make_train_loader
+from lipkit.data.prototypes import check_images
 from lipkit.data.spec import Mixture, open_mixture
 from lipkit.errors import ConfigError, FolderInUseError, LipkitError, TrainingDivergedError
 from lipkit.losses import LOSSES, create_loss
 from lipkit.models import DualEncoder, create_model, image_transform
 from lipkit.models.config import get_model_config
 from lipkit.models.convert import check_fit
-from lipkit.models.factory import batch_tokenizer, preprocess_config
+from lipkit.models.factory import batch_tokenizer, check_tokenizer, preprocess_config
 from lipkit.models.text_inputs import TensorRecord
 from lipkit.train import checkpoint as ckpt
 from lipkit.train import distributed
@@ -415,11 +416,15 @@ def open_inputs(cfg: TrainConfig) -> Mixture:
             pattern that matches no file...).
     """
     get_model_config(cfg.model, **cfg.model_overrides)
+    check_tokenizer(cfg.model, **cfg.model_overrides)
     LOSSES.get(cfg.loss)
     try:
-        return open_mixture(cfg.data.train)
+        mixture = open_mixture(cfg.data.train)
     except LipkitError as exc:
         raise ConfigError(f"data.train: {exc}") from None
+    if not cfg.cache_features:
+        check_images(mixture.sources)  # prototype sources have no images for the trunk
+    return mixture
 
 
 @contextmanager

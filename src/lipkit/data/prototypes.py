@@ -1,0 +1,277 @@
+"""Classifier prototypes: training pairs made from a frozen image tower's own classifier head.
+
+A pretrained image tower often ships with its classifier: one weight row per class, a direction in
+the very feature space that a locked-tower (LiT) model projects. Each class gives pairs whose caption
+is a template filled with the class name (``"a photo of a jean."``, one pair per synonym or only the
+first) and whose image side is not an image but a point in the tower's feature space, placed along
+that row:
+
+* ``norm``: the row scaled to the mean norm of the training images' features;
+* ``mean+Kstd`` (e.g. ``mean+3std``): the mean training feature plus ``K`` standard deviations of the
+  training features projected on the row's direction, along that direction.
+
+The statistics come from the features of the training images the source is mixed with (their
+evaluation view); the rows come from the tower (:meth:`lipkit.models.timm_tower.TimmTower.classifier_head`).
+The source is registered as ``prototypes``; a data spec mixes it like any other source::
+
+    data:
+      train:
+        - tuxpaint:train::0.3
+        - emoji:train::0.5
+        - {source: prototypes, weight: 0.2, options: {placement: mean+3std, classnames: imagenet-1k}}
+
+It trains with cached features (``cache_features=true``): the placed rows are served where cached
+image features would be, and the captions go through the text trunk as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from lipkit.data.pairs import PairSource
+from lipkit.errors import ConfigError, LipkitError
+from lipkit.registry import Registry
+from lipkit.utils import package_path
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)
+CAPTIONS = ("each", "first")  # one pair per synonym, or per class (its first name)
+
+LABEL_SETS: Registry[Callable[[], list[list[str]]]] = Registry("class name set")
+
+
+def _timm_label_set(subset: str) -> list[list[str]]:
+    """timm's offline descriptions of an ImageNet subset: WordNet lemmas, synonyms comma-separated."""
+    from timm.data import ImageNetInfo
+
+    return [split_synonyms(d) for d in ImageNetInfo(subset).label_descriptions()]
+
+
+def _clip_benchmark_names(dataset: str) -> list[str]:
+    path = package_path("clip_benchmark", "datasets/en_classnames.json", "pip install --no-deps clip-benchmark")
+    return list(json.loads(path.read_text())[dataset])
+
+
+@LABEL_SETS.register("imagenet-1k")
+def _imagenet_wordnet() -> list[list[str]]:
+    return _timm_label_set("imagenet-1k")
+
+
+@LABEL_SETS.register("imagenet-1k-clip")
+def _imagenet_clip() -> list[list[str]]:
+    return [[name] for name in _clip_benchmark_names("imagenet1k")]
+
+
+@LABEL_SETS.register("imagenet-1k-both")
+def _imagenet_both() -> list[list[str]]:
+    """CLIP's cleaned name first, then the WordNet synonyms it does not repeat."""
+    merged = []
+    for names, wordnet in zip(_imagenet_clip(), _imagenet_wordnet()):
+        for name in wordnet:
+            if name.lower() not in {n.lower() for n in names}:
+                names.append(name)
+        merged.append(names)
+    return merged
+
+
+def split_synonyms(line: str) -> list[str]:
+    """``"jean, blue jean, denim"`` -> ``["jean", "blue jean", "denim"]``."""
+    return [name.strip() for name in line.split(",") if name.strip()]
+
+
+def read_classnames(spec: str) -> list[list[str]]:
+    """The class names of a head, each with its synonyms, in head-row order.
+
+    Args:
+        spec: A registered set (``imagenet-1k``: timm's WordNet lemmas; ``imagenet-1k-clip``: CLIP's
+            names from clip-benchmark; ``imagenet-1k-both``), or a text file with one class per line,
+            synonyms separated by commas.
+
+    Raises:
+        LipkitError: An unknown set or missing file, or a class without a name.
+    """
+    if spec in LABEL_SETS:
+        names = LABEL_SETS.get(spec)()
+    else:
+        path = Path(os.path.expanduser(spec))
+        if not path.is_file():
+            if "/" in spec or path.suffix:
+                raise LipkitError(f"class name file {spec!r} does not exist")
+            LABEL_SETS.get(spec)  # raises, suggesting the closest registered set
+        names = [split_synonyms(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        while names and not names[-1]:
+            names.pop()
+    empty = [i for i, n in enumerate(names) if not n]
+    if empty:
+        raise LipkitError(f"class names {spec!r}: class {empty[0]} has no name")
+    return names
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a head row goes in feature space: ``norm``, or ``mean+std`` with ``k`` standard deviations."""
+
+    kind: str
+    k: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Placement:
+        """``"norm"`` or ``"mean+Kstd"`` (``"mean+3std"``, ``"mean+2.5std"``).
+
+        Raises:
+            ConfigError: Any other text.
+        """
+        match = re.fullmatch(r"mean\+(\d+(?:\.\d*)?)std", text.strip())
+        if match:
+            return cls("mean+std", float(match.group(1)))
+        if text.strip() == "norm":
+            return cls("norm")
+        raise ConfigError(f"prototype placement {text!r}: use norm or mean+Kstd (e.g. mean+3std)")
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "norm" else f"mean+{self.k:g}std"
+
+
+def place(head: torch.Tensor, features: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """Head rows (C, F) placed in the space of ``features`` (N, F), the training images' features.
+
+    ``norm``: ``u_c * mean_i |f_i|``; ``mean+std``: ``mean_i f_i + k * std_i(f_i . u_c) * u_c``, where
+    ``u_c`` is row ``c`` scaled to unit length and the standard deviation is the population one.
+    """
+    import torch.nn.functional as F
+
+    features = features.float()
+    unit = F.normalize(head.float(), dim=-1)  # (C, F)
+    if placement.kind == "norm":
+        return unit * features.norm(dim=-1).mean()
+    spread = (features @ unit.T).std(dim=0, correction=0)  # (C,): spread of the features along each row
+    return features.mean(dim=0) + placement.k * spread[:, None] * unit
+
+
+def tower_head(tower: nn.Module) -> torch.Tensor:
+    """The classifier rows (C, F) of an image tower.
+
+    Raises:
+        LipkitError: The tower has no classifier head (towers trained here, ViTs built from a config...).
+    """
+    head = getattr(tower, "classifier_head", None)
+    if head is None:
+        raise LipkitError(
+            f"image tower {type(tower).__name__} has no classifier head: prototypes need a pretrained tower "
+            "that ships its classifier (a timm tower with its weights file)"
+        )
+    return head()
+
+
+class PrototypePairs(PairSource):
+    """One pair per class (or per synonym) of a classifier head; the image side is a placed head row.
+
+    Args:
+        classnames: Each class's names (synonyms), in head-row order.
+        templates: Caption templates with a ``{c}`` placeholder; every template gives a pair.
+        captions: ``each`` (a pair per synonym) or ``first`` (only the first name).
+        placement: ``norm`` or ``mean+Kstd`` (see :func:`place`).
+        label_set: The name of the class names, for the keys.
+
+    Raises:
+        ConfigError: An unknown ``captions`` choice or placement, or a template without ``{c}``.
+    """
+
+    def __init__(
+        self,
+        classnames: Sequence[Sequence[str]],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        captions: str = "each",
+        placement: str = "mean+3std",
+        label_set: str = "classes",
+    ) -> None:
+        if captions not in CAPTIONS:
+            raise ConfigError(f"prototype captions {captions!r}: use one of {', '.join(CAPTIONS)}")
+        bad = [t for t in templates if "{c}" not in t]
+        if bad or not templates:
+            raise ConfigError(f"prototype templates need a {{c}} placeholder: {bad or 'none given'}")
+        self.placement = Placement.parse(placement)
+        self.num_classes = len(classnames)
+        self.label_set = label_set
+        self.rows: list[tuple[int, str]] = [
+            (c, t.format(c=name))
+            for c, names in enumerate(classnames)
+            for name in (names if captions == "each" else names[:1])
+            for t in templates
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def key(self, index: int) -> str:
+        c, _ = self.rows[index]
+        return f"prototypes/{self.label_set}/{c:05d}/{index}"
+
+    def caption(self, index: int) -> str:
+        return self.rows[index][1]
+
+    def image(self, index: int, draft: tuple[int, int] | None = None) -> Image.Image:
+        raise LipkitError(
+            "prototype pairs have no images (their image side is a point in the tower's feature space): "
+            "train on them with cache_features=true, and evaluate on other sources"
+        )
+
+    def classes(self) -> list[int]:
+        """The head row of every pair."""
+        return [c for c, _ in self.rows]
+
+    def features(self, head: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Every pair's image side (len, F): its head row placed by the training features ``reference``.
+
+        Raises:
+            LipkitError: The head's rows do not match the class names or the features.
+        """
+        if head.shape[0] != self.num_classes:
+            raise LipkitError(
+                f"prototypes: the classifier head has {head.shape[0]} classes, the class names "
+                f"{self.label_set!r} {self.num_classes}; name the head's classes (options.classnames)"
+            )
+        if head.shape[1] != reference.shape[-1]:
+            raise LipkitError(f"prototypes: head rows are {head.shape[1]}-wide, features {reference.shape[-1]}")
+        return place(head, reference, self.placement)[self.classes()]
+
+
+def open_prototypes(
+    split: str = "train",
+    classnames: str = "imagenet-1k",
+    templates: Sequence[str] | None = None,
+    captions: str = "each",
+    placement: str = "mean+3std",
+) -> PrototypePairs:
+    """The ``prototypes`` data source (options as :class:`PrototypePairs` and :func:`read_classnames` take).
+
+    Raises:
+        LipkitError: A ``val`` or ``test`` split (prototypes are for training), or bad options.
+    """
+    if split not in ("train", "all"):
+        raise LipkitError(f"prototypes:{split}: prototypes have no held-out split; use prototypes (training only)")
+    given = [t if "{c}" in t else t.replace("{}", "{c}") for t in templates] if templates else DEFAULT_TEMPLATES
+    return PrototypePairs(read_classnames(classnames), given, captions, placement, classnames)
+
+
+def check_images(sources: Sequence[PairSource]) -> None:
+    """Refuse training through the image trunk on sources without images.
+
+    Raises:
+        ConfigError: A source is a prototype source.
+    """
+    if any(isinstance(s, PrototypePairs) for s in sources):
+        raise ConfigError(
+            "prototype sources train on cached features only: set cache_features=true (with both towers locked)"
+        )

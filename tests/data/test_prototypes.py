@@ -1,0 +1,170 @@
+"""Classifier prototypes as training pairs: placement, captions, mixing, cached training, errors."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+import torch
+
+import lipkit
+from lipkit.data.loader import ResumableBatchSampler
+from lipkit.data.prototypes import Placement, PrototypePairs, place, read_classnames, tower_head
+from lipkit.data.spec import open_mixture
+from lipkit.errors import ConfigError, LipkitError
+from lipkit.train import feature_cache, loop
+from lipkit.train.config import resolve_config
+
+timm = pytest.importorskip("timm")
+
+
+def test_norm_placement_scales_each_row_to_the_mean_feature_norm():
+    head = torch.tensor([[2.0, 0.0], [0.0, -5.0]])
+    features = torch.tensor([[3.0, 4.0], [6.0, 8.0]])  # norms 5 and 10
+    placed = place(head, features, Placement.parse("norm"))
+    assert torch.equal(placed, torch.tensor([[7.5, 0.0], [0.0, -7.5]]))
+
+
+def test_mean_plus_k_std_placement_moves_k_deviations_along_each_row():
+    head = torch.tensor([[2.0, 0.0], [0.0, -5.0]])
+    features = torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 2.0], [3.0, 2.0]])  # mean (2, 1); std 1 along both rows
+    assert torch.equal(place(head, features, Placement.parse("mean+3std")), torch.tensor([[5.0, 1.0], [2.0, -2.0]]))
+    assert torch.equal(place(head, features, Placement.parse("mean+0.5std")), torch.tensor([[2.5, 1.0], [2.0, 0.5]]))
+    assert str(Placement.parse("mean+3std")) == "mean+3std"
+    with pytest.raises(ConfigError, match="mean\\+Kstd"):
+        Placement.parse("mean+std")
+
+
+def test_captions_come_from_the_templates_with_every_synonym():
+    names = [["jean", "blue jean", "denim"], ["sandal"]]
+    each = PrototypePairs(names, ["a photo of a {c}.", "a {c}"], label_set="clothes")
+    assert [each.caption(i) for i in range(len(each))] == [
+        "a photo of a jean.",
+        "a jean",
+        "a photo of a blue jean.",
+        "a blue jean",
+        "a photo of a denim.",
+        "a denim",
+        "a photo of a sandal.",
+        "a sandal",
+    ]
+    assert each.classes() == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert len({each.key(i) for i in range(len(each))}) == 8
+    assert each.key(7) == "prototypes/clothes/00001/7"
+    first = PrototypePairs(names, captions="first")
+    assert [first.caption(i) for i in range(len(first))] == ["a photo of a jean.", "a photo of a sandal."]
+    with pytest.raises(LipkitError, match="no images"):
+        first.image(0)
+
+
+def test_features_are_the_head_rows_placed_once_per_caption():
+    source = PrototypePairs([["a", "b"], ["c"]], placement="norm")
+    head = torch.tensor([[0.0, 3.0], [4.0, 0.0]])
+    rows = source.features(head, torch.tensor([[0.0, 2.0]]))
+    assert torch.equal(rows, torch.tensor([[0.0, 2.0], [0.0, 2.0], [2.0, 0.0]]))
+
+
+def test_builtin_imagenet_class_names_have_their_synonyms():
+    wordnet = read_classnames("imagenet-1k")
+    assert len(wordnet) == 1000 and wordnet[608] == ["jean", "blue jean", "denim"]
+    assert read_classnames("imagenet-1k-clip")[608] == ["jeans"]
+    assert read_classnames("imagenet-1k-both")[608] == ["jeans", "jean", "blue jean", "denim"]
+
+
+@pytest.fixture
+def classnames(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("red, crimson\ngreen\nblue, azure, navy\n")
+    return str(path)
+
+
+def test_the_source_mixes_with_others_at_its_weight(classnames):
+    spec = ["synthetic::0.75", {"source": "prototypes", "weight": 0.25, "options": {"classnames": classnames}}]
+    mixture = open_mixture(spec)
+    synthetic, prototypes = mixture.sources
+    assert len(prototypes) == 6 and prototypes.caption(1) == "a photo of a crimson."
+    assert mixture.weights == [0.75, 0.25]
+    sampler = ResumableBatchSampler(mixture.layout(), batch_size=64, seed=0, num_steps=4, epoch_samples=256)
+    drawn = [i for batch in sampler for i, _ in batch]
+    assert sum(i >= len(synthetic) for i in drawn) == 64  # a quarter of the 256 samples of the epoch
+
+
+@pytest.fixture
+def headed_model(tmp_path):
+    """A tiny locked model whose timm image tower ships a 3-class classifier."""
+    trunk = timm.create_model("test_efficientnet", num_classes=3)
+    weights = tmp_path / "w.pth"
+    torch.save(trunk.state_dict(), weights)
+    micro = json.loads((resources.files("lipkit.models") / "configs" / "micro.json").read_text())
+    config = {
+        "embed_dim": 32,
+        "vision": {
+            "type": "timm",
+            "name": "test_efficientnet",
+            "image_size": 32,
+            "pretrained": str(tmp_path / "w.pth"),
+        },
+        "text": micro["text"],
+        "lock_image": True,
+        "lock_text": True,
+    }
+    (tmp_path / "model.json").write_text(json.dumps(config))
+    return str(tmp_path / "model.json"), trunk.classifier.weight.detach()
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_cached_features_serve_the_placed_rows(headed_model, classnames, tmp_path, views):
+    path, head = headed_model
+    model = lipkit.create_model(path)
+    assert torch.equal(tower_head(model.visual), head)
+    spec = ["synthetic:val::0.5", {"source": "prototypes", "weight": 0.5, "options": {"classnames": classnames}}]
+    mixture = open_mixture(spec)
+    images, prototypes = mixture.sources
+    image, text = feature_cache.cached_features(
+        model, mixture.concatenated(), tmp_path / "c", progress=False, views=views
+    )
+    n = len(images)
+    assert image.shape[0] == len(text.features) == n + 6
+    plain, plain_text = feature_cache.cached_features(model, images, tmp_path / "c", progress=False, views=views)
+    assert torch.equal(image[:n], plain)  # the image sources keep the entry they have without prototypes
+    assert torch.equal(text.features[:n], plain_text.features)
+    reference = plain if views == 1 else plain[:, 0]
+    placed = place(head, reference, Placement.parse("mean+3std"))[[0, 0, 1, 2, 2, 2]]
+    assert torch.equal(image[n:] if views == 1 else image[n:, 1], placed)
+    with torch.no_grad():
+        tokens = lipkit.get_tokenizer(model.cfg)([prototypes.caption(i) for i in range(6)])
+        assert torch.allclose(text.features[n:], model.text.features(tokens), atol=1e-6)
+    assert sorted(p.name.startswith("text-") for p in (tmp_path / "c").glob("*.pt")) == [False] * views + [True]
+
+
+def test_cached_training_runs_with_prototypes(headed_model, classnames, run_overrides, tmp_path):
+    path, _ = headed_model
+    spec = f"[synthetic::0.5, {{source: prototypes, weight: 0.5, options: {{classnames: {classnames}}}}}]"
+    overrides = [*run_overrides, f"model={path}", "cache_features=true", f"feature_cache_dir={tmp_path / 'c'}"]
+    cfg = resolve_config("tiny-synthetic", overrides=[*overrides, f"data.train={spec}", "steps=3", "log_every=1"])
+    result = loop.train(cfg)
+    assert result.step == 3 and result.checkpoint.is_file()
+    with pytest.raises(ConfigError, match="cache_features=true"):
+        loop.train(resolve_config("tiny-synthetic", overrides=[*overrides[:-2], f"data.train={spec}", "name=full"]))
+
+
+def test_clear_errors(headed_model, classnames, tmp_path):
+    with pytest.raises(LipkitError, match="VisionTransformer has no classifier head"):
+        tower_head(lipkit.create_model("micro").visual)
+    bare = lipkit.create_model(headed_model[0], vision={"pretrained": None})
+    with pytest.raises(LipkitError, match=r"no classifier head: vision\.pretrained is not set"):
+        tower_head(bare.visual)
+    two = PrototypePairs([["a"], ["b"]])
+    with pytest.raises(LipkitError, match="head has 3 classes, the class names 'classes' 2"):
+        two.features(headed_model[1], torch.zeros(4, headed_model[1].shape[1]))
+    with pytest.raises(LipkitError, match=r"class name file 'missing\.txt' does not exist"):
+        read_classnames("missing.txt")
+    with pytest.raises(LipkitError, match="imagenet-1k"):
+        read_classnames("imagenet1k")
+    with pytest.raises(LipkitError, match="no held-out split"):
+        open_mixture("prototypes:test")
+    with pytest.raises(LipkitError, match=r"data source 'prototypes': .*'colour'"):
+        open_mixture([{"source": "prototypes", "options": {"colour": "red", "classnames": classnames}}])
+    with pytest.raises(LipkitError, match="options apply to registered sources only"):
+        open_mixture([{"source": str(tmp_path), "options": {"placement": "norm"}}])
