@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from lipkit.cli.options import add_alias, add_limit, add_quiet
+from lipkit.cli.options import add_alias, add_limit, add_quiet, add_seed
 
 if TYPE_CHECKING:
     from lipkit.data.pack import PackOptions, PackResult
@@ -18,6 +18,7 @@ Prepare training data.
                                             table -> webdataset tar shards in img2dataset's layout
   lipkit data builtin NAME --out-dir DIR    build a built-in corpus from Debian packages
   lipkit data info SPEC                     what a data spec (as in data.train=...) holds
+  lipkit data curate SPEC --out-dir DIR     balance (MetaCLIP), filter and deduplicate -> keys.txt or shards
 
 Packing is resumable: shards finished by an earlier run (those with a NNNNN_stats.json) are skipped.
 Train on the result with `lipkit train PRESET --set data.train=DIR/{00000..00009}.tar` (or data.train=DIR).
@@ -48,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("spec", help="e.g. 'shards/{00000..00009}.tar', 'tuxpaint:train', 'a/::0.7,emoji:train::0.3'")
     i.add_argument("--show", type=int, default=3, metavar="N", help="print the first N pairs of each source")
     i.set_defaults(run=run_info)
+    add_curate_parser(tasks)
 
 
 def pack_description() -> str:
@@ -140,4 +142,129 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"{name}: {len(source)} pairs{shards}, weight {weight:.3f}" + (f"; lost: {lost}" if lost else ""))
         for i in range(min(args.show, len(source))):
             print(f"  {source.key(i)}: {source.caption(i)[:100]!r}")
+    return 0
+
+
+def curate_description() -> str:
+    return (
+        "Curate a data spec: read every pair (unreadable ones are dropped and counted), filter, deduplicate, "
+        "then balance with MetaCLIP's sampling; each sample leaves at the first stage that drops it. Writes "
+        "DIR/keys.txt (the kept keys: use them with {source: SPEC, keys: DIR/keys.txt} in a data spec), "
+        "DIR/provenance.parquet (every sample: stage, reason, matched entries, scores), DIR/card.html, "
+        "DIR/curation.json (the settings and counts) and, with --write shards, DIR/shards/. The kept keys "
+        "depend only on the data, the settings and --seed: not on --workers or --ray."
+    )
+
+
+class _ShownDefaults(argparse.HelpFormatter):
+    """Help that ends each option with its default, when it has one and the text does not give it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_curate_parser(tasks: argparse._SubParsersAction) -> None:
+    """``lipkit data curate``: every stage's option shows its default in --help."""
+    fmt = _ShownDefaults
+    c = tasks.add_parser(
+        "curate", help="balance, filter and deduplicate pairs", description=curate_description(), formatter_class=fmt
+    )
+    c.add_argument("spec", help="the data spec to curate, e.g. 'tuxpaint:all,emoji:all' or 'shards/{00000..00009}.tar'")
+    c.add_argument("--out-dir", required=True, metavar="DIR", help="output folder")
+    m = c.add_argument_group("metadata and balancing (MetaCLIP)")
+    m.add_argument(
+        "--metadata",
+        default="wordnet,unigrams,bigrams",
+        metavar="LIST",
+        help="comma-separated entry sources: wordnet, unigrams, bigrams (mined from the captions) and "
+        "list files (one entry per line); 'none' skips matching",
+    )
+    m.add_argument("--min-count", type=int, default=5, metavar="N", help="mined unigrams: fewest occurrences")
+    m.add_argument("--min-bigram-count", type=int, default=3, metavar="N", help="mined bigrams: fewest occurrences")
+    m.add_argument("--min-pmi", type=float, default=5.0, metavar="BITS", help="mined bigrams: lowest PMI")
+    m.add_argument(
+        "--balance",
+        type=float,
+        metavar="T",
+        help="balance with threshold t: an entry matched by n "
+        "samples keeps each with p = t / max(n, t) (default: no balancing)",
+    )
+    m.add_argument("--keep-unmatched", action="store_true", help="balancing keeps samples that match no entry")
+    f = c.add_argument_group("filters (0 turns a check off)")
+    f.add_argument("--min-words", type=int, default=3, metavar="N", help="captions: fewest words")
+    f.add_argument("--min-chars", type=int, default=6, metavar="N", help="captions: fewest characters")
+    f.add_argument("--min-side", type=int, default=200, metavar="PX", help="images: smallest shorter side")
+    f.add_argument("--max-aspect", type=float, default=3.0, metavar="R", help="images: largest aspect ratio")
+    f.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="an embeddings folder of the same spec (`lipkit embed`), for image-text scores and semantic dedup",
+    )
+    score = f.add_mutually_exclusive_group()
+    score.add_argument("--min-score", type=float, metavar="S", help="keep image-text scores >= S (LAION: 0.28)")
+    score.add_argument(
+        "--top-fraction", type=float, metavar="F", help="keep the ceil(F * n) best image-text scores (DataComp: 0.3)"
+    )
+    d = c.add_argument_group("deduplication (the smallest key of each duplicate group is kept)")
+    d.add_argument(
+        "--dedup",
+        default="exact,near",
+        metavar="LIST",
+        help="comma-separated: exact (image bytes), near (perceptual hash), caption (normalised "
+        "text), semantic (SemDeDup on --embeddings); 'none' for no dedup",
+    )
+    d.add_argument("--near-distance", type=int, default=4, metavar="BITS", help="near: largest Hamming distance")
+    d.add_argument("--semantic-threshold", type=float, default=0.94, metavar="COS", help="semantic: smallest cosine")
+    d.add_argument(
+        "--semantic-clusters", type=int, metavar="K", help="semantic: k-means clusters (default: one per 2000 samples)"
+    )
+    o = c.add_argument_group("output and execution")
+    o.add_argument("--write", choices=("keys", "shards"), default="keys", help="a key list, or also new shards")
+    o.add_argument("--samples-per-shard", type=int, default=10_000, metavar="N", help="with --write shards")
+    o.add_argument("--workers", type=int, default=1, metavar="N", help="local processes for reading and matching")
+    o.add_argument("--ray", metavar="ADDRESS", help="run the stages on Ray Data: 'local' or a cluster address")
+    o.add_argument("--batch-size", type=int, default=256, metavar="N", help="samples per stage batch")
+    add_seed(o, "balancing's coins and k-means", default=0)
+    add_limit(o, "samples of the spec (for a quick try)")
+    add_quiet(o)
+    c.set_defaults(run=run_curate)
+
+
+def _list_option(text: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    return () if items == ("none",) else items
+
+
+def run_curate(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from lipkit.data.curation.curate import CurateConfig, curate
+    from lipkit.data.curation.runner import choose_runner
+
+    names = [f.name for f in fields(CurateConfig) if f.name not in ("data", "out", "metadata", "dedup")]
+    config = CurateConfig(
+        args.spec,
+        args.out_dir,
+        metadata=_list_option(args.metadata),
+        dedup=_list_option(args.dedup),
+        **{name: getattr(args, name) for name in names},
+    )
+    config.check()
+    with choose_runner(args.workers, args.ray) as runner:
+        result = curate(config, runner, progress=not args.quiet)
+    dropped = ", ".join(f"{stage} {n}" for stage, n in result.dropped.items()) or "nothing"
+    print(
+        f"kept {result.kept} of {result.total} samples in {result.out}/keys.txt ({result.seconds:.1f} s); "
+        f"dropped: {dropped}"
+    )
+    if result.caption_fallbacks:
+        print(f"{result.caption_fallbacks} captions were not UTF-8 and were read as Windows-1252 (kept)")
+    if result.source_skipped:
+        print("the sources left out: " + ", ".join(f"{k} {v}" for k, v in result.source_skipped.items()))
+    if result.shards is not None:
+        _report(result.shards, "shards: ")
+    print(f"provenance: {result.out}/provenance.parquet; data card: {result.out}/card.html")
     return 0

@@ -3,7 +3,8 @@
 A spec is a string of comma-separated entries, or a list of entries (in a YAML config)::
 
     ENTRY   = SOURCE [ "::" WEIGHT ]
-    SOURCE  = NAME[:SPLIT]            registered sources: synthetic, tuxpaint, emoji (split: train/val/test/all)
+    SOURCE  = NAME[:SPLIT]            registered sources: synthetic, tuxpaint, emoji (split: train/val/test/all),
+                                      prototypes (classifier prototypes, :mod:`lipkit.data.prototypes`)
             | PATTERN.tar             webdataset shards; {000..099} ranges, {a,b} alternatives and * globs
             | DIR                     a folder of .tar shards, else a folder of images with .txt/.json captions
             | TABLE.csv|.tsv|.parquet image-path and caption columns (found by name; set them in a mapping)
@@ -14,6 +15,8 @@ A spec is a string of comma-separated entries, or a list of entries (in a YAML c
       train:
         - /data/cc3m/{0000..0331}.tar::0.7
         - {source: /data/pairs.parquet, weight: 0.3, image_col: filepath, caption_col: title}
+        - {source: prototypes, weight: 0.2, options: {placement: norm}}   # a registered source's options
+        - {source: tuxpaint:all, keys: curated/keys.txt}   # only the pairs whose keys the file lists
 
 Commas inside braces belong to the pattern. Without weights, sources are concatenated (each sample once
 per epoch); with weights (all entries need one), each epoch draws that share of its samples from each
@@ -55,12 +58,17 @@ class SourceSpec:
         weight: Mixing weight (``None``: proportional to size).
         image_col: Table column of image paths (found by name when ``None``).
         caption_col: Table column of captions (found by name when ``None``).
+        options: Keyword options of a registered source (e.g. ``{placement: norm}`` for ``prototypes``).
+        keys: A text file of sample keys, one per line (``keys.txt`` of ``lipkit data curate``): only the
+            source's pairs with those keys are used, in the source's order.
     """
 
     source: str
     weight: float | None = None
     image_col: str | None = None
     caption_col: str | None = None
+    options: Mapping[str, Any] | None = None
+    keys: str | None = None
 
 
 def parse_spec(spec: Spec) -> list[SourceSpec]:
@@ -109,6 +117,8 @@ def _parse_mapping(item: Mapping[str, Any]) -> SourceSpec:
             raise LipkitError(f"unknown data source option {key!r}.{suggest(str(key), known)} Known: {known}")
     if not isinstance(item.get("source"), str):
         raise LipkitError(f"data source entry {dict(item)} needs a 'source' string")
+    if not isinstance(item.get("options") or {}, Mapping):
+        raise LipkitError(f"data source {item['source']!r}: options must be a mapping, got {item['options']!r}")
     weight = item.get("weight")
     return SourceSpec(**{**item, "weight": None if weight is None else _weight(str(weight), item["source"])})
 
@@ -124,9 +134,16 @@ def _weight(text: str, source: str) -> float:
 
 
 def open_entry(entry: SourceSpec) -> PairSource:
-    """Open the source one entry names."""
+    """Open the source one entry names (only the pairs of its key list, when it has one)."""
+    source = _open_source(entry)
+    return KeySubset(source, entry.keys) if entry.keys else source
+
+
+def _open_source(entry: SourceSpec) -> PairSource:
     if entry.source.partition(":")[0] in SOURCES and "/" not in entry.source:
-        return open_named(entry.source)
+        return open_named(entry.source, **(entry.options or {}))
+    if entry.options:
+        raise LipkitError(f"data source {entry.source!r}: options apply to registered sources only")
     return _open_path(entry)
 
 
@@ -187,6 +204,41 @@ class ConcatPairs(PairSource):
         if len(self.sources) == 1:
             return self.sources[0].groups()
         return None
+
+
+class KeySubset(PairSource):
+    """The pairs of a source whose keys a key file lists, in the source's order.
+
+    Keys of the file that the source does not hold are ignored (one file can list the keys of several
+    sources); a file that names none of the source's pairs is an error.
+    """
+
+    def __init__(self, source: PairSource, keys_file: str) -> None:
+        try:
+            wanted = set(Path(os.path.expanduser(keys_file)).read_text("utf-8").splitlines()) - {""}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LipkitError(f"cannot read the key list {keys_file}: {exc}") from None
+        self.source = source
+        self.indexes = np.array([i for i in range(len(source)) if source.key(i) in wanted], np.int64)
+        if not len(self.indexes):
+            raise LipkitError(f"the key list {keys_file} names none of the pairs of this source")
+        self.skipped = dict(getattr(source, "skipped", {}))
+
+    def __len__(self) -> int:
+        return len(self.indexes)
+
+    def key(self, index: int) -> str:
+        return self.source.key(int(self.indexes[index]))
+
+    def caption(self, index: int) -> str:
+        return self.source.caption(int(self.indexes[index]))
+
+    def image(self, index: int, draft: tuple[int, int] | None = None) -> Image.Image:
+        return self.source.image(int(self.indexes[index]), draft)
+
+    def groups(self) -> np.ndarray | None:
+        bounds = self.source.groups()
+        return None if bounds is None else np.searchsorted(self.indexes, bounds)
 
 
 @dataclass
