@@ -1,0 +1,394 @@
+"""The search server under load: text queries/s and latency over HTTP, against the same loop in-process.
+
+Builds an index of ``--items`` items (default 100,000) of the model's embedding size, serves it with
+``lipkit serve``'s app (uvicorn on 127.0.0.1), and runs ``--clients`` concurrent clients (default 8) in a
+separate process, each sending text queries one after another over a kept-alive connection. Then the same
+encode-and-search work runs in-process without HTTP: the same number of concurrent callers through the
+same batching service. Printed: queries/s, p50/p99 latency, and the ratio HTTP / in-process
+(goals: >= 300 q/s, p99 <= 100 ms, ratio >= 0.8).
+
+The model is the quickstart's LiT model when it has been trained (``--checkpoint``, default
+runs/quickstart/lit); otherwise ``--model``'s config with random weights, which the output says. The
+item vectors are random unit vectors (the built-in corpora hold about two thousand items, not 100,000):
+the search cost depends on the index size and type, not on what the vectors mean. The queries are
+encoded by the model.
+
+``--soak SECONDS`` instead runs a mixed load (searches, adds and deletes from every client) for that
+long, then counts: the index must hold exactly the items added and not deleted, every added item must be
+found and every deleted one gone, with zero errors.
+
+    python benchmarks/search_server.py                                   # 100k items, 8 clients, 10 s
+    python benchmarks/search_server.py --items 2000 --seconds 2 --model micro
+    python benchmarks/search_server.py --soak 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+
+from results import append_result
+
+NOUNS = [
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "horse",
+    "apple",
+    "banana",
+    "car",
+    "bicycle",
+    "tree",
+    "flower",
+    "house",
+    "boat",
+    "train",
+    "guitar",
+    "clock",
+    "umbrella",
+    "penguin",
+    "frog",
+    "dragon",
+    "star",
+    "moon",
+    "sun",
+    "cloud",
+    "rocket",
+    "robot",
+    "pizza",
+    "cake",
+    "chair",
+    "lamp",
+    "book",
+    "key",
+    "heart",
+    "ghost",
+    "crown",
+]
+ADJECTIVES = [
+    "red",
+    "blue",
+    "green",
+    "small",
+    "big",
+    "happy",
+    "old",
+    "shiny",
+    "dark",
+    "striped",
+    "wooden",
+    "flying",
+    "smiling",
+]
+SOURCES = ("emoji", "tuxpaint", "photos", "drawings")
+
+
+def queries(n: int, seed: int) -> list[str]:
+    """``n`` varied short text queries."""
+    rng = random.Random(seed)
+    return [f"a {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}" for _ in range(n)]
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, str]:
+    """The query encoder and a line saying which model it is."""
+    import torch
+
+    from lipkit.index.encoder import QueryEncoder, load_encoder
+    from lipkit.models import create_model
+
+    if args.checkpoint and Path(args.checkpoint).exists():
+        return load_encoder(args.checkpoint, device="cpu"), f"trained model {args.checkpoint}"
+    torch.manual_seed(0)
+    note = f"model config {args.model} with random weights ({args.checkpoint or 'no checkpoint'} not found)"
+    return QueryEncoder(create_model(args.model), "cpu", config=args.model), note
+
+
+def build_index(folder: Path, encoder: Any, items: int) -> Any:
+    """An index of ``items`` random unit vectors with captions and sources, made by ``encoder``'s model."""
+    from lipkit.index.store import SearchIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((items, encoder.embed_dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    keys = [f"item/{i}" for i in range(items)]
+    metadata = [{"caption": f"item number {i}", "source": SOURCES[i % len(SOURCES)]} for i in range(items)]
+    return SearchIndex.build(folder, keys, vectors, metadata, record=encoder.record)
+
+
+class Server:
+    """The app on uvicorn, on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app: Any) -> None:
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+# ----- the client process -----
+
+
+def call(conn: http.client.HTTPConnection, method: str, path: str, body: Any = None, token: str = "") -> tuple:
+    """One request; returns (status, parsed JSON body)."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    return response.status, json.loads(data) if data else None
+
+
+def search_client(port: int, index: str, texts: list[str], stop_at: float, out: list) -> None:
+    """Send text queries back to back until ``stop_at``; append (end time, latency, ok) per query."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    i = 0
+    while time.perf_counter() < stop_at:
+        params = urlencode({"q": texts[i % len(texts)], "k": 10})
+        start = time.perf_counter()
+        status, _ = call(conn, "GET", f"/api/indexes/{index}/search?{params}")
+        end = time.perf_counter()
+        out.append((end, end - start, status == 200))
+        i += 1
+    conn.close()
+
+
+def run_clients(port: int, index: str, clients: int, seconds: float, warmup: float, queue: Any) -> None:
+    """The load process: ``clients`` threads; puts the measured latencies (after the warm-up) on ``queue``."""
+    texts = queries(500, seed=1)
+    start = time.perf_counter()
+    results: list[list] = [[] for _ in range(clients)]
+    threads = [
+        threading.Thread(target=search_client, args=(port, index, texts[c::clients], start + warmup + seconds, r))
+        for c, r in enumerate(results)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    measured_from = start + warmup
+    queue.put([(latency, ok) for r in results for end, latency, ok in r if end >= measured_from])
+
+
+def soak_client(port: int, index: str, token: str, seed: int, seconds: float, dim: int, queue: Any) -> None:
+    """Mixed load for ``seconds``: 80% searches, 10% adds of new keys, 10% deletes of this client's own added keys."""
+    stop_at = time.perf_counter() + seconds  # from this process's start: spawning takes a while
+    rng = random.Random(seed)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    texts, added, deleted, errors, n = queries(200, seed), [], [], [], 0
+    while time.perf_counter() < stop_at:
+        roll = rng.random()
+        if roll < 0.1:
+            key = f"soak/{seed}/{n}"
+            vector = np.random.default_rng(seed * 10**6 + n).standard_normal(dim).tolist()
+            status, body = call(
+                conn, "POST", f"/api/indexes/{index}/items", {"items": [{"key": key, "vector": vector}]}, token
+            )
+            ok = status == 200 and body["added"] == 1
+            added.append(key) if ok else errors.append(f"add {status} {body}")
+        elif roll < 0.2 and len(added) > len(deleted) + 1:
+            key = rng.choice([k for k in added if k not in set(deleted)])
+            status, body = call(conn, "POST", f"/api/indexes/{index}/items/delete", {"keys": [key]}, token)
+            ok = status == 200 and body["deleted"] == 1
+            deleted.append(key) if ok else errors.append(f"delete {status} {body}")
+        else:
+            status, body = call(
+                conn, "GET", f"/api/indexes/{index}/search?{urlencode({'q': rng.choice(texts), 'k': 10})}"
+            )
+            if status != 200 or len(body["results"]) != 10:
+                errors.append(f"search {status}")
+        n += 1
+    queue.put({"requests": n, "added": added, "deleted": deleted, "errors": errors})
+    conn.close()
+
+
+# ----- the measurements -----
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def measure_http(port: int, index: str, args: argparse.Namespace) -> dict[str, float]:
+    """Queries/s and latency over HTTP from a separate client process."""
+    queue = mp.get_context("spawn").Queue()
+    process = mp.get_context("spawn").Process(
+        target=run_clients, args=(port, index, args.clients, args.seconds, args.warmup, queue)
+    )
+    process.start()
+    kept = queue.get(timeout=args.warmup + args.seconds + 600)
+    process.join()
+    latencies = [latency for latency, _ in kept]
+    errors = sum(1 for _, ok in kept if not ok)
+    return {
+        "http_qps": len(kept) / args.seconds,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "http_errors": errors,
+    }
+
+
+def measure_in_process(index: Any, encoder: Any, args: argparse.Namespace) -> float:
+    """Queries/s of the same encode-and-search work through the same batching service, without HTTP."""
+    from lipkit.serve.limits import Limits
+    from lipkit.serve.service import IndexService, SearchOptions
+
+    texts = queries(500, seed=1)
+
+    async def caller(service: IndexService, part: list[str], stop_at: float, done: list[int]) -> None:
+        i = 0
+        while time.perf_counter() < stop_at:
+            await service.search(await service.text_vector(part[i % len(part)]), SearchOptions(k=11))
+            i += 1
+            if time.perf_counter() > stop_at - args.seconds:
+                done[0] += 1
+
+    async def main() -> int:
+        service = IndexService("bench", index, encoder, Limits())
+        done = [0]
+        stop_at = time.perf_counter() + args.warmup + args.seconds
+        await asyncio.gather(*(caller(service, texts[c :: args.clients], stop_at, done) for c in range(args.clients)))
+        await service.aclose()
+        return done[0]
+
+    return asyncio.run(main()) / args.seconds
+
+
+def soak(port: int, index: Any, args: argparse.Namespace, token: str, before: int) -> dict[str, Any]:
+    """The mixed load, then the count."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=soak_client, args=(port, index.name, token, seed, args.soak, index.record.embed_dim, queue))
+        for seed in range(args.clients)
+    ]
+    for p in procs:
+        p.start()
+    reports = [queue.get(timeout=args.soak + 600) for _ in procs]
+    for p in procs:
+        p.join()
+    added = {k for r in reports for k in r["added"]}
+    deleted = {k for r in reports for k in r["deleted"]}
+    errors = [e for r in reports for e in r["errors"]]
+    kept = sorted(added - deleted)
+    found = index.get(kept + sorted(deleted))
+    lost = [k for k, m in zip(kept, found[: len(kept)], strict=True) if m is None]
+    revived = [k for k, m in zip(sorted(deleted), found[len(kept) :], strict=True) if m is not None]
+    expected = before + len(kept)
+    return {
+        "requests": sum(r["requests"] for r in reports),
+        "added": len(added),
+        "deleted": len(deleted),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "lost": len(lost),
+        "revived": len(revived),
+        "size": len(index),
+        "expected_size": expected,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=100_000, help="items in the index (default: 100000)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per side (default: 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before measuring (default: 2)")
+    parser.add_argument("--checkpoint", default="runs/quickstart/lit", help="the model (default: quickstart's LiT)")
+    parser.add_argument("--model", default="tiny", help="config with random weights when there is no checkpoint")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch and OpenMP (FAISS) threads (default: 2, the goal's cores)"
+    )
+    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="run the mixed soak instead")
+    parser.add_argument("--json", help="append the results to this file as one JSON line")
+    args = parser.parse_args()
+
+    # OpenMP reads this when the libraries load, for every thread: FAISS searches on the server's threads
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lipkit.serve.app import create_app
+
+    encoder, model_note = load_model(args)
+    print(f"model: {model_note}; embedding size {encoder.embed_dim}")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        index = build_index(Path(tmp) / "bench", encoder, args.items)
+        print(
+            f"index: {len(index)} random unit vectors, {index.index_type}, built in {time.perf_counter() - start:.1f} s"
+        )
+        token = "bench-token"
+        app = create_app({index.name: (index, encoder)}, token=token)
+        with Server(app) as server:
+            if args.soak:
+                row = soak(server.port, index, args, token, len(index))
+            else:
+                row = measure_http(server.port, index.name, args)
+        if args.soak:
+            report_soak(row, args)
+        else:
+            row["in_process_qps"] = measure_in_process(index, encoder, args)
+            row["ratio"] = row["http_qps"] / row["in_process_qps"]
+            report(row, args)
+        index.close()
+    row |= {"items": args.items, "clients": args.clients, "model": model_note, "index_type": index.index_type}
+    row |= {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+    }
+    append_result(args.json, "search_server_soak" if args.soak else "search_server", row)
+    failed = row.get("errors", row.get("http_errors", 0)) or row.get("lost") or row.get("revived")
+    return 1 if failed or row.get("size") != row.get("expected_size") else 0
+
+
+def report(row: dict[str, Any], args: argparse.Namespace) -> None:
+    latency = f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms"
+    print(f"{args.clients} clients over HTTP: {row['http_qps']:.0f} q/s, {latency}, errors {row['http_errors']}")
+    print(f"in-process, same batching, no HTTP: {row['in_process_qps']:.0f} q/s")
+    print(f"ratio http/in-process: {row['ratio']:.2f}  (goals: >= 300 q/s, p99 <= 100 ms, ratio >= 0.8)")
+
+
+def report_soak(row: dict[str, Any], args: argparse.Namespace) -> None:
+    changes = f"{row['added']} added, {row['deleted']} deleted"
+    print(f"soak {args.soak:.0f} s, {args.clients} clients: {row['requests']} requests, {changes}")
+    print(f"errors {row['errors']} {row['first_errors'] or ''}; lost {row['lost']}; deleted but found {row['revived']}")
+    verdict = "ok" if row["size"] == row["expected_size"] else "MISMATCH"
+    print(f"index size {row['size']}, expected {row['expected_size']}: {verdict}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

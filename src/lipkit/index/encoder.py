@@ -1,0 +1,224 @@
+"""The model behind an embeddings folder or an index: its fingerprint, its record, and a query encoder.
+
+A :class:`ModelRecord` travels with every embeddings folder and index, so that a query is only ever
+compared with vectors of the same model, and so that ``lipkit serve`` can reload that model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lipkit.errors import LipkitError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from lipkit.models import DualEncoder, ModelConfig
+
+# model -> (the versions of its tensors when hashed, the fingerprint)
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
+
+
+class ImageInputError(LipkitError):
+    """An image given to the encoder could not be turned into the model's input."""
+
+
+class ModelChangedError(LipkitError):
+    """The weights a record points to are no longer the weights the record was made with."""
+
+
+def model_fingerprint(model: DualEncoder) -> str:
+    """A SHA-256 hex digest of a model's config and every weight: equal digests, equal embeddings.
+
+    Cached per model object; an in-place change of any weight (training, ``load_state_dict``) is seen
+    through the tensors' version counters and hashes the model again.
+    """
+    from lipkit.config import to_dict
+    from lipkit.utils import update_digest
+
+    versions = _versions(model)
+    cached = _FINGERPRINTS.get(model)
+    if versions is not None and cached is not None and cached[0] == versions:
+        return cached[1]
+    h = hashlib.sha256(json.dumps(to_dict(model.cfg), sort_keys=True).encode())
+    update_digest(h, model)
+    digest = h.hexdigest()
+    if versions is not None:
+        _FINGERPRINTS[model] = (versions, digest)
+    return digest
+
+
+def _versions(model: DualEncoder) -> tuple[int, ...] | None:
+    """The version counters of the model's tensors (None when one has none: made under inference mode)."""
+    try:
+        return tuple(t._version for t in model.state_dict().values())
+    except RuntimeError:
+        return None
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Which model made a set of vectors.
+
+    Attributes:
+        fingerprint: :func:`model_fingerprint` of the model.
+        embed_dim: Width of its embeddings.
+        config: A model config name, or the config as a dict (what :func:`lipkit.config.to_dict` gives).
+        checkpoint: Absolute path of the weights, or None for a model that was never saved.
+    """
+
+    fingerprint: str
+    embed_dim: int
+    config: str | dict[str, Any]
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON values."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelRecord:
+        """Read a record written by :meth:`to_dict`.
+
+        Raises:
+            LipkitError: A field is missing.
+        """
+        try:
+            return cls(str(data["fingerprint"]), int(data["embed_dim"]), data["config"], data.get("checkpoint"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LipkitError(f"not a model record ({exc!s} missing or wrong): {data!r:.200}") from None
+
+
+class QueryEncoder:
+    """Turns texts and images into L2-normalised float32 embeddings with one model.
+
+    Uses the model's own tokenizer and image transform. Calls are serialised by a lock, so the encoder
+    may be shared between threads, one call running at a time.
+
+    Args:
+        model: The dual encoder (put in eval mode on ``device``).
+        device: Where to run it: ``auto``, ``cpu``, ``cuda``... or a torch device.
+        checkpoint: The file its weights came from, recorded in :attr:`record`.
+        config: The config name to record (default: the config itself, as a dict).
+    """
+
+    def __init__(
+        self,
+        model: DualEncoder,
+        device: str | torch.device = "cpu",
+        checkpoint: str | Path | None = None,
+        config: str | None = None,
+    ) -> None:
+        from lipkit.config import to_dict
+        from lipkit.models import image_transform
+        from lipkit.models.factory import batch_tokenizer
+        from lipkit.utils import resolve_device
+
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.eval().to(self.device)
+        self._tokenize = batch_tokenizer(model.cfg)
+        self._transform = image_transform(model.cfg)
+        self._lock = threading.Lock()
+        weights = str(Path(checkpoint).resolve()) if checkpoint is not None else None
+        self._config = config if config is not None else to_dict(model.cfg)
+        self._checkpoint = weights
+
+    @property
+    def record(self) -> ModelRecord:
+        """The model's record (its fingerprint reflects the weights as they are now)."""
+        fingerprint = model_fingerprint(self.model)
+        return ModelRecord(fingerprint, int(self.model.cfg.embed_dim), self._config, self._checkpoint)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the embeddings."""
+        return int(self.model.cfg.embed_dim)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed texts (too long ones are truncated by the tokenizer): (N, D) float32, unit rows."""
+        if not texts:
+            return np.zeros((0, self.embed_dim), np.float32)
+        with self._lock:
+            tokens = self._tokenize(list(texts))
+            return self._run(lambda: self.model.encode_text(tokens.to(self.device), normalize=True))
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """Embed PIL images: (N, D) float32, unit rows.
+
+        Raises:
+            ImageInputError: An image cannot be converted into the model's input.
+        """
+        import torch
+
+        if not images:
+            return np.zeros((0, self.embed_dim), np.float32)
+        with self._lock:
+            batch = torch.stack([self._image_tensor(image, i) for i, image in enumerate(images)])
+            return self._run(lambda: self.model.encode_image(batch.to(self.device), normalize=True))
+
+    def _image_tensor(self, image: Image.Image, position: int) -> torch.Tensor:
+        try:
+            return self._transform(image)
+        except Exception as exc:  # PIL raises many kinds for a broken picture
+            raise ImageInputError(f"image {position} cannot be read as a picture: {exc}") from None
+
+    def _run(self, forward: Any) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return forward().float().cpu().numpy()
+
+
+def load_encoder(
+    checkpoint: str | Path,
+    model: str | dict[str, Any] | ModelConfig | None = None,
+    device: str | torch.device = "auto",
+) -> QueryEncoder:
+    """Load a model as ``lipkit eval`` does and wrap it in a :class:`QueryEncoder`.
+
+    Args:
+        checkpoint: A run directory (its newest checkpoint), a lipkit checkpoint, or OpenCLIP/OpenAI weights.
+        model: The model config: a name, a dict, or a ModelConfig (default: the one the checkpoint records).
+        device: Where to run the model.
+
+    Raises:
+        CheckpointError: No checkpoint there, or its weights do not fit the model.
+        UnknownNameError: Unknown model name.
+    """
+    from lipkit.config import from_dict
+    from lipkit.models import ModelConfig, create_model
+    from lipkit.train.checkpoint import recorded_model_config, resolve_weights
+
+    weights = resolve_weights(checkpoint)
+    cfg = model if model is not None else recorded_model_config(weights)
+    if isinstance(cfg, dict):
+        cfg = from_dict(ModelConfig, cfg)
+    net = create_model(cfg, pretrained=str(weights))
+    return QueryEncoder(net, device, checkpoint=weights, config=model if isinstance(model, str) else None)
+
+
+def encoder_for_record(record: ModelRecord, device: str | torch.device = "auto") -> QueryEncoder:
+    """Reload the model a record names, checking that its weights are still those that made the record.
+
+    Raises:
+        ModelChangedError: The record names no checkpoint, or the weights there changed.
+        CheckpointError: The checkpoint is gone or unreadable.
+    """
+    if record.checkpoint is None:
+        raise ModelChangedError(f"model {record.fingerprint[:12]} was never saved: its record names no checkpoint")
+    encoder = load_encoder(record.checkpoint, record.config, device)
+    found = encoder.record.fingerprint
+    if found != record.fingerprint:
+        raise ModelChangedError(
+            f"the weights in {record.checkpoint} changed: fingerprint {found[:12]}, expected {record.fingerprint[:12]}"
+        )
+    return encoder
