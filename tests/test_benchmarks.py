@@ -31,6 +31,29 @@ SMOKE = {
     "tokenizer_speed.py": (["--n", "200", "--batch-size", "50"], "outputs identical: (200, 77)"),
     "tower_features.py": (["--batch-size", "2", "--rounds", "1", "--batches", "1", "--no-bf16"], "x peer"),
     "quickstart_recipes.py": (["--list"], "baseline"),
+    "index_scale.py": (["--n", "2000", "--queries", "50", "--clusters", "20"], "recall@10 1.000"),
+    "search_server.py": (
+        [
+            "--items",
+            "2000",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0.5",
+            "--model",
+            "micro",
+            "--checkpoint",
+            "none",
+            "--threads",
+            "1",
+        ],
+        "ratio http/in-process",
+    ),
+    "curation_match.py": (
+        ["--entries", "2000", "--captions", "300", "--plain-captions", "20"],
+        "matches identical on 20 captions",
+    ),
+    "embed_overhead.py": (["--model", "micro", "--items", "16", "--workers", "0", "--rounds", "1"], "job/forward"),
 }
 RUN_BY_NAME = {"train_throughput.py", "accumulation.py", "loss_memory.py", "block_cost.py", "suite_table.py"}
 RUN_BY_NAME.add("train_memory.py")  # the scripts the other tests run
