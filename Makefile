@@ -2,7 +2,7 @@
 #   make quickstart   set up (venv, Python and Debian packages), then train, evaluate and report on built-in data
 #   make test         set up if needed, then lint and run the test suite
 #   make test-quick   the tests not marked slow, for local work
-#   make test-min-torch   the model, loss and training tests on the lowest PyTorch lipkit supports (in .venv-min)
+#   make test-min-torch   the quick model, loss and training tests on the lowest PyTorch lipkit supports (in .venv-min)
 # All are safe to run again: set-up steps are skipped when already done.
 
 PYTHON ?= python3
@@ -73,7 +73,7 @@ test-quick: setup
 	$(BIN)/pytest -m "not slow"
 
 test-min-torch: apt $(MIN_STAMP)
-	$(MIN_VENV)/bin/pytest tests/models tests/losses tests/train/test_train.py
+	$(MIN_VENV)/bin/pytest -m "not slow" tests/models tests/losses tests/train/test_train.py
 
 bench: setup
 	$(BIN)/python benchmarks/tokenizer_speed.py
