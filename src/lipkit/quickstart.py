@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from lipkit.eval.retrieval import retrieval_metrics
 from lipkit.eval.templates import default_templates
 from lipkit.eval.zeroshot import cached_text_classifier, zeroshot_classify
 from lipkit.models import DualEncoder, create_model
+from lipkit.models.fingerprint import model_fingerprint
 from lipkit.train import checkpoint as ckpt
 from lipkit.train.config import resolve_config
 from lipkit.train.loop import train
@@ -51,7 +50,6 @@ from lipkit.utils import (
     package_folders,
     resolve_device,
     strict_json,
-    update_digest,
 )
 
 
@@ -101,22 +99,10 @@ def train_or_reuse(name: str, preset: str, out_dir: Path, overrides: list[str]) 
     return train(resolve_config(preset, overrides=[*base, "overwrite=true"])).checkpoint
 
 
-_DIGESTS: weakref.WeakKeyDictionary[DualEncoder, str] = weakref.WeakKeyDictionary()
-
-
-def _digest(model: DualEncoder) -> str:
-    """A hash of the model's weights, computed once per model object."""
-    if model not in _DIGESTS:
-        h = hashlib.sha256()
-        update_digest(h, model)
-        _DIGESTS[model] = h.hexdigest()
-    return _DIGESTS[model]
-
-
 def cached(model: DualEncoder, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """``compute()``'s tensors, cached on disk under the model's weights and ``key`` (checksummed: a damaged
+    """``compute()``'s tensors, cached on disk under the model's fingerprint and ``key`` (checksummed: a damaged
     entry is rebuilt)."""
-    h = hashlib.sha256(f"{key}|{json.dumps(model.cfg.preprocess, sort_keys=True)}|{_digest(model)}".encode())
+    h = hashlib.sha256(f"{key}|{model_fingerprint(model)}".encode())  # the fingerprint covers the preprocessing
     return checked_cache(cache_root() / "eval-features" / f"{h.hexdigest()[:24]}.pt", compute)
 
 

@@ -6,10 +6,7 @@ compared with vectors of the same model, and so that ``lipkit serve`` can reload
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lipkit.errors import LipkitError
+from lipkit.models.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +23,6 @@ if TYPE_CHECKING:
     from lipkit.models import DualEncoder, ModelConfig
 
 # model -> (the versions of its tensors when hashed, the fingerprint)
-_FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
 
 
 class ImageInputError(LipkitError):
@@ -34,35 +31,6 @@ class ImageInputError(LipkitError):
 
 class ModelChangedError(LipkitError):
     """The weights a record points to are no longer the weights the record was made with."""
-
-
-def model_fingerprint(model: DualEncoder) -> str:
-    """A SHA-256 hex digest of a model's config and every weight: equal digests, equal embeddings.
-
-    Cached per model object; an in-place change of any weight (training, ``load_state_dict``) is seen
-    through the tensors' version counters and hashes the model again.
-    """
-    from lipkit.config import to_dict
-    from lipkit.utils import update_digest
-
-    versions = _versions(model)
-    cached = _FINGERPRINTS.get(model)
-    if versions is not None and cached is not None and cached[0] == versions:
-        return cached[1]
-    h = hashlib.sha256(json.dumps(to_dict(model.cfg), sort_keys=True).encode())
-    update_digest(h, model)
-    digest = h.hexdigest()
-    if versions is not None:
-        _FINGERPRINTS[model] = (versions, digest)
-    return digest
-
-
-def _versions(model: DualEncoder) -> tuple[int, ...] | None:
-    """The version counters of the model's tensors (None when one has none: made under inference mode)."""
-    try:
-        return tuple(t._version for t in model.state_dict().values())
-    except RuntimeError:
-        return None
 
 
 @dataclass(frozen=True)
