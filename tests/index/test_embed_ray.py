@@ -46,19 +46,12 @@ def _assert_same(rows, expected):
         assert caption == expected[key][2]
 
 
+@pytest.mark.xdist_group("ray")  # one worker, one Ray instance (ray_local), under `pytest -n 2 --dist loadgroup`
 @pytest.mark.slow  # the actor pool's processes import torch: tens of seconds on a loaded machine
-def test_ray_data_gives_the_local_vectors(encoder, local, tmp_path, tmp_path_factory, monkeypatch):
-    import ray
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    short = tmp_path_factory.mktemp("r")  # Ray's socket paths under it must stay within 107 bytes
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(short))
-    try:
-        runner = RayRunner("local", torch.device("cpu"), actors=2)
-        options = EmbedOptions(DATA, tmp_path / "emb", batch_size=BATCH, part_size=PART, limit=LIMIT, progress=False)
-        summary = embed_collection(encoder, options, runner)
-        runner.close()
-    finally:
-        ray.shutdown()
+def test_ray_data_gives_the_local_vectors(encoder, local, tmp_path, ray_local):
+    runner = RayRunner("local", torch.device("cpu"), actors=2)
+    options = EmbedOptions(DATA, tmp_path / "emb", batch_size=BATCH, part_size=PART, limit=LIMIT, progress=False)
+    summary = embed_collection(encoder, options, runner)
+    runner.close()
     assert (summary.embedded, summary.parts) == (LIMIT, 3)
     _assert_same(_by_key(tmp_path / "emb"), local)

@@ -67,9 +67,9 @@ def _free_port() -> int:
     [
         ("infonce", "infonce-distributed", 2, {}),
         ("siglip", "siglip-distributed", 2, {}),
-        ("infonce", "infonce-streaming-distributed", 2, {"tile": 4}),
+        pytest.param("infonce", "infonce-streaming-distributed", 2, {"tile": 4}, marks=pytest.mark.exhaustive),
         ("infonce", "infonce-streaming-distributed", 3, {"tile": 3}),
-        ("siglip", "siglip-ring", 2, {"tile": 4}),
+        pytest.param("siglip", "siglip-ring", 2, {"tile": 4}, marks=pytest.mark.exhaustive),
         ("siglip", "siglip-ring", 3, {"tile": 3}),  # three ranks: the previous and next ranks differ
     ],
 )

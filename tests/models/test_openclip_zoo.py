@@ -208,7 +208,7 @@ def test_openclip_state_dict_parity(name: str, tmp_path: Path, timm_twin: dict[s
     check_parity(name, tmp_path, timm_twin["img_size"])
 
 
-@pytest.mark.slow  # every supported config (82 twins)
+@pytest.mark.exhaustive  # every supported config (82 twins); `make test-exhaustive`
 @pytest.mark.parametrize("name", supported())
 def test_openclip_state_dict_parity_every_config(name: str, tmp_path: Path, timm_twin: dict[str, int]) -> None:
     check_parity(name, tmp_path, timm_twin["img_size"])
@@ -233,7 +233,7 @@ def test_full_size_keys_and_shapes_correspond(name: str) -> None:
     assert_keys_and_shapes_correspond(name)
 
 
-@pytest.mark.slow  # builds all 82 full-size OpenCLIP models on the meta device
+@pytest.mark.exhaustive  # builds all 82 full-size OpenCLIP models on the meta device
 @pytest.mark.parametrize("name", supported())
 def test_full_size_keys_and_shapes_correspond_every_config(name: str) -> None:
     assert_keys_and_shapes_correspond(name)

@@ -18,6 +18,8 @@ from lipkit.train.loop import train
 from lipkit.train.metrics import read_metrics
 
 PRESET = "tiny-synthetic"
+# the other cases of a check run by `make test-exhaustive`; CI runs one or two of each
+EXHAUSTIVE = pytest.mark.exhaustive
 COMMON = ["progress=false", "tensorboard=false", "device=cpu", "data.workers=0", "log_every=1"]
 
 
@@ -29,7 +31,15 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["infonce", "siglip", "infonce-streaming", "siglip-streaming"])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "infonce",
+        pytest.param("siglip", marks=EXHAUSTIVE),
+        pytest.param("infonce-streaming", marks=EXHAUSTIVE),
+        "siglip-streaming",
+    ],
+)
 def test_two_processes_match_one_process(tmp_path, loss):
     """The streaming forms run across processes as infonce-streaming-distributed and siglip-ring."""
     extra = [f"loss={loss}", "steps=4", "checkpoint_every=4", "data.batch_size=16", f"out_dir={tmp_path}"]
@@ -74,7 +84,7 @@ def test_killing_one_rank_ends_the_run_promptly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True])
+@pytest.mark.parametrize("fsdp", [pytest.param(False, marks=EXHAUSTIVE), True])
 def test_resume_under_another_number_of_processes(tmp_path, fsdp):
     extra = ["steps=6", "checkpoint_every=3", "data.batch_size=16", f"out_dir={tmp_path}"]
     full = train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=full"]))
@@ -95,6 +105,7 @@ def test_resume_under_another_number_of_processes(tmp_path, fsdp):
 
 
 @pytest.mark.slow
+@EXHAUSTIVE  # FSDP against one process: also test_micro_batches_...[infonce-True] and test_resume_..._processes[True]
 def test_fsdp_matches_one_process(tmp_path):
     extra = ["steps=4", "checkpoint_every=2", "data.batch_size=16", f"out_dir={tmp_path}"]
     single = train(resolve_config(PRESET, overrides=[*COMMON, *extra, "name=single"]))
@@ -114,7 +125,7 @@ def test_fsdp_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("loss", "fsdp"), [("siglip", False), ("infonce", True)])
+@pytest.mark.parametrize(("loss", "fsdp"), [pytest.param("siglip", False, marks=EXHAUSTIVE), ("infonce", True)])
 def test_micro_batches_on_two_processes_match_one_process(tmp_path, loss, fsdp):
     """GradCache across ranks: 2 x 8 samples in micro-batches of 3 (3 + 3 + 2) equal 16 in one pass."""
     extra = [f"loss={loss}", "steps=3", "checkpoint_every=3", "data.batch_size=16", f"out_dir={tmp_path}"]

@@ -60,7 +60,7 @@ def test_eval_every_n_steps_matches_a_separate_evaluation(run_overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True])
+@pytest.mark.parametrize("fsdp", [pytest.param(False, marks=pytest.mark.exhaustive), True])
 def test_two_ranks_with_unequal_shares_give_the_same_results(tmp_path, fsdp):
     """DDP: shares of 21 and 20 images, 63 and 62 pairs. FSDP, where every forward pass is collective:
     shares of one zero-shot image and none (the second rank must join the forward anyway)."""

@@ -33,7 +33,7 @@ def test_locked_towers_train_on_cached_features_and_reuse_the_cache(run_override
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("views", [1, 3])
+@pytest.mark.parametrize("views", [pytest.param(1, marks=pytest.mark.exhaustive), 3])
 def test_cached_training_resumes_exactly(run_overrides, tmp_path, views):
     grey = ["model_overrides.preprocess.train_grayscale=0.5"]
     locked = [*LOCKED, f"feature_views={views}", *(grey if views > 1 else [])]

@@ -3,7 +3,8 @@
 One run is killed at KILLS random points (a fixed seed picks them: a step to reach, then a random delay, so
 kills land in forward and backward passes, in checkpoint writes and in metric records), and resumed with
 ``resume=latest`` straight after each kill; the last resume runs to the end. Its weights, optimizer state and
-metrics must equal those of a run that was never interrupted. ``LIPKIT_TEST_KILLS`` sets KILLS (5 by default).
+metrics must equal those of a run that was never interrupted. ``LIPKIT_TEST_KILLS`` sets KILLS (3 by default;
+``LIPKIT_TEST_KILLS=20`` for more).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from lipkit.train import checkpoint as ckpt
 from lipkit.train.metrics import read_metrics
 
-KILLS = int(os.environ.get("LIPKIT_TEST_KILLS", "5"))
+KILLS = int(os.environ.get("LIPKIT_TEST_KILLS", "3"))
 STEPS = 6 * KILLS + 12
 SEED = 2026  # picks the kill points
 COMPARED = ("step", "loss", "grad_norm", "lr", "logit_scale")  # every record's entries but the timing

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -10,22 +9,6 @@ import pytest
 from lipkit.data.corpora import tuxpaint_captions, tuxpaint_stamps
 from lipkit.data.curation.curate import CurateConfig, curate
 from lipkit.data.curation.runner import RayRunner
-
-
-@pytest.fixture(scope="module")
-def ray_instance(tmp_path_factory):
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-    )
-    yield ray
-    ray.shutdown()
 
 
 def write_pairs(folder: Path) -> None:
@@ -40,7 +23,8 @@ def write_pairs(folder: Path) -> None:
         (folder / f"{p.stem}_copy.txt").write_text("a copy")
 
 
-def test_ray_gives_the_same_kept_keys_and_provenance_as_one_process(ray_instance, tmp_path):
+@pytest.mark.xdist_group("ray")  # one worker, one Ray instance (ray_local), under `pytest -n 2 --dist loadgroup`
+def test_ray_gives_the_same_kept_keys_and_provenance_as_one_process(ray_local, tmp_path):
     write_pairs(tmp_path / "pairs")
     (tmp_path / "entries.txt").write_text("a\nan\nthe\nof\nletter\nsign\n")
     settings = dict(metadata=(str(tmp_path / "entries.txt"),), min_words=0, min_chars=0, min_side=0, balance=3.0)
@@ -49,7 +33,7 @@ def test_ray_gives_the_same_kept_keys_and_provenance_as_one_process(ray_instance
     with RayRunner("local") as runner:  # joins the instance the fixture started, and leaves it running
         on_ray = curate(CurateConfig(str(tmp_path / "pairs"), str(tmp_path / "ray"), **settings), runner)
         assert runner.description == "Ray (local)"
-    assert ray_instance.is_initialized()
+    assert ray_local.is_initialized()
     keys = (tmp_path / "local" / "keys.txt").read_text()
     assert (tmp_path / "ray" / "keys.txt").read_text() == keys
     assert on_ray.dropped == local.dropped and on_ray.dropped["exact_dup"] == 2 and on_ray.dropped["balance"] > 0
