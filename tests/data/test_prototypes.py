@@ -1,4 +1,4 @@
-"""Classifier prototypes as training pairs: placement, captions, mixing, cached training, errors."""
+"""Classifier prototypes as training pairs: placement, captions, mixing, cached and full training, errors."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import lipkit
-from lipkit.data.loader import ResumableBatchSampler
-from lipkit.data.prototypes import Placement, PrototypePairs, place, read_classnames, tower_head
+from lipkit.data.loader import ResumableBatchSampler, stack_images
+from lipkit.data.prototypes import FeaturePoint, Placement, PrototypePairs, place, read_classnames, tower_head
 from lipkit.data.spec import open_mixture
 from lipkit.errors import ConfigError, LipkitError
+from lipkit.models.image_inputs import MixedImages
 from lipkit.train import feature_cache, loop
 from lipkit.train.config import resolve_config
+from lipkit.train.metrics import read_metrics
 
 timm = pytest.importorskip("timm")
 
@@ -145,8 +147,54 @@ def test_cached_training_runs_with_prototypes(headed_model, classnames, run_over
     cfg = resolve_config("tiny-synthetic", overrides=[*overrides, f"data.train={spec}", "steps=3", "log_every=1"])
     result = loop.train(cfg)
     assert result.step == 3 and result.checkpoint.is_file()
-    with pytest.raises(ConfigError, match="cache_features=true"):
-        loop.train(resolve_config("tiny-synthetic", overrides=[*overrides[:-2], f"data.train={spec}", "name=full"]))
+    unlocked = [*overrides[:-2], f"data.train={spec}", "name=unlocked", "model_overrides.lock_image=false"]
+    with pytest.raises(ConfigError, match="prototype sources need a locked image tower"):
+        loop.train(resolve_config("tiny-synthetic", overrides=unlocked))
+    assert not (tmp_path / "unlocked").exists()  # refused before the run folder is made
+
+
+def test_full_training_with_prototypes_equals_cached_training(headed_model, classnames, run_overrides, tmp_path):
+    """Through the image trunk (no feature cache), a batch mixes images with placed head rows; with the
+    evaluation view only (no augmentation), every step is the cached run's step."""
+    path, _ = headed_model
+    spec = f"[synthetic::0.5, {{source: prototypes, weight: 0.5, options: {{classnames: {classnames}}}}}]"
+    common = [*run_overrides, f"model={path}", f"data.train={spec}", "steps=4", "log_every=1", "data.augment=false"]
+    cached = loop.train(
+        resolve_config(
+            "tiny-synthetic",
+            overrides=[*common, "name=cached", "cache_features=true", f"feature_cache_dir={tmp_path / 'c'}"],
+        )
+    )
+    full = loop.train(resolve_config("tiny-synthetic", overrides=[*common, "name=full"]))
+    assert not (tmp_path / "full" / "features").exists()
+    want = [r[k] for r in read_metrics(cached.run_dir) for k in ("loss", "grad_norm")]
+    got = [r[k] for r in read_metrics(full.run_dir) for k in ("loss", "grad_norm")]
+    assert len(got) == 8 and got == pytest.approx(want, rel=1e-4)
+
+
+def test_a_mixed_batch_runs_the_trunk_on_its_image_rows_only(headed_model):
+    model = lipkit.create_model(headed_model[0]).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        trunk = model.visual.features(images)
+    given = torch.randn(3, trunk.shape[1])
+    mask = torch.tensor([False, True, False])
+    mixed = MixedImages(
+        torch.where(mask[:, None, None, None], 0.0, images), torch.where(mask[:, None], given, 0.0), mask
+    )
+    calls = []
+    features = model.visual.features
+    model.visual.features = lambda x: calls.append(x.shape[0]) or features(x)
+    with torch.no_grad():
+        got = model.encode_image(mixed)
+    assert calls == [2]
+    expected = model.visual.proj(torch.stack([trunk[0], given[1], trunk[2]]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    loader_batch = stack_images((images[0], FeaturePoint(given[1]), images[2]))
+    assert torch.equal(loader_batch["from_features"], mask) and torch.equal(loader_batch["features"][1], given[1])
+    assert torch.equal(loader_batch["pixels"][1], torch.zeros(3, 32, 32)) and torch.equal(
+        loader_batch["pixels"][2], images[2]
+    )
 
 
 def test_clear_errors(headed_model, classnames, tmp_path):

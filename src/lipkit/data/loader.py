@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lipkit.data.decode import CAPTION_FALLBACK, BadSample
 from lipkit.data.order import BatchPlan, Layout
 from lipkit.data.pairs import PairSource
+from lipkit.data.prototypes import FeaturePoint
 from lipkit.data.spec import Mixture
 from lipkit.errors import ConfigError, LipkitError
 
@@ -83,6 +84,8 @@ class PairDataset(Dataset):
                 last, index = exc, self.layout.replacement(index, seed, attempt)
         else:
             raise LipkitError(f"{len(failures)} bad samples in a row (last: {last}); is the data readable?")
+        if isinstance(image, FeaturePoint):  # a classifier prototype: already a trunk feature
+            return image, caption, self.source.key(index), tuple(failures)
         torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues a lazy CUDA seeding
         return self.transform(image), caption, self.source.key(index), tuple(failures)
 
@@ -164,11 +167,25 @@ class TrainCollate(Collate):
         images, captions, keys, failures = zip(*batch)
         skipped = Counter(reason for f in failures for reason in f)
         return {
-            "images": torch.stack(images),
+            "images": stack_images(images),
             "tokens": self.tokenize(list(captions)),
             "keys": list(keys),
             "skipped": dict(skipped),
         }
+
+
+def stack_images(images: tuple[torch.Tensor | FeaturePoint, ...]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Stack a batch's images; a batch with prototypes (:class:`FeaturePoint`) becomes the fields of
+    :class:`lipkit.models.image_inputs.MixedImages`: ``pixels`` (zeros at the prototype rows),
+    ``features`` (zeros at the image rows) and ``from_features``."""
+    points = [isinstance(image, FeaturePoint) for image in images]
+    if not any(points):
+        return torch.stack(images)
+    width = next(image.features.shape[0] for image in images if isinstance(image, FeaturePoint))
+    shape = next((image.shape for image in images if not isinstance(image, FeaturePoint)), (3, 1, 1))
+    pixels = torch.stack([torch.zeros(shape) if p else image for p, image in zip(points, images)])
+    features = torch.stack([image.features.float() if p else torch.zeros(width) for p, image in zip(points, images)])
+    return {"pixels": pixels, "features": features, "from_features": torch.tensor(points)}
 
 
 @dataclass

@@ -20,8 +20,11 @@ The source is registered as ``prototypes``; a data spec mixes it like any other 
         - emoji:train::0.5
         - {source: prototypes, weight: 0.2, options: {placement: mean+3std, classnames: imagenet-1k}}
 
-It trains with cached features (``cache_features=true``): the placed rows are served where cached
-image features would be, and the captions go through the text trunk as usual.
+With cached features (``cache_features=true``) the placed rows are served where cached image features
+would be. Without, the image tower must still be locked (the rows are points in its frozen feature
+space): each prototype reaches the model as a :class:`FeaturePoint`, the batch as
+:class:`lipkit.models.image_inputs.MixedImages`, and the trunk runs on the image rows only. Either way
+the captions go through the text tower as usual.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image
-
 from lipkit.data.pairs import PairSource
 from lipkit.errors import ConfigError, LipkitError
 from lipkit.registry import Registry
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
+REFERENCE_IMAGES = 4096  # training images whose features place the rows, in full (not cached) training
 CAPTIONS = ("each", "first")  # one pair per synonym, or per class (its first name)
 
 LABEL_SETS: Registry[Callable[[], list[list[str]]]] = Registry("class name set")
@@ -174,6 +176,13 @@ def tower_head(tower: nn.Module) -> torch.Tensor:
     return head()
 
 
+@dataclass(frozen=True)
+class FeaturePoint:
+    """A pair's image side given as a point in the image trunk's feature space (a placed head row)."""
+
+    features: torch.Tensor
+
+
 class PrototypePairs(PairSource):
     """One pair per class (or per synonym) of a classifier head; the image side is a placed head row.
 
@@ -202,6 +211,7 @@ class PrototypePairs(PairSource):
         if bad or not templates:
             raise ConfigError(f"prototype templates need a {{c}} placeholder: {bad or 'none given'}")
         self.placement = Placement.parse(placement)
+        self.placed: torch.Tensor | None = None  # every pair's image side, once :meth:`place_rows` ran
         self.num_classes = len(classnames)
         self.label_set = label_set
         self.rows: list[tuple[int, str]] = [
@@ -221,11 +231,22 @@ class PrototypePairs(PairSource):
     def caption(self, index: int) -> str:
         return self.rows[index][1]
 
-    def image(self, index: int, draft: tuple[int, int] | None = None) -> Image.Image:
-        raise LipkitError(
-            "prototype pairs have no images (their image side is a point in the tower's feature space): "
-            "train on them with cache_features=true, and evaluate on other sources"
-        )
+    def image(self, index: int, draft: tuple[int, int] | None = None) -> FeaturePoint:  # type: ignore[override]
+        """The pair's placed head row (after :meth:`place_rows`).
+
+        Raises:
+            LipkitError: The rows are not placed yet (the source is read outside training).
+        """
+        if self.placed is None:
+            raise LipkitError(
+                "prototype pairs have no images (their image side is a point in the tower's feature space): "
+                "train on them, and evaluate on other sources"
+            )
+        return FeaturePoint(self.placed[index])
+
+    def place_rows(self, head: torch.Tensor, reference: torch.Tensor) -> None:
+        """Place the head rows by the training features ``reference`` (see :meth:`features`), for :meth:`image`."""
+        self.placed = self.features(head, reference)
 
     def classes(self) -> list[int]:
         """The head row of every pair."""
@@ -265,13 +286,14 @@ def open_prototypes(
     return PrototypePairs(read_classnames(classnames), given, captions, placement, classnames)
 
 
-def check_images(sources: Sequence[PairSource]) -> None:
-    """Refuse training through the image trunk on sources without images.
+def check_images(sources: Sequence[PairSource], lock_image: bool) -> None:
+    """Refuse prototype sources in training through an image trunk that is not locked.
 
     Raises:
-        ConfigError: A source is a prototype source.
+        ConfigError: A prototype source, and the image tower trains.
     """
-    if any(isinstance(s, PrototypePairs) for s in sources):
+    if not lock_image and any(isinstance(s, PrototypePairs) for s in sources):
         raise ConfigError(
-            "prototype sources train on cached features only: set cache_features=true (with both towers locked)"
+            "prototype sources need a locked image tower (model_overrides.lock_image=true): the prototypes are "
+            "points in the frozen trunk's feature space, which moves when the trunk trains"
         )

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from lipkit.models.clip import DualEncoder, DualEncoderOutput
     from lipkit.models.config import ModelConfig, get_model_config, list_models
     from lipkit.models.factory import create_model, get_tokenizer, image_transform
+    from lipkit.models.image_inputs import MixedImages
     from lipkit.models.text_inputs import TextCache, TextTokens
 
 _HOMES = {
@@ -24,6 +25,7 @@ _HOMES = {
     "create_model": "lipkit.models.factory",
     "get_tokenizer": "lipkit.models.factory",
     "image_transform": "lipkit.models.factory",
+    "MixedImages": "lipkit.models.image_inputs",
     "TextCache": "lipkit.models.text_inputs",
     "TextTokens": "lipkit.models.text_inputs",
 }
@@ -31,6 +33,7 @@ _HOMES = {
 __all__ = [
     "DualEncoder",
     "DualEncoderOutput",
+    "MixedImages",
     "ModelConfig",
     "TextCache",
     "TextTokens",

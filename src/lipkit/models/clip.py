@@ -11,6 +11,7 @@ from torch import nn
 
 from lipkit.errors import ConfigError
 from lipkit.models.config import ModelConfig
+from lipkit.models.image_inputs import MixedImages, trunk_features
 from lipkit.models.text_inputs import TextCache, Tokens
 from lipkit.models.towers import build_tower
 
@@ -91,9 +92,16 @@ class DualEncoder(nn.Module):
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Embed images (B, 3, H, W) into (B, D); L2-normalised if ``normalize``."""
-        x = self.visual(images)
+    def encode_image(self, images: torch.Tensor | MixedImages, normalize: bool = False) -> torch.Tensor:
+        """Embed images (B, 3, H, W) into (B, D); L2-normalised if ``normalize``.
+
+        ``images`` may be a :class:`~lipkit.models.image_inputs.MixedImages` batch, some of whose rows
+        are given as trunk features (classifier prototypes): the trunk runs on the other rows only.
+        """
+        if isinstance(images, MixedImages):
+            x = self.visual.proj(trunk_features(self.visual.features, images))
+        else:
+            x = self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: Tokens, normalize: bool = False) -> torch.Tensor:
@@ -133,7 +141,7 @@ class DualEncoder(nn.Module):
             logit_bias=self.logit_bias,
         )
 
-    def forward(self, images: torch.Tensor, tokens: Tokens) -> DualEncoderOutput:
+    def forward(self, images: torch.Tensor | MixedImages, tokens: Tokens) -> DualEncoderOutput:
         """Embed a batch of paired images and texts (``tokens`` as :meth:`encode_text` takes them)."""
         return DualEncoderOutput(
             image_features=self.encode_image(images, normalize=True),

@@ -15,6 +15,8 @@ A source of classifier prototypes (:mod:`lipkit.data.prototypes`) in the mixture
 image features are its placed head rows (the same for every view), computed from the image tower's
 classifier and the cached features of the other sources' images, and its captions are cached through
 the text trunk on their own; the image sources keep the cache entry they have without the prototypes.
+Without the cache (the image trunk locked, the rest training), :func:`place_prototypes` places the rows
+once, from the evaluation-view features of up to 4,096 evenly spaced training images.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from lipkit.cache import cached, load_cached, try_save_cached
 from lipkit.config import to_dict
 from lipkit.data.loader import ResumableBatchSampler, TransformedPairs
 from lipkit.data.pairs import PairSource
-from lipkit.data.prototypes import PrototypePairs, tower_head
+from lipkit.data.prototypes import REFERENCE_IMAGES, PrototypePairs, tower_head
 from lipkit.data.spec import ConcatPairs, Mixture
 from lipkit.errors import ConfigError
 from lipkit.models import DualEncoder, get_tokenizer, image_transform
@@ -327,6 +329,44 @@ def _with_prototypes(
             start += len(part)
     joined = (_join([getattr(t, name) for t in text_parts]) for name in ("features", "tokens"))
     return torch.cat(image_parts), TextCache(*joined)
+
+
+def place_prototypes(
+    model: DualEncoder,
+    sources: list[PairSource],
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    batch_size: int = 64,
+    limit: int = REFERENCE_IMAGES,
+) -> None:
+    """Place the rows of every prototype source among ``sources``, for training without the feature cache.
+
+    The reference features are the locked image trunk's, in the evaluation view, of up to ``limit``
+    evenly spaced images of the other sources (every rank computes the same ones).
+
+    Raises:
+        ConfigError: Prototype sources without image sources beside them.
+        LipkitError: The image tower has no classifier head, or its head does not fit the class names.
+    """
+    prototypes = [s for s in sources if isinstance(s, PrototypePairs)]
+    if not prototypes:
+        return
+    images = [s for s in sources if not isinstance(s, PrototypePairs)]
+    if not images:
+        raise ConfigError("prototype sources need image sources beside them: their placement uses the images' features")
+    joined = images[0] if len(images) == 1 else ConcatPairs(images)
+    n = len(joined)
+    picks = list(range(n)) if n <= limit else [i * n // limit for i in range(limit)]
+    data = Subset(TransformedPairs(joined, image_transform(model.cfg)), picks)
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # a resumed run draws the same random numbers
+        loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
+        reference = torch.cat([model.visual.features(b.to(device)).float().cpu() for b, _ in loader])
+    model.train(was_training)
+    head = tower_head(model.visual)
+    for part in prototypes:
+        part.place_rows(head, reference)
 
 
 def _join(chunks: list[torch.Tensor | None]) -> torch.Tensor | None:

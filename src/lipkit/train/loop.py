@@ -26,6 +26,7 @@ from lipkit.models import DualEncoder, create_model, image_transform
 from lipkit.models.config import get_model_config
 from lipkit.models.convert import check_fit
 from lipkit.models.factory import batch_tokenizer, check_tokenizer, preprocess_config
+from lipkit.models.image_inputs import MixedImages
 from lipkit.models.text_inputs import TensorRecord
 from lipkit.train import checkpoint as ckpt
 from lipkit.train import distributed
@@ -33,7 +34,7 @@ from lipkit.train.accumulate import cached_accumulation_backward
 from lipkit.train.config import TrainConfig
 from lipkit.train.distributed import DistEnv
 from lipkit.train.evaluate import evaluate_now
-from lipkit.train.feature_cache import cached_features, check_lockable, make_feature_loader
+from lipkit.train.feature_cache import cached_features, check_lockable, make_feature_loader, place_prototypes
 from lipkit.train.metrics import MetricLogger, recorded_value
 from lipkit.train.optim import build_optimizer, lr_at
 from lipkit.utils import FolderLock, atomic_write_text, seed_everything, strict_json
@@ -363,6 +364,7 @@ def make_loader(cfg: TrainConfig, mixture: Mixture, model: DualEncoder, start_st
             cfg.steps - start_step,
             **sampling_options(cfg, env),
         )
+    place_prototypes(model, mixture.sources, device=next(model.parameters()).device, workers=cfg.data.workers)
     preprocess = preprocess_config(model.cfg)
     side = preprocess.image_size
     if cfg.data.augment:
@@ -422,8 +424,7 @@ def open_inputs(cfg: TrainConfig) -> Mixture:
         mixture = open_mixture(cfg.data.train)
     except LipkitError as exc:
         raise ConfigError(f"data.train: {exc}") from None
-    if not cfg.cache_features:
-        check_images(mixture.sources)  # prototype sources have no images for the trunk
+    check_images(mixture.sources, get_model_config(cfg.model, **cfg.model_overrides).lock_image)
     return mixture
 
 
@@ -492,6 +493,7 @@ def run_steps(
     state.window, state.window_start = [], time.perf_counter()
     loader = make_loader(cfg, mixture, state.model, state.step, state.env)
     for images, tokens in loader:  # the step moves them to the device (see backward)
+        images = MixedImages.from_batch(images)  # a batch with classifier prototypes
         path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
     return path, getattr(loader, "stats", None)
 
@@ -521,7 +523,7 @@ def to_device(batch: Any, device: torch.device, cfg: TrainConfig) -> Any:
 def place_batch(images: torch.Tensor, tokens: Any, device: torch.device, cfg: TrainConfig) -> tuple[torch.Tensor, Any]:
     """A batch (or micro-batch) on ``device``, in the run's dtype and memory format."""
     images, tokens = to_device(images, device, cfg), to_device(tokens, device, cfg)
-    if cfg.channels_last and images.ndim == 4:
+    if cfg.channels_last and isinstance(images, torch.Tensor) and images.ndim == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, tokens
 
