@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from lipkit.data.spec import open_mixture
 from lipkit.quickstart import QuickstartConfig, run_quickstart
 
 pytestmark = pytest.mark.skipif(
@@ -25,6 +26,7 @@ def test_quickstart_pipeline_on_small_settings(tmp_path, monkeypatch, capsys):
         fewshot_methods=("zeroshot", "tip_adapter"),
         max_eval_images=40,
         examples=2,
+        search="",
         device="cpu",
     )
     summary = run_quickstart(cfg)
@@ -68,12 +70,15 @@ def test_index_page_escapes_run_names_and_cells(tmp_path):
 
 
 def test_a_second_quickstart_in_the_same_folder_is_refused(tmp_path):
-    from lipkit.errors import FolderInUseError
+    from lipkit.errors import FolderInUseError, LipkitError
     from lipkit.utils import FolderLock
 
     busy = r"cannot start the quickstart in .*another process is working there"
     with FolderLock(tmp_path / "qs"), pytest.raises(FolderInUseError, match=busy):
-        run_quickstart(QuickstartConfig(out_dir=str(tmp_path / "qs"), models={}, device="cpu"))
+        run_quickstart(QuickstartConfig(out_dir=str(tmp_path / "qs"), models={}, search="", device="cpu"))
+    with pytest.raises(LipkitError, match=r"search='lit' is not one of the quickstart's runs \(tiny\)"):
+        run_quickstart(QuickstartConfig(out_dir=str(tmp_path / "q2"), models={"tiny": "tiny-quickstart"}))
+    assert not (tmp_path / "q2").exists()
 
 
 def test_missing_assets_are_named_with_the_exact_install_command(monkeypatch, tmp_path):
@@ -118,10 +123,22 @@ def test_shrunken_real_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
         fewshot_methods=("zeroshot", "linear_probe"),
         max_eval_images=30,
         examples=2,
+        search_data="tuxpaint:val",
         device="cpu",
     )
     run_quickstart(cfg)
     out = capsys.readouterr().out
+    index = tmp_path / "qs" / "search" / "index"
+    assert out.rstrip().endswith(f"search the built-in corpora with the lit model: lipkit serve --index {index}")
+    from lipkit.index.encoder import load_encoder
+    from lipkit.index.store import SearchIndex
+
+    with SearchIndex.open(index) as opened:
+        assert len(opened) == len(open_mixture("tuxpaint:val").concatenated()) > 50
+        assert opened.record.fingerprint == load_encoder(tmp_path / "qs" / "lit", device="cpu").record.fingerprint
+    stamp = (index / "meta.sqlite").stat().st_mtime_ns
+    run_quickstart(cfg)  # a re-run reuses the runs, the embeddings and the index
+    assert (index / "meta.sqlite").stat().st_mtime_ns == stamp
     saved = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert set(saved["results"]) == {"lit", "tiny"}
     assert set(saved["table"]) == {

@@ -69,6 +69,8 @@ class QuickstartConfig:
         fewshot_methods: Few-shot methods.
         max_eval_images: Images used from each labelled test set (a fixed subset).
         examples: Retrieval examples (thumbnails with top captions) shown in the reports.
+        search: The run whose model builds the search index, by run name (``""``: no index).
+        search_data: What the search index holds (a data spec).
         device: ``auto``, ``cpu``, ``cuda``...
     """
 
@@ -83,6 +85,8 @@ class QuickstartConfig:
     fewshot_methods: tuple[str, ...] = ("zeroshot", "linear_probe", "tip_adapter", "gda")
     max_eval_images: int = 2000
     examples: int = 12
+    search: str = "lit"
+    search_data: str = "tuxpaint:all,emoji:all"
     device: str = "auto"
 
 
@@ -236,8 +240,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
     Raises:
         FolderInUseError: Another quickstart is running in ``cfg.out_dir``.
+        LipkitError: ``cfg.search`` names none of ``cfg.models``.
     """
     out_dir = Path(cfg.out_dir)
+    if cfg.search and cfg.search not in cfg.models:
+        raise LipkitError(f"search={cfg.search!r} is not one of the quickstart's runs ({', '.join(cfg.models)})")
     with FolderLock(out_dir, "the quickstart"):  # a second quickstart in the same folder is refused, not interleaved
         return _run_quickstart(cfg, out_dir)
 
@@ -250,6 +257,7 @@ def _run_quickstart(cfg: QuickstartConfig, out_dir: Path) -> dict[str, Any]:
         print(f"{name}: evaluating {weights.name}")
         all_results[name] = evaluate(name, weights, cfg, device)
         write_report(out_dir / name)
+    search = build_search_index(out_dir / cfg.search, cfg, out_dir / "search", device) if cfg.search else None
     rows = comparison(all_results)
     summary = {"config": to_dict(cfg), "table": dict(rows), "results": all_results}
     atomic_write_text(out_dir / "results.json", strict_json(summary, indent=2) + "\n")
@@ -257,7 +265,38 @@ def _run_quickstart(cfg: QuickstartConfig, out_dir: Path) -> dict[str, Any]:
     print_table(rows, list(cfg.models))
     print(f"\nreport: {index}  (per model: {', '.join(str(out_dir / n / 'report.html') for n in cfg.models)})")
     print(f"numbers: {out_dir / 'results.json'}")
+    if search is not None:
+        print(f"search the built-in corpora with the {cfg.search} model: lipkit serve --index {search}")
     return summary
+
+
+def build_search_index(run: Path, cfg: QuickstartConfig, folder: Path, device: torch.device) -> Path:
+    """Embed ``cfg.search_data`` with the newest checkpoint of ``run`` and index its images in ``folder/index``.
+
+    A re-run with the same model reuses the embeddings and the index; a new model starts both afresh.
+    """
+    import shutil
+
+    from lipkit.index.embed import EmbedOptions, embed_collection
+    from lipkit.index.embeddings import open_embeddings
+    from lipkit.index.encoder import load_encoder
+    from lipkit.index.runners import LocalRunner
+    from lipkit.index.store import DB_NAME, SearchIndex
+
+    encoder = load_encoder(run, device=device)
+    embeddings, index = folder / "embeddings", folder / "index"
+    if embeddings.is_dir() and open_embeddings(embeddings).record.fingerprint != encoder.record.fingerprint:
+        shutil.rmtree(folder)  # made by an earlier model
+    print(f"{run.name}: embedding {cfg.search_data} for search")
+    runner = LocalRunner(device)
+    try:
+        done = embed_collection(encoder, EmbedOptions(cfg.search_data, embeddings), runner)
+    finally:
+        runner.close()
+    if done.embedded or done.removed or not (index / DB_NAME).exists():
+        shutil.rmtree(index, ignore_errors=True)
+        SearchIndex.build_from_embeddings(index, embeddings).close()
+    return index
 
 
 def print_table(rows: list[tuple[str, dict[str, str]]], runs: list[str]) -> None:

@@ -18,8 +18,11 @@ Train and evaluate two models on lipkit's built-in data, offline, and write a re
 
 Both train on the Tux Paint and emoji image-caption pairs and are evaluated on zero-shot
 Fashion-MNIST and MNIST, retrieval on the held-out Tux Paint and emoji pairs, and few-shot
-Fashion-MNIST. Finished steps are reused on a re-run. Each step is an ordinary lipkit
-command: `lipkit train lit-quickstart`, `lipkit eval zeroshot ...`, `lipkit eval report ...`.
+Fashion-MNIST. Then the lit model embeds every Tux Paint and emoji image into a search
+index (RUNS/search/index), and the last line is the command that serves it: `lipkit serve
+--index ...`. Finished steps are reused on a re-run. Each step is an ordinary lipkit
+command: `lipkit train lit-quickstart`, `lipkit eval zeroshot ...`, `lipkit embed ...`,
+`lipkit index build ...`.
 """
 
 EPILOG = """\
@@ -42,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_alias(p, "--out", "--out-dir", "out_dir", metavar="DIR")
     add_set(p, "training overrides of one run (RUN: lit or tiny), e.g. --set lit.steps=300", "RUN.KEY=VALUE")
     p.add_argument("--only", choices=["lit", "tiny"], help="run only this model")
+    p.add_argument("--no-search", action="store_true", help="build no search index")
     add_limit(p, "images of each labelled test set", old="--max-eval-images", default=2000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda... (default: auto)")
     add_quiet(p)
@@ -60,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
             cfg.overrides.setdefault(run_name, []).append("progress=false")
     if args.only:
         cfg.models = {args.only: cfg.models[args.only]}
+    if args.no_search or cfg.search not in cfg.models:
+        cfg.search = ""
     run_quickstart(cfg)
     return 0
 
