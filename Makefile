@@ -17,6 +17,9 @@ STAMP := $(VENV)/.lipkit-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 MIN_TORCH := torch==2.11.0 torchvision==0.26.0
 MIN_VENV ?= .venv-min
+# lipkit's extras in each: all of them, and in $(MIN_VENV) those its tests (models, losses, training) need
+EXTRAS := towers,train,data,search,curate,ray,dev
+MIN_EXTRAS := towers,train,data,dev
 MIN_STAMP := $(MIN_VENV)/.lipkit-installed
 APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji dataset-fashion-mnist openclipart-svg chromium wordnet-base
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -42,22 +45,22 @@ apt:
 
 venv: $(STAMP)
 
-# $(call make_venv,DIR,PYTORCH): a virtualenv in DIR with the given PyTorch release, then lipkit in editable mode
-# with its extras and the data packages.
+# $(call make_venv,DIR,PYTORCH,EXTRAS): a virtualenv in DIR with the given PyTorch release, then lipkit in editable
+# mode with the given extras and the data packages.
 define make_venv
 	@[ -x $(1)/bin/python ] || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
 	$(1)/bin/python -m pip install -q $(2)
-	$(1)/bin/python -m pip install -q -e ".[towers,train,data,search,curate,ray,dev]"
+	$(1)/bin/python -m pip install -q -e ".[$(3)]"
 	$(1)/bin/python -m pip install -q --no-deps $(DATA_PACKAGES) $(TEST_PACKAGES)
 	@touch $(1)/.lipkit-installed
 endef
 
 $(STAMP): pyproject.toml Makefile
-	$(call make_venv,$(VENV),$(TORCH))
+	$(call make_venv,$(VENV),$(TORCH),$(EXTRAS))
 
 $(MIN_STAMP): pyproject.toml Makefile
-	$(call make_venv,$(MIN_VENV),$(MIN_TORCH))
+	$(call make_venv,$(MIN_VENV),$(MIN_TORCH),$(MIN_EXTRAS))
 
 quickstart: setup
 	$(BIN)/lipkit quickstart
@@ -80,7 +83,7 @@ test-exhaustive: setup
 	$(PYTEST) -m exhaustive
 
 test-min-torch: apt $(MIN_STAMP)
-	$(MIN_VENV)/bin/pytest -m "not slow" tests/models tests/losses tests/train/test_train.py
+	$(MIN_VENV)/bin/pytest -n $(TEST_WORKERS) -m "not slow and not exhaustive" tests/models tests/losses tests/train/test_train.py
 
 bench: setup
 	$(BIN)/python benchmarks/tokenizer_speed.py

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipkit.index.encoder import ModelRecord
+from lipkit.data.embeddings import ModelRecord
 from lipkit.index.store import SearchIndex, choose_index, parse_bytes
 from results import append_result
 

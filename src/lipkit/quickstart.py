@@ -277,8 +277,8 @@ def build_search_index(run: Path, cfg: QuickstartConfig, folder: Path, device: t
     """
     import shutil
 
+    from lipkit.data.embeddings import open_embeddings
     from lipkit.index.embed import EmbedOptions, embed_collection
-    from lipkit.index.embeddings import open_embeddings
     from lipkit.index.encoder import load_encoder
     from lipkit.index.runners import LocalRunner
     from lipkit.index.store import DB_NAME, SearchIndex

@@ -12,11 +12,11 @@ from PIL import Image
 
 from lipkit.cli.main import main
 from lipkit.config import to_dict
+from lipkit.data.embeddings import open_embeddings, read_manifest, vectors_path
 from lipkit.data.spec import open_source
 from lipkit.errors import LipkitError
 from lipkit.index import stages
 from lipkit.index.embed import EmbedOptions, embed_collection
-from lipkit.index.embeddings import open_embeddings, read_manifest, vectors_path
 from lipkit.index.encoder import QueryEncoder
 from lipkit.models import create_model, get_tokenizer, image_transform
 from lipkit.train.checkpoint import save_checkpoint

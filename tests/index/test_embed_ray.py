@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from lipkit.data.embeddings import open_embeddings
 from lipkit.index.embed import EmbedOptions, embed_collection
-from lipkit.index.embeddings import open_embeddings
 from lipkit.index.encoder import QueryEncoder
 from lipkit.index.runners import RayRunner
 from lipkit.models import create_model

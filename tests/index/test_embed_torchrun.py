@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lipkit.config import to_dict
+from lipkit.data.embeddings import open_embeddings
 from lipkit.index.embed import EmbedOptions, embed_collection
-from lipkit.index.embeddings import open_embeddings
 from lipkit.index.encoder import QueryEncoder
 from lipkit.models import create_model
 from lipkit.train.checkpoint import save_checkpoint

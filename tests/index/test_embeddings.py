@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lipkit.index.embeddings import (
+from lipkit.data.embeddings import (
     EmbeddingsError,
+    ModelRecord,
     PartInfo,
     open_embeddings,
     part_name,
@@ -16,7 +17,6 @@ from lipkit.index.embeddings import (
     write_manifest,
     write_part,
 )
-from lipkit.index.encoder import ModelRecord
 
 RECORD = ModelRecord("ab" * 32, 4, "micro", None)
 

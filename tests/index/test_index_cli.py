@@ -12,7 +12,7 @@ import torch
 
 from lipkit.cli.main import main
 from lipkit.config import to_dict
-from lipkit.index.embeddings import PartInfo, write_manifest, write_part
+from lipkit.data.embeddings import PartInfo, write_manifest, write_part
 from lipkit.index.encoder import ModelRecord, QueryEncoder
 from lipkit.index.query import combine
 from lipkit.models import create_model

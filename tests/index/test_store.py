@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lipkit.data.embeddings import ModelRecord
 from lipkit.errors import FolderInUseError
 from lipkit.index import store
-from lipkit.index.encoder import ModelRecord
 from lipkit.index.errors import FilterError, IndexFormatError, ModelMismatchError, QueryError, UnknownKeyError
 from lipkit.index.store import IndexPlan, SearchIndex, choose_index, nlist_for, parse_bytes
 

@@ -194,7 +194,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from lipkit.index.embeddings import open_embeddings
+    from lipkit.data.embeddings import open_embeddings
     from lipkit.index.store import SearchIndex
 
     embeddings = open_embeddings(args.embeddings)

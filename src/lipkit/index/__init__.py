@@ -9,14 +9,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lipkit.index.embeddings import EmbeddingPart, Embeddings, open_embeddings
-    from lipkit.index.encoder import ModelRecord, QueryEncoder, load_encoder, model_fingerprint
+    from lipkit.data.embeddings import EmbeddingPart, Embeddings, ModelRecord, open_embeddings
+    from lipkit.index.encoder import QueryEncoder, load_encoder, model_fingerprint
 
 _HOMES = {
-    "EmbeddingPart": "lipkit.index.embeddings",
-    "Embeddings": "lipkit.index.embeddings",
-    "open_embeddings": "lipkit.index.embeddings",
-    "ModelRecord": "lipkit.index.encoder",
+    "EmbeddingPart": "lipkit.data.embeddings",
+    "Embeddings": "lipkit.data.embeddings",
+    "open_embeddings": "lipkit.data.embeddings",
+    "ModelRecord": "lipkit.data.embeddings",
     "QueryEncoder": "lipkit.index.encoder",
     "load_encoder": "lipkit.index.encoder",
     "model_fingerprint": "lipkit.index.encoder",

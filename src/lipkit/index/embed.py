@@ -1,4 +1,4 @@
-"""The embedding job behind ``lipkit embed``: a data spec -> an embeddings folder (see :mod:`lipkit.index.embeddings`).
+"""The embedding job behind ``lipkit embed``: a data spec -> an embeddings folder (see :mod:`lipkit.data.embeddings`).
 
 The job lists the items of the spec (:mod:`lipkit.index.items`), compares them with the parts already
 in the folder, and embeds only what is missing, in new parts of ``part_size`` items:
@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lipkit.errors import ConfigError, LipkitError
-from lipkit.index.embeddings import (
+from lipkit.data.embeddings import (
     FORMAT,
     STAMP,
     VERSION,
@@ -47,6 +46,7 @@ from lipkit.index.embeddings import (
     write_manifest,
     write_part,
 )
+from lipkit.errors import ConfigError, LipkitError
 from lipkit.index.items import Listing, list_items
 from lipkit.index.stages import MODALITIES
 from lipkit.utils import strict_json

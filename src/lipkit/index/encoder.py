@@ -1,18 +1,18 @@
 """The model behind an embeddings folder or an index: its fingerprint, its record, and a query encoder.
 
-A :class:`ModelRecord` travels with every embeddings folder and index, so that a query is only ever
-compared with vectors of the same model, and so that ``lipkit serve`` can reload that model.
+A :class:`~lipkit.data.embeddings.ModelRecord` travels with every embeddings folder and index, so that a
+query is only ever compared with vectors of the same model, and so that ``lipkit serve`` can reload that model.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lipkit.data.embeddings import ModelRecord
 from lipkit.errors import LipkitError
 from lipkit.models.fingerprint import model_fingerprint
 
@@ -31,39 +31,6 @@ class ImageInputError(LipkitError):
 
 class ModelChangedError(LipkitError):
     """The weights a record points to are no longer the weights the record was made with."""
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    """Which model made a set of vectors.
-
-    Attributes:
-        fingerprint: :func:`model_fingerprint` of the model.
-        embed_dim: Width of its embeddings.
-        config: A model config name, or the config as a dict (what :func:`lipkit.config.to_dict` gives).
-        checkpoint: Absolute path of the weights, or None for a model that was never saved.
-    """
-
-    fingerprint: str
-    embed_dim: int
-    config: str | dict[str, Any]
-    checkpoint: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The record as plain JSON values."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelRecord:
-        """Read a record written by :meth:`to_dict`.
-
-        Raises:
-            LipkitError: A field is missing.
-        """
-        try:
-            return cls(str(data["fingerprint"]), int(data["embed_dim"]), data["config"], data.get("checkpoint"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LipkitError(f"not a model record ({exc!s} missing or wrong): {data!r:.200}") from None
 
 
 class QueryEncoder:

@@ -51,8 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lipkit.data.embeddings import ModelRecord
 from lipkit.errors import LipkitError, StorageError
-from lipkit.index.encoder import ModelRecord
 from lipkit.index.errors import IndexFormatError, ModelMismatchError, QueryError, UnknownKeyError
 from lipkit.index.filters import parse_filter
 from lipkit.index.query import collapse_near_duplicates, normalize
@@ -329,7 +329,7 @@ class SearchIndex:
         Raises:
             LipkitError: The folder has no vectors of ``modality``; as :meth:`build` otherwise.
         """
-        from lipkit.index.embeddings import open_embeddings
+        from lipkit.data.embeddings import open_embeddings
 
         embeddings = open_embeddings(embeddings_dir)
         _check_modality(embeddings.modalities, modality, embeddings_dir)

@@ -172,8 +172,7 @@ def test_filters_in_the_pipeline_drop_by_their_own_predicate(corpus, tmp_path):
 
 
 def write_embeddings(folder: Path, keys: list[str], image: np.ndarray, text: np.ndarray) -> None:
-    from lipkit.index.embeddings import FORMAT, VERSION, PartInfo, write_manifest, write_part
-    from lipkit.index.encoder import ModelRecord
+    from lipkit.data.embeddings import FORMAT, VERSION, ModelRecord, PartInfo, write_manifest, write_part
 
     folder.mkdir()
     write_part(folder, "part-00000", {"image": image, "text": text}, {"key": keys}, PartInfo(len(keys), "test"))

@@ -134,7 +134,7 @@ def attach_embeddings(rows: Rows, folder: str, need_text: bool) -> None:
     Raises:
         LipkitError: The folder is not an embeddings folder, lacks a modality, or holds none of the keys.
     """
-    from lipkit.index.embeddings import open_embeddings
+    from lipkit.data.embeddings import open_embeddings
 
     emb = open_embeddings(folder)
     wanted = ["image", "text"] if need_text else ["image"]

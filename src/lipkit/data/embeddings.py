@@ -1,4 +1,7 @@
-"""The embeddings folder that ``lipkit embed`` writes and ``lipkit index build`` reads.
+"""The embeddings folder that ``lipkit embed`` writes and ``lipkit index build`` and ``lipkit data curate`` read.
+
+Its manifest holds a :class:`ModelRecord`, the model that made the vectors, so that a query is only ever
+compared with vectors of the same model.
 
 Layout of a folder ``OUT``::
 
@@ -20,14 +23,13 @@ import io
 import json
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lipkit.errors import LipkitError
-from lipkit.index.encoder import ModelRecord
 from lipkit.utils import atomic_write, atomic_write_text, strict_json
 
 FORMAT = "lipkit-embeddings"
@@ -35,6 +37,39 @@ VERSION = 1
 MANIFEST = "manifest.json"
 STAMP = "_stamp"
 _PART_NAME = re.compile(r"^part-(\d{5,})$")
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Which model made a set of vectors.
+
+    Attributes:
+        fingerprint: :func:`lipkit.models.fingerprint.model_fingerprint` of the model.
+        embed_dim: Width of its embeddings.
+        config: A model config name, or the config as a dict (what :func:`lipkit.config.to_dict` gives).
+        checkpoint: Absolute path of the weights, or None for a model that was never saved.
+    """
+
+    fingerprint: str
+    embed_dim: int
+    config: str | dict[str, Any]
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON values."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelRecord:
+        """Read a record written by :meth:`to_dict`.
+
+        Raises:
+            LipkitError: A field is missing.
+        """
+        try:
+            return cls(str(data["fingerprint"]), int(data["embed_dim"]), data["config"], data.get("checkpoint"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LipkitError(f"not a model record ({exc!s} missing or wrong): {data!r:.200}") from None
 
 
 class EmbeddingsError(LipkitError):
