@@ -1,5 +1,8 @@
 """Translate OpenCLIP's model configs into lipkit's schema: ``src/lipkit/models/configs/openclip/<name>.json``.
 
+Also writes OpenCLIP's pretrained tags (which weights file each ``(name, tag)`` pair names, on the Hugging
+Face hub, and the preprocessing they were trained with) to ``src/lipkit/models/openclip_pretrained.json``.
+
 One file per name in OpenCLIP's list. A config whose towers lipkit can build becomes a lipkit model config
 (see ``lipkit.models.config.ModelConfig``); any other becomes ``{"family": ..., "unsupported": reason}``, so
 ``lipkit.create_model(name)`` knows the name and says what it lacks. The family is read from the config's
@@ -27,6 +30,8 @@ from typing import Any
 from unittest import mock
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "src" / "lipkit" / "models" / "configs" / "openclip"
+PRETRAINED_FILE = OUT_DIR.parents[1] / "openclip_pretrained.json"  # src/lipkit/models/
+PRETRAINED_KEYS = ("hf_hub", "url", "mean", "std", "interpolation", "resize_mode", "quick_gelu")
 
 # OpenCLIP config keys that only matter for training or for loading pretrained weights from the hub
 IGNORED_VISION = {"timm_model_pretrained", "timm_drop", "timm_drop_path", "patch_dropout", "output_tokens"}
@@ -283,6 +288,19 @@ def _tokenizer(t: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def pretrained_all() -> dict[str, dict[str, dict[str, Any]]]:
+    """OpenCLIP's pretrained tags: name -> tag -> the non-empty fields lipkit reads (hub id, URL, preprocessing)."""
+    import open_clip
+    from open_clip import pretrained
+
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, tag in open_clip.list_pretrained():
+        cfg = pretrained.get_pretrained_cfg(name, tag)
+        kept = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in PRETRAINED_KEYS and v}
+        table.setdefault(name, {})[tag] = kept
+    return table
+
+
 def render(cfg: dict[str, Any]) -> str:
     """A translated config as the committed file's text."""
     return json.dumps(cfg, indent=2) + "\n"
@@ -292,21 +310,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed files, write nothing")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, metavar="DIR", help="where the JSON files go")
+    parser.add_argument("--tags-file", type=Path, default=PRETRAINED_FILE, metavar="FILE", help="the pretrained tags")
     args = parser.parse_args(argv)
     configs = translate_all()
     wanted = {f"{name}.json": render(cfg) for name, cfg in configs.items()}
     present = {p.name: p.read_text() for p in args.out_dir.glob("*.json")} if args.out_dir.is_dir() else {}
     stale = sorted(set(present) - set(wanted))
     changed = sorted(n for n, text in wanted.items() if present.get(n) != text)
+    tags_file = args.tags_file
+    tags = render(pretrained_all())
+    tags_changed = not tags_file.is_file() or tags_file.read_text() != tags
     if args.check:
         for name in [*changed, *stale]:
             print(f"out of date: {args.out_dir / name}")
-        return 1 if changed or stale else 0
+        if tags_changed:
+            print(f"out of date: {tags_file}")
+        return 1 if changed or stale or tags_changed else 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in stale:
         (args.out_dir / name).unlink()
     for name in changed:
         (args.out_dir / name).write_text(wanted[name])
+    if tags_changed:
+        tags_file.write_text(tags)
     supported = sum("unsupported" not in c for c in configs.values())
     print(f"{len(configs)} OpenCLIP configs: {supported} translated, {len(configs) - supported} marked unsupported")
     return 0

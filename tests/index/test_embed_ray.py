@@ -49,7 +49,7 @@ def _assert_same(rows, expected):
 @pytest.mark.xdist_group("ray")  # one worker, one Ray instance (ray_local), under `pytest -n 2 --dist loadgroup`
 @pytest.mark.slow  # the actor pool's processes import torch: tens of seconds on a loaded machine
 def test_ray_data_gives_the_local_vectors(encoder, local, tmp_path, ray_local):
-    runner = RayRunner("local", torch.device("cpu"), actors=2)
+    runner = RayRunner("local", torch.device("cpu"), actors=1)
     options = EmbedOptions(DATA, tmp_path / "emb", batch_size=BATCH, part_size=PART, limit=LIMIT, progress=False)
     summary = embed_collection(encoder, options, runner)
     runner.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +33,10 @@ def create_model(
     Args:
         name: A built-in config name (see :func:`lipkit.list_models`), a JSON file, or a ModelConfig.
         pretrained: Path to weights: a lipkit checkpoint, an OpenCLIP state dict or training checkpoint,
-            or an OpenAI JIT archive. Nothing is downloaded.
+            or an OpenAI JIT archive; or one of OpenCLIP's pretrained tags for ``name`` (``"openai"``,
+            ``"laion2b_s34b_b79k"``...), resolved to a file already on this machine
+            (:func:`lipkit.models.pretrained.resolve_pretrained`), with the preprocessing and
+            activation (QuickGELU) those weights were trained with. Nothing is downloaded.
         device: Where to put the model.
         **overrides: Config overrides, e.g. ``embed_dim=256`` or ``vision={"layers": 2}``.
 
@@ -43,6 +47,17 @@ def create_model(
         UnknownNameError: Unknown model name (the message lists the closest).
         CheckpointError: The weights do not fit (the message lists missing and unexpected keys).
     """
+    if pretrained and isinstance(name, str) and not Path(pretrained).exists():
+        from lipkit.models.pretrained import list_pretrained
+
+        tags = [tag for _, tag in list_pretrained(name)]
+        if pretrained in tags:
+            name, pretrained, overrides = _tagged(name, pretrained, overrides)
+        elif tags and "/" not in pretrained and not Path(pretrained).suffix:
+            raise LipkitError(
+                f"pretrained={pretrained!r} is neither a weights file nor a pretrained tag of {name}; "
+                f"its tags: {', '.join(sorted(tags))}"
+            )
     cfg = _as_config(name, overrides)
     model = DualEncoder(cfg)
     if pretrained:
@@ -52,6 +67,24 @@ def create_model(
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _tagged(name: str, tag: str, overrides: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """The config name, weights file and overrides for OpenCLIP's pair ``(name, tag)``: the ``-quickgelu``
+    twin when the weights were trained with QuickGELU, and their preprocessing unless overridden."""
+    from lipkit.models.config import list_models
+    from lipkit.models.pretrained import pretrained_info, resolve_pretrained
+
+    info = pretrained_info(name, tag)
+    path = str(resolve_pretrained(name, tag))
+    if info.get("quick_gelu") and not name.endswith("-quickgelu") and f"{name}-quickgelu" in list_models():
+        name = f"{name}-quickgelu"
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info.items() if k in PREPROCESS_FIELDS}
+    preprocess = {**fields, **overrides.get("preprocess", {})}
+    return name, path, {**overrides, "preprocess": preprocess} if preprocess else overrides
+
+
+PREPROCESS_FIELDS = ("mean", "std", "interpolation", "resize_mode")
 
 
 def get_tokenizer(name: str | ModelConfig, **overrides: Any) -> Callable[..., Tokens]:
