@@ -156,9 +156,9 @@ def _connect(address: str, num_cpus: int | None) -> bool:
         import ray
     except ImportError:
         raise LipkitError("--ray needs Ray Data: pip install 'ray[data]'") from None
+    _check_reachable(address)  # an address given and not answering is refused, even with Ray already joined
     if ray.is_initialized():
         return False
-    _check_reachable(address)
     try:
         if address == "local":
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
