@@ -142,7 +142,7 @@ def test_cached_features_serve_the_placed_rows(headed_model, classnames, tmp_pat
 
 def test_cached_training_runs_with_prototypes(headed_model, classnames, run_overrides, tmp_path):
     path, _ = headed_model
-    spec = f"[synthetic::0.5, {{source: prototypes, weight: 0.5, options: {{classnames: {classnames}}}}}]"
+    spec = f"[synthetic:val::0.5, {{source: prototypes, weight: 0.5, options: {{classnames: {classnames}}}}}]"
     overrides = [*run_overrides, f"model={path}", "cache_features=true", f"feature_cache_dir={tmp_path / 'c'}"]
     cfg = resolve_config("tiny-synthetic", overrides=[*overrides, f"data.train={spec}", "steps=3", "log_every=1"])
     result = loop.train(cfg)
@@ -157,7 +157,7 @@ def test_full_training_with_prototypes_equals_cached_training(headed_model, clas
     """Through the image trunk (no feature cache), a batch mixes images with placed head rows; with the
     evaluation view only (no augmentation), every step is the cached run's step."""
     path, _ = headed_model
-    spec = f"[synthetic::0.5, {{source: prototypes, weight: 0.5, options: {{classnames: {classnames}}}}}]"
+    spec = f"[synthetic:val::0.5, {{source: prototypes, weight: 0.5, options: {{classnames: {classnames}}}}}]"
     common = [*run_overrides, f"model={path}", f"data.train={spec}", "steps=4", "log_every=1", "data.augment=false"]
     cached = loop.train(
         resolve_config(
