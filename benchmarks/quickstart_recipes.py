@@ -63,8 +63,10 @@ TPL = "{tpl}/train.csv"  # replaced by --templated-emoji
 EMOJI_TEMPLATE = "an emoji of {c}."
 
 # Every variant starts from the preset as the study began (heads only on one cached view, text tower
-# locked, 256-d); the preset has since taken the winner, views4-grey0.5-unlock1-embed512, so these undo it.
+# locked, 256-d, Tux Paint and emoji only); the preset has since taken the winners,
+# views4-grey0.5-unlock1-embed512 and then proto-norm, so these undo them.
 BASE = [
+    "data.train=tuxpaint:train,emoji:train",
     "feature_views=1",
     "model_overrides.unlock_text_layers=0",
     "model_overrides.preprocess.train_grayscale=0.0",

@@ -4,7 +4,8 @@ Two models are trained on the built-in image-caption pairs (Tux Paint stamps and
 
 * ``lit``: a LiT model, ImageNet EfficientNet-Lite0 and MiniLM towers locked but for MiniLM's top
   layer, which trains with the projection heads contrastively on cached trunk outputs (three
-  augmented views per training image; preset ``lit-quickstart``);
+  augmented views per training image, and the image tower's ImageNet classifier rows as 30% of
+  each batch: classifier prototypes; preset ``lit-quickstart``);
 * ``tiny``: the small from-scratch ViT + text transformer, as the baseline (preset ``tiny-quickstart``).
 
 Both are evaluated on zero-shot Fashion-MNIST and MNIST, retrieval on the held-out Tux Paint and
@@ -12,6 +13,7 @@ emoji pairs (each, and both together), and few-shot Fashion-MNIST; every number 
 ``results.json``, each model gets an HTML report, and ``index.html`` compares them. Every step is an
 ordinary lipkit step (the presets run with ``lipkit train``; the evaluations are those of
 ``lipkit eval``), and a finished step is reused on a re-run, so a second run takes little time.
+Last, the ``lit`` model embeds the built-in corpora into a search index that ``lipkit serve`` serves.
 """
 
 from __future__ import annotations

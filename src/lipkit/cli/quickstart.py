@@ -12,7 +12,8 @@ Train and evaluate two models on lipkit's built-in data, offline, and write a re
 
   lit   ImageNet EfficientNet-Lite0 + MiniLM towers, locked but for MiniLM's top layer
         (LiT); the heads and that layer train on cached trunk outputs, with three
-        augmented views per training image (preset lit-quickstart)
+        augmented views per training image and the image tower's ImageNet classifier
+        rows as extra pairs (preset lit-quickstart)
   tiny  a small ViT + text transformer trained from scratch, as the baseline
         (preset tiny-quickstart)
 

@@ -277,8 +277,10 @@ PRESETS.add(
         "name": "lit",
         "model": "lit-effnet-minilm",
         # chosen on validation over 5 seeds (docs/quickstart_recipes.md): the top MiniLM layer trains on
-        # cached text states, 3 augmented views per training image (half of them greyed) are cached, and
-        # the shared space is 512-d
+        # cached text states, 3 augmented views per training image (half of them greyed) are cached, the
+        # shared space is 512-d, and 30% of each batch are the image tower's ImageNet classifier rows as
+        # pairs (classifier prototypes, scaled to the mean feature norm), Tux Paint and emoji keeping
+        # their 36:64 ratio
         "model_overrides": {"embed_dim": 512, "unlock_text_layers": 1, "preprocess": {"train_grayscale": 0.5}},
         "cache_features": True,
         "feature_views": 4,
@@ -286,7 +288,15 @@ PRESETS.add(
         "log_every": 10,
         "checkpoint_every": 150,
         "keep_checkpoints": 1,
-        "data": {"train": "tuxpaint:train,emoji:train", "batch_size": 256, "workers": 2},
+        "data": {
+            "train": [
+                "tuxpaint:train::0.252",
+                "emoji:train::0.448",
+                {"source": "prototypes", "weight": 0.3, "options": {"placement": "norm"}},
+            ],
+            "batch_size": 256,
+            "workers": 2,
+        },
         "optim": {"lr": 1e-3, "warmup_steps": 20, "weight_decay": 0.05},
     },
 )
