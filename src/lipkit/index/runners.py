@@ -15,13 +15,12 @@ columns, in any order; the job puts each part together and writes it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lipkit.errors import LipkitError
+from lipkit import ray_cluster
 
 if TYPE_CHECKING:
     import torch
@@ -157,7 +156,7 @@ class RayRunner(LocalRunner):
     def __init__(self, address: str, device: torch.device, actors: int = 1) -> None:
         super().__init__(device, 0)
         self.actors = actors
-        self._started = _connect(address)
+        self._started = ray_cluster.connect(address)
 
     def run(self, decoder: Decoder, model: DualEncoder, batches: list[Planned]) -> Iterator[dict[str, np.ndarray]]:
         """Decode and embed the batches on the cluster, yielding them as they come (the model is moved to the CPU
@@ -199,27 +198,6 @@ def _dataset(batches: list[Planned]) -> Any:
 
 def _decode(batch: dict[str, np.ndarray], decoder: Decoder) -> dict[str, np.ndarray]:
     return decoder(batch)
-
-
-def _connect(address: str) -> bool:
-    """Join (or start) a Ray instance; True when this call started it (and so should stop it).
-
-    Raises:
-        LipkitError: The cluster cannot be reached.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        if address == "local":
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise LipkitError(f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
-    return True
 
 
 def choose_runner(device_name: str = "auto", workers: int = 0, ray: str | None = None, actors: int = 1) -> LocalRunner:

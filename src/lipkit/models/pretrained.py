@@ -38,11 +38,6 @@ def list_pretrained(name: str | None = None) -> list[tuple[str, str]]:
     return [(n, tag) for n, tags in _table().items() if name in (None, n) for tag in tags]
 
 
-def is_pretrained_tag(name: str, tag: str) -> bool:
-    """Whether ``tag`` is one of OpenCLIP's tags for model ``name``."""
-    return tag in _table().get(name, {})
-
-
 def pretrained_info(name: str, tag: str) -> dict[str, Any]:
     """What OpenCLIP records for a pair: ``hf_hub``, ``url``, ``mean``, ``std``, ``interpolation``,
     ``resize_mode``, ``quick_gelu`` (only the fields it sets).

@@ -198,16 +198,30 @@ def _compute_view(
     progress: bool,
     rows: range | None = None,
 ) -> dict[str, torch.Tensor]:
-    data = AugmentedView(source, image_transform(model.cfg, train=True), view)
-    loader = DataLoader(_rows(data, rows), batch_size=batch_size, num_workers=workers)
+    data = _rows(AugmentedView(source, image_transform(model.cfg, train=True), view), rows)
+    desc = f"caching augmented view {view}"
+    return {"image": _image_features(model, data, batch_size, workers, device, desc, progress)}
+
+
+def _image_features(
+    model: DualEncoder,
+    data: Dataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device | str,
+    desc: str,
+    progress: bool,
+) -> torch.Tensor:
+    """The image trunk's features (N, F) of ``data`` (images, or (image, caption) pairs), in eval mode."""
+    loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
     was_training = model.training
     model.eval()
-    images = [
-        model.visual.features(batch.to(device)).float().cpu()
-        for batch in tqdm(loader, desc=f"caching augmented view {view}", unit="batch", disable=not progress)
-    ]
+    chunks = []
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        chunks.append(model.visual.features(images.to(device)).float().cpu())
     model.train(was_training)
-    return {"image": torch.cat(images)}
+    return torch.cat(chunks)
 
 
 def cached_features(
@@ -358,12 +372,8 @@ def place_prototypes(
     n = len(joined)
     picks = list(range(n)) if n <= limit else [i * n // limit for i in range(limit)]
     data = Subset(TransformedPairs(joined, image_transform(model.cfg)), picks)
-    was_training = model.training
-    model.eval()
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # a resumed run draws the same random numbers
-        loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
-        reference = torch.cat([model.visual.features(b.to(device)).float().cpu() for b, _ in loader])
-    model.train(was_training)
+        reference = _image_features(model, data, batch_size, workers, device, "placing prototypes", progress=False)
     head = tower_head(model.visual)
     for part in prototypes:
         part.place_rows(head, reference)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import os
-import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from lipkit import ray_cluster
 from lipkit.errors import LipkitError
 
 Batch = dict[str, np.ndarray]
@@ -93,7 +92,7 @@ class RayRunner(Runner):
     def __init__(self, address: str, num_cpus: int | None = None) -> None:
         self.address = address
         self.description = f"Ray ({address})"
-        self._started = _connect(address, num_cpus)
+        self._started = ray_cluster.connect(address, num_cpus)
 
     def map(self, stage: Stage, batches: Sequence[Batch], context: dict[str, Any] | None = None) -> list[Batch]:
         import pyarrow as pa
@@ -144,45 +143,6 @@ def _reassemble(blocks: list[Batch], n: int) -> list[Batch]:
 
 def _concat(batches: list[Batch]) -> Batch:
     return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
-
-
-def _connect(address: str, num_cpus: int | None) -> bool:
-    """Join (or start) Ray; True when this call started it (and so should stop it).
-
-    Raises:
-        LipkitError: Ray is not installed, or the cluster cannot be reached.
-    """
-    try:
-        import ray
-    except ImportError:
-        raise LipkitError("--ray needs Ray Data: pip install 'ray[data]'") from None
-    _check_reachable(address)  # an address given and not answering is refused, even with Ray already joined
-    if ray.is_initialized():
-        return False
-    try:
-        if address == "local":
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise LipkitError(f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
-    return True
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on a ``HOST:PORT`` (or ``ray://HOST:PORT``) nobody answers: Ray itself would retry for minutes.
-
-    Raises:
-        LipkitError: The address does not accept connections.
-    """
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if address in ("local", "auto") or not sep or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise LipkitError(f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc}") from None
 
 
 def choose_runner(workers: int = 1, ray: str | None = None) -> Runner:
