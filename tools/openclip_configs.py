@@ -45,6 +45,21 @@ TEXT_KEYS = {
     "eos_id", "pad_id", "proj_bias", "proj_type", "act_kwargs", "norm_kwargs", "hf_tokenizer_name", "tokenizer_kwargs",
 }  # fmt: skip
 TEXT_POOLS = {"argmax": "eot", "eos": "eos", "last": "last", "first": "first"}
+HF_TEXT_KEYS = {
+    "hf_model_name", "hf_tokenizer_name", "hf_proj_type", "hf_pooler_type", "context_length", "tokenizer_kwargs",
+}  # fmt: skip
+HF_POOLS = {"mean_pooler": "mean", "cls_pooler": "cls", "cls_last_hidden_state_pooler": "cls"}
+# The Hugging Face models of OpenCLIP's text towers, by hub name: their configs, shipped in HF_CONFIG_DIR
+HF_CONFIG_DIR = OUT_DIR.parent / "hf"
+HF_CONFIGS = {
+    "roberta-base": "roberta-base",
+    "xlm-roberta-base": "xlm-roberta-base",
+    "xlm-roberta-large": "xlm-roberta-large",
+    "google/mt5-base": "mt5-base",
+    "google/mt5-xl": "mt5-xl",
+    "facebook/nllb-200-distilled-600M": "nllb-200-distilled-600M",
+    "facebook/nllb-200-distilled-1.3B": "nllb-200-distilled-1.3B",
+}
 VIT_POOLS = {"tok": "cls", "avg": "mean"}
 
 # timm ViT arguments (model_args of a timm entrypoint) that lipkit's ViT expresses
@@ -131,12 +146,11 @@ def _translate(oc: dict[str, Any]) -> dict[str, Any]:
     if "multimodal_cfg" in oc:
         raise Unsupported("coca", "needs the CoCa multimodal text decoder and captioning head")
     v, t = oc["vision_cfg"], oc["text_cfg"]
+    vision = _vision(v, oc.get("quick_gelu", False), oc["embed_dim"])
     if t.get("hf_model_name"):
-        raise Unsupported(
-            "hf-text", f"needs the Hugging Face text tower {t['hf_model_name']} built from a config shipped with lipkit"
-        )
-    vision = _vision(v, oc.get("quick_gelu", False))
-    text, tokenizer = _text(t, oc.get("quick_gelu", False))
+        text, tokenizer = _hf_text(t), _tokenizer(t)
+    else:
+        text, tokenizer = _text(t, oc.get("quick_gelu", False))
     out: dict[str, Any] = {"family": _family(vision, text, tokenizer), "embed_dim": oc["embed_dim"]}
     if oc.get("custom_text"):
         out["custom_text"] = True
@@ -149,8 +163,12 @@ def _translate(oc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _family(vision: dict[str, Any], text: dict[str, Any], tokenizer: dict[str, Any]) -> str:
+    if text["type"] == "hf":
+        return "hf-text"
     if vision["type"] == "resnet":
         return "openai-resnet"
+    if vision["type"] == "timm":
+        return f"timm-{timm_model_args(vision['name'])[0]}"
     if vision.get("openclip_layout") == "timm":  # SigLIP's trunk is pooled by its attention head
         return SIGLIP_FAMILIES.get(text["vocab_size"], "siglip") if vision["pool"] == "map" else "timm-vit"
     return TOKENIZER_FAMILIES.get(tokenizer.get("tokenizer_source", ""), "clip-vit")
@@ -168,9 +186,12 @@ def _act(quick_gelu: bool, act_kwargs: dict[str, Any] | None) -> str:
     return "gelu_tanh" if (act_kwargs or {}).get("approximate") == "tanh" else "gelu"
 
 
-def _vision(v: dict[str, Any], quick_gelu: bool) -> dict[str, Any]:
+def _vision(v: dict[str, Any], quick_gelu: bool, embed_dim: int) -> dict[str, Any]:
     if v.get("timm_model_name"):
-        return _timm_vit(v)
+        try:  # a plain timm ViT runs on lipkit's own ViT; any other timm model through timm
+            return _timm_vit(v)
+        except Unsupported:
+            return _timm_tower(v, embed_dim)
     if isinstance(v.get("layers"), (list, tuple)):
         return {"type": "resnet", "image_size": v["image_size"], "layers": list(v["layers"]), "width": v["width"]}
     _check_keys(v, OPENCLIP_VIT_KEYS, "clip-vit", "image tower")
@@ -204,7 +225,7 @@ def _timm_vit(v: dict[str, Any]) -> dict[str, Any]:
         raise unsupported
     class_token = args.get("class_token", True)
     pool = TIMM_POOLS.get((v.get("timm_pool") or args.get("global_pool", "token"), class_token))
-    proj = v.get("timm_proj") or "missing"  # OpenCLIP's None makes timm's own classifier the projection
+    proj = v.get("timm_proj", "linear") or "missing"  # OpenCLIP's None makes timm's own classifier the projection
     # timm's fc_norm (a norm after the pooling, by default after average pooling) has no twin in lipkit
     fc_norm = args.get("fc_norm")
     fc_norm = pool == "mean" if fc_norm is None else fc_norm
@@ -231,6 +252,27 @@ def _timm_vit(v: dict[str, Any]) -> dict[str, Any]:
     }
     if proj == "linear" and v.get("timm_proj_bias"):
         out["proj_bias"] = True
+    return out
+
+
+def _timm_tower(v: dict[str, Any], embed_dim: int) -> dict[str, Any]:
+    """Any timm model under lipkit's timm tower, with OpenCLIP's pooling and projection head."""
+    name = v["timm_model_name"]
+    module, _ = timm_model_args(name)
+    family = f"timm-{module}"
+    extra = sorted(set(v) - TIMM_KEYS - IGNORED_VISION)
+    if extra:
+        raise Unsupported(family, f"image tower options lipkit has no equivalent for: {', '.join(extra)}")
+    pool = v.get("timm_pool", "avg")  # OpenCLIP's defaults
+    proj = v.get("timm_proj", "linear") or "classifier"  # None or "": timm's classifier is the projection
+    if pool in ("abs_attn", "rot_attn"):
+        raise Unsupported(family, f"needs OpenCLIP's {pool} pooling head on a timm trunk")
+    out: dict[str, Any] = {"type": "timm", "name": name, "image_size": v.get("image_size", 224), "pool": pool}
+    out["proj"] = proj
+    if proj == "linear" and v.get("timm_proj_bias"):
+        out["proj_bias"] = True
+    if proj == "mlp":  # OpenCLIP's MLP head: hidden width 2 * embed_dim, output bias from its proj_bias
+        out.update(proj_hidden=2 * embed_dim, mlp_bias=[True, bool(v.get("timm_proj_bias", False))])
     return out
 
 
@@ -272,6 +314,34 @@ def _text(t: dict[str, Any], quick_gelu: bool) -> tuple[dict[str, Any], dict[str
     defaults = {"norm_eps": 1e-5, "proj": True, "proj_bias": False, "pad_id": 0, "eos_id": 2}
     text.update({k: val for k, val in optional.items() if val != defaults[k]})
     return text, _tokenizer(t)
+
+
+def _hf_text(t: dict[str, Any]) -> dict[str, Any]:
+    """OpenCLIP's Hugging Face text tower, built from the config lipkit ships for its model (no hub)."""
+    name = t["hf_model_name"]
+    folder = HF_CONFIGS.get(name)
+    if folder is None:
+        raise Unsupported("hf-text", f"needs a config for the Hugging Face model {name} shipped with lipkit")
+    extra = sorted(set(t) - HF_TEXT_KEYS)
+    if extra:
+        raise Unsupported("hf-text", f"text tower options lipkit has no equivalent for: {', '.join(extra)}")
+    pooler = t.get("hf_pooler_type", "mean_pooler")  # OpenCLIP's defaults
+    config = json.loads((HF_CONFIG_DIR / folder / "config.json").read_text())
+    # OpenCLIP's cls_pooler reads a pooling layer where the model has one: only an encoder-decoder's has none
+    if pooler not in HF_POOLS or (pooler == "cls_pooler" and not config.get("is_encoder_decoder")):
+        raise Unsupported("hf-text", f"needs OpenCLIP's {pooler} on {name}")
+    proj = t.get("hf_proj_type", "mlp")
+    out = {
+        "type": "hf",
+        "path": f"pkg:lipkit/models/configs/hf/{folder}",
+        "from_config": True,
+        "context_length": t.get("context_length", 77),
+        "pool": HF_POOLS[pooler],
+        "proj": proj,
+    }
+    if proj == "mlp":  # OpenCLIP's: two linear layers without bias
+        out["mlp_bias"] = [False, False]
+    return out
 
 
 def _tokenizer(t: dict[str, Any]) -> dict[str, Any]:

@@ -23,12 +23,13 @@ import lipkit
 from lipkit.models.clip import DualEncoder
 from lipkit.models.config import (
     UnsupportedModelError,
+    ViTConfig,
     get_model_config,
     list_models,
     model_family,
     unsupported_reason,
 )
-from lipkit.models.convert import export_openclip, lipkit_to_openclip, openclip_to_lipkit
+from lipkit.models.convert import export_openclip, layouts, lipkit_to_openclip, openclip_to_lipkit, tower_rules
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
@@ -61,6 +62,7 @@ def signature(name: str) -> str:
     sizes = {"image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "context_length", "vocab_size"}
     # the activation too: QuickGELU is covered by the ResNet and ViT-B-32-quickgelu tests
     sizes |= {"act"}
+    sizes |= {"name", "proj_hidden"}  # a timm tower's model name (its family stays) and MLP head width
     cfg = json.loads((OPENCLIP_DIR / f"{name}.json").read_text())
     keep = {k: v for k, v in cfg.items() if k not in ("embed_dim", "tokenizer_source", "preprocess")}
     for tower in ("vision", "text"):
@@ -73,7 +75,7 @@ def representatives() -> list[str]:
     best: dict[str, tuple[int, int, str]] = {}
     for name in supported():
         cfg = get_model_config(name)
-        key = (cfg.vision_config().width, cfg.text_config().width, name)
+        key = (getattr(cfg.vision_config(), "width", 0), getattr(cfg.text_config(), "width", 0), name)
         best[signature(name)] = min(best.get(signature(name), key), key)
     return sorted(name for _, _, name in best.values())
 
@@ -106,7 +108,7 @@ def test_each_committed_config_equals_a_fresh_translation() -> None:
 
 def test_unsupported_names_are_known_and_say_why() -> None:
     names = sorted(set(openclip_names()) - set(supported()))
-    assert "convnext_base" in names and "coca_ViT-B-32" in names
+    assert names == ["coca_ViT-B-32", "coca_ViT-L-14", "coca_base", "coca_roberta-ViT-B-32"]
     for name in names:
         with pytest.raises(UnsupportedModelError, match=rf"'{name}' \({model_family(name)}\) cannot be built yet"):
             get_model_config(name)
@@ -119,7 +121,11 @@ def test_families_of_the_built_configs() -> None:
     assert families["ViT-B-16-SigLIP"] == "siglip" and families["ViT-B-16-SigLIP2"] == "siglip2"
     assert families["RN50x4"] == "openai-resnet" and families["ViT-H-14-CLIPA"] == "clipa"
     assert families["ViT-L-14-worldwide"] == "metaclip2-worldwide" and families["ViT-B-32"] == "clip-vit"
-    assert len(supported()) == 82
+    assert families["convnext_base"] == "timm-convnext" and families["EVA02-B-16"] == "timm-eva"
+    assert families["MobileCLIP-S1"] == "timm-fastvit" and families["ViTamin-S"] == "timm-vitamin"
+    assert families["MobileCLIP2-L-14"] == "timm-vision_transformer" and families["PE-Core-B-16"] == "timm-eva"
+    assert families["xlm-roberta-base-ViT-B-32"] == "hf-text" and families["nllb-clip-base-siglip"] == "hf-text"
+    assert len(supported()) == 140
 
 
 def test_siglip_vocabularies_follow_openclip() -> None:
@@ -135,28 +141,105 @@ def test_siglip_vocabularies_follow_openclip() -> None:
 # --- twins: the same depth-reduced architecture in both libraries ---
 
 
+# timm trunks are built by name: the twin's sizes go into timm.create_model, per timm module (or model), with
+# the twin's image size
+TIMM_TWINS: dict[str, tuple[dict[str, Any], int]] = {
+    "vision_transformer": ({"depth": 1, "img_size": 32}, 32),
+    "vision_transformer_relpos": ({"depth": 1, "img_size": 32}, 32),
+    "vision_transformer_hybrid": ({"depth": 1, "img_size": 64}, 64),  # a convolution stem of stride 16 or 32
+    "eva": ({"depth": 1, "img_size": 28}, 28),  # EVA's and the Perception Encoder's 14- or 16-pixel patches
+    "vitamin": ({"depth": 1, "img_size": 32}, 32),
+    "fastvit": ({"layers": (1, 1, 1, 1)}, 64),
+    "convnext": ({"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128)}, 64),
+    "swin_transformer": ({"depths": (1, 1, 1, 1), "img_size": 64, "window_size": 4}, 64),
+    "fastvit_mci3": ({"layers": (1, 1, 1, 1, 1)}, 64),  # five stages
+    "fastvit_mci4": ({"layers": (1, 1, 1, 1, 1)}, 64),
+}
+
+
+def timm_twin_sizes(model_name: str) -> tuple[dict[str, Any], int]:
+    """The timm arguments and image size of a timm model's twin: by model name, else by its timm module."""
+    if model_name in TIMM_TWINS:
+        return TIMM_TWINS[model_name]
+    return TIMM_TWINS[timm.models.model_entrypoint(model_name).__module__.rsplit(".", 1)[-1]]
+
+
+# Hugging Face text towers: one layer and a small vocabulary, by the model's type
+HF_TWINS: dict[str, dict[str, int]] = {
+    "roberta": {"num_hidden_layers": 1, "vocab_size": 300},
+    "xlm-roberta": {"num_hidden_layers": 1, "vocab_size": 300},
+    "mt5": {"num_layers": 1, "num_decoder_layers": 1, "vocab_size": 300},
+    "m2m_100": {"encoder_layers": 1, "decoder_layers": 1, "vocab_size": 300},
+}
+
+
+def hf_config_folder(name: str) -> Path:
+    """The Hugging Face config lipkit ships for ``name``'s text tower."""
+    from lipkit.models.text import resolve_local_path
+
+    return resolve_local_path(get_model_config(name).text_config().path)
+
+
+def hf_twin_sizes(name: str) -> dict[str, int]:
+    return HF_TWINS[json.loads((hf_config_folder(name) / "config.json").read_text())["model_type"]]
+
+
 @pytest.fixture
-def timm_twin(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """OpenCLIP builds timm trunks by name only: inject the twin's depth and image size into timm."""
-    small = {"depth": 1, "img_size": 32}
+def twin_builders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenCLIP builds timm trunks and Hugging Face text towers by name only: inject the twin's sizes.
+
+    timm gets the twin's arguments (lipkit builds its timm towers through the same function); OpenCLIP's
+    Hugging Face tower reads, in place of the hub, the config lipkit ships, with the twin's sizes.
+    """
     create = timm.create_model
-    monkeypatch.setattr(timm, "create_model", lambda name, **kwargs: create(name, **{**kwargs, **small}))
-    return small
+    monkeypatch.setattr(
+        timm, "create_model", lambda name, **kwargs: create(name, **{**kwargs, **timm_twin_sizes(name)[0]})
+    )
+    local_hf_configs(monkeypatch, twin=True)
 
 
-def twin_overrides(name: str, timm_size: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def local_hf_configs(monkeypatch: pytest.MonkeyPatch, twin: bool) -> None:
+    """OpenCLIP's Hugging Face towers read the configs lipkit ships (with the twin's sizes if ``twin``)."""
+    import open_clip.hf_model
+    import transformers
+
+    by_hub_name = {
+        open_clip.get_model_config(n)["text_cfg"]["hf_model_name"]: n
+        for n in supported()
+        if open_clip.get_model_config(n)["text_cfg"].get("hf_model_name")
+    }
+
+    class LocalConfig:
+        @staticmethod
+        def from_pretrained(hub_name: str, **kwargs: Any) -> Any:
+            name = by_hub_name[hub_name]
+            config = transformers.AutoConfig.from_pretrained(str(hf_config_folder(name)), local_files_only=True)
+            for key, value in (hf_twin_sizes(name) if twin else {}).items():
+                setattr(config, key, value)
+            return config
+
+    monkeypatch.setattr(open_clip.hf_model, "AutoConfig", LocalConfig)
+
+
+def twin_overrides(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """OpenCLIP's vision_cfg and text_cfg of ``name``'s twin, and lipkit's overrides for the same twin."""
     cfg = open_clip.get_model_config(name)
     vision, text = dict(cfg["vision_cfg"]), {**cfg["text_cfg"], **TEXT_TWIN}
+    text_small: dict[str, Any] = TEXT_TWIN
+    if cfg["text_cfg"].get("hf_model_name"):  # built from its config, sized by twin_builders; lipkit: the same
+        text = {**cfg["text_cfg"], "hf_model_pretrained": False}
+        text_small = {"config_overrides": hf_twin_sizes(name)}
     if isinstance(vision.get("layers"), list):  # ResNet: one block per stage, a 2x2 final map
         small = {"layers": [1, 1, 1, 1], "image_size": 64}
     elif vision.get("timm_model_name"):
-        small = {"layers": 1, "image_size": timm_size}
+        small = {"image_size": timm_twin_sizes(vision["timm_model_name"])[1]}
+        if isinstance(get_model_config(name).vision_config(), ViTConfig):  # a timm ViT on lipkit's own ViT
+            small["layers"] = 1
     else:
         small = {"layers": 1, "image_size": 2 * vision["patch_size"]}
     if not vision.get("timm_model_name"):
         vision.update(small)
-    return vision, text, {"vision": small, "text": TEXT_TWIN}
+    return vision, text, {"vision": small, "text": text_small}
 
 
 def perturb(model: nn.Module, seed: int) -> nn.Module:
@@ -172,10 +255,10 @@ def perturb(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-def openclip_twin(name: str, timm_size: int, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    vision, text, overrides = twin_overrides(name, timm_size)
+def openclip_twin(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    vision, text, overrides = twin_overrides(name)
     torch.manual_seed(seed)
-    model = open_clip.create_model(name, pretrained=None, vision_cfg=vision, text_cfg=text)
+    model = open_clip.create_model(name, pretrained=None, pretrained_text=False, vision_cfg=vision, text_cfg=text)
     return perturb(model, seed), overrides
 
 
@@ -183,15 +266,17 @@ def assert_same_embeddings(lk: DualEncoder, oc: nn.Module) -> None:
     gen = torch.Generator().manual_seed(1)
     size, text = lk.cfg.vision_config().image_size, lk.cfg.text_config()
     images = torch.randn(2, 3, size, size, generator=gen)
-    tokens = torch.randint(1, text.vocab_size, (2, text.context_length), generator=gen)
-    tokens[0, 5] = text.eos_id  # an end token where ``eos`` pooling finds it; row 1 has it only by chance
+    vocab = getattr(text, "vocab_size", None) or text.config_overrides["vocab_size"]  # a Hugging Face tower's twin
+    tokens = torch.randint(1, vocab, (2, text.context_length), generator=gen)
+    tokens[0, 5] = getattr(text, "eos_id", 2)  # an end token where ``eos`` pooling finds it; row 1 has it by chance
+    tokens[1, -3:] = getattr(lk.text, "pad_id", 0)  # padding, which a Hugging Face tower masks
     with torch.no_grad():
         torch.testing.assert_close(lk.encode_image(images), oc.encode_image(images), **TOL)
         torch.testing.assert_close(lk.encode_text(tokens), oc.encode_text(tokens), **TOL)
 
 
-def check_parity(name: str, tmp_path: Path, timm_size: int) -> None:
-    oc, overrides = openclip_twin(name, timm_size)
+def check_parity(name: str, tmp_path: Path) -> None:
+    oc, overrides = openclip_twin(name)
     path = tmp_path / f"{name}.pt"
     torch.save(oc.state_dict(), path)
     assert_same_embeddings(lipkit.create_model(name, pretrained=path, **overrides), oc)
@@ -204,51 +289,77 @@ def test_representatives_cover_every_family() -> None:
 
 
 @pytest.mark.parametrize("name", representatives())
-def test_openclip_state_dict_parity(name: str, tmp_path: Path, timm_twin: dict[str, int]) -> None:
-    check_parity(name, tmp_path, timm_twin["img_size"])
+def test_openclip_state_dict_parity(name: str, tmp_path: Path, twin_builders: None) -> None:
+    check_parity(name, tmp_path)
 
 
 @pytest.mark.exhaustive  # every supported config (82 twins); `make test-exhaustive`
 @pytest.mark.parametrize("name", supported())
-def test_openclip_state_dict_parity_every_config(name: str, tmp_path: Path, timm_twin: dict[str, int]) -> None:
-    check_parity(name, tmp_path, timm_twin["img_size"])
+def test_openclip_state_dict_parity_every_config(name: str, tmp_path: Path, twin_builders: None) -> None:
+    check_parity(name, tmp_path)
 
 
 # --- full size: key sets and shapes on the meta device ---
 
 
-def assert_keys_and_shapes_correspond(name: str) -> None:
+def assert_keys_and_shapes_correspond(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    local_hf_configs(monkeypatch, twin=False)
     with torch.device("meta"):
-        oc = open_clip.create_model(name, pretrained=None, device="meta")
+        oc = open_clip.create_model(name, pretrained=None, pretrained_text=False, device="meta")
         lk = DualEncoder(get_model_config(name))
     oc_state, lk_state = oc.state_dict(), lk.state_dict()
-    layout = getattr(lk.cfg.vision_config(), "openclip_layout", "")
+    layout, text_layout = layouts(lk)
     shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
-    assert shapes(openclip_to_lipkit(oc_state, layout)) == shapes(lk_state)
-    assert shapes(lipkit_to_openclip(lk_state, layout, lk.cfg.custom_text)) == shapes(oc_state)
+    assert shapes(openclip_to_lipkit(oc_state, layout, text_layout, tower_rules(lk))) == shapes(lk_state)
+    exported = lipkit_to_openclip(lk_state, layout or None, lk.cfg.custom_text, text_layout, tower_rules(lk))
+    assert shapes(exported) == shapes(oc_state)
 
 
-@pytest.mark.parametrize("name", ["RN50", "ViT-H-14-CLIPA", "ViT-B-16-SigLIP2", "ViT-L-14-worldwide"])
-def test_full_size_keys_and_shapes_correspond(name: str) -> None:
-    assert_keys_and_shapes_correspond(name)
+@pytest.mark.parametrize(
+    "name",
+    [
+        "RN50",
+        "ViT-H-14-CLIPA",
+        "ViT-B-16-SigLIP2",
+        "ViT-L-14-worldwide",
+        "convnext_large_d",
+        "MobileCLIP-S1",
+        "roberta-ViT-B-32",
+        "nllb-clip-base-siglip",
+    ],
+)
+def test_full_size_keys_and_shapes_correspond(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_keys_and_shapes_correspond(name, monkeypatch)
 
 
 @pytest.mark.exhaustive  # builds all 82 full-size OpenCLIP models on the meta device
 @pytest.mark.parametrize("name", supported())
-def test_full_size_keys_and_shapes_correspond_every_config(name: str) -> None:
-    assert_keys_and_shapes_correspond(name)
+def test_full_size_keys_and_shapes_correspond_every_config(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_keys_and_shapes_correspond(name, monkeypatch)
 
 
 # --- export: lipkit -> OpenCLIP's layout -> OpenCLIP ---
 
 
-@pytest.mark.parametrize("name", ["RN50-quickgelu", "ViT-L-14-CLIPA", "ViT-B-16-SigLIP2", "ViT-L-14-worldwide"])
-def test_export_round_trip(name: str, tmp_path: Path, timm_twin: dict[str, int]) -> None:
-    vision, text, overrides = twin_overrides(name, timm_twin["img_size"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "RN50-quickgelu",
+        "ViT-L-14-CLIPA",
+        "ViT-B-16-SigLIP2",
+        "ViT-L-14-worldwide",
+        "convnext_large_d",
+        "EVA02-B-16",
+        "mt5-base-ViT-B-32",
+        "nllb-clip-base-siglip",
+    ],
+)
+def test_export_round_trip(name: str, tmp_path: Path, twin_builders: None) -> None:
+    vision, text, overrides = twin_overrides(name)
     torch.manual_seed(0)
     lk = perturb(lipkit.create_model(name, **overrides), seed=3)
     export_openclip(lk, tmp_path / "openclip.pt")
-    oc = open_clip.create_model(name, pretrained=None, vision_cfg=vision, text_cfg=text).eval()
+    oc = open_clip.create_model(name, pretrained=None, pretrained_text=False, vision_cfg=vision, text_cfg=text).eval()
     oc.load_state_dict(torch.load(tmp_path / "openclip.pt", weights_only=True), strict=True)
     assert_same_embeddings(lk, oc)
 
@@ -257,8 +368,8 @@ def test_export_round_trip(name: str, tmp_path: Path, timm_twin: dict[str, int])
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, but OpenAI's files are TorchScript
-def test_openai_resnet_torchscript_archive(tmp_path: Path, timm_twin: dict[str, int]) -> None:
-    oc, overrides = openclip_twin("RN50-quickgelu", timm_twin["img_size"])
+def test_openai_resnet_torchscript_archive(tmp_path: Path) -> None:
+    oc, overrides = openclip_twin("RN50-quickgelu")
     del oc.context_length, oc.vocab_size  # OpenAI's archives hold these as tensors, next to the weights
     for key in ("context_length", "vocab_size"):
         oc.register_buffer(key, torch.tensor(TEXT_TWIN[key]))
@@ -332,9 +443,9 @@ def test_missing_tokenizer_names_what_to_fetch() -> None:
 def test_models_command_groups_by_family_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
     from lipkit.cli.main import main
 
-    assert main(["models", "--family", "timm-convnext"]) == 0
+    assert main(["models", "--family", "coca"]) == 0
     out = capsys.readouterr().out
-    assert "148 model configs, 86 buildable" in out
-    assert "timm-convnext (11, cannot be built yet)" in out and "convnext_xxlarge_320" in out
+    assert "148 model configs, 144 buildable" in out
+    assert "coca (4, cannot be built yet)" in out and "coca_ViT-L-14" in out
     assert main(["models", "--family", "openai-resnet"]) == 0
     assert "RN50x64-quickgelu                 1024  resnet 448px w128 3-15-36-10" in capsys.readouterr().out

@@ -123,3 +123,25 @@ def test_lit_image_tower_computes_the_reference_efficientnet_lite0_features():
         want = reference.extract_features(images).mean(dim=(2, 3))
         got = model.visual.features(images)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_timm_classifier_as_projection_is_the_trainable_head(tmp_path):
+    # OpenCLIP's EVA and MobileCLIP towers use timm's classifier, built with embed_dim outputs, as projection
+    reference = timm.create_model("test_vit", num_classes=10).eval()
+    path = tmp_path / "test_vit.pt"
+    torch.save(reference.state_dict(), path)  # an ImageNet-style file: its 10-class head is not loaded
+    vision = {"type": "timm", "name": "test_vit", "image_size": 160, "pool": "token", "proj": "classifier"}
+    text = {"layers": 1, "width": 64, "heads": 2}
+    model = lipkit.create_model(
+        "timm/test_vit", embed_dim=24, vision={**vision, "pretrained": str(path)}, text=text, lock_image=True
+    ).eval()
+    tower = model.visual
+    assert isinstance(tower.proj, torch.nn.Linear) and (tower.proj.in_features, tower.proj.out_features) == (64, 24)
+    assert [n for n, p in tower.named_parameters() if p.requires_grad] == ["proj.weight", "proj.bias"]
+    images = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        features = tower.features(images)
+        torch.testing.assert_close(features, reference.forward_head(reference.forward_features(images), True))
+        torch.testing.assert_close(model.encode_image(images), tower.proj(features))
+    # OpenCLIP's names for that head: inside the trunk, where timm keeps it
+    assert tower.openclip_rules() == [("^visual.trunk.head.", "^visual.proj.")]

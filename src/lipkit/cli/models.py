@@ -42,6 +42,8 @@ def _describe_vision(vision: dict[str, Any], v: Any) -> str:
 
 def _describe_text(text: dict[str, Any], t: Any) -> str:
     out = f"{text['type']} ctx{t.context_length}"
+    if text["type"] == "hf":  # the model folder: a path's last part
+        return f"{out} {t.path.rstrip('/').rsplit('/', 1)[-1]}"
     return out + (f" w{t.width} x{t.layers}" if text["type"] == "transformer" else "")
 
 

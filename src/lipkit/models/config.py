@@ -133,9 +133,15 @@ class TimmConfig:
         name: timm model name (e.g. ``efficientnet_lite0``, ``resnet50``).
         image_size: Input resolution used by the transforms.
         pretrained: Optional path to a local state dict for the timm model (nothing is downloaded).
-        pool: timm global pooling (``avg``, ``max``, ``token``...), or ``""`` to keep timm's default.
-        proj: ``linear``, ``mlp`` (two layers with GELU) or ``none`` (feature width must equal embed_dim).
+        pool: timm global pooling (``avg``, ``max``, ``token``, ``map``...), or ``""`` to keep timm's default.
+        proj: ``linear``, ``mlp`` (two layers with GELU), ``none`` (feature width must equal embed_dim) or
+            ``classifier``: timm's own classifier head, built with ``embed_dim`` outputs, is the projection
+            (OpenCLIP's timm towers with no projection of their own: EVA, MobileCLIP, Perception Encoder).
         proj_bias: Bias in the linear projection.
+        proj_hidden: Hidden width of the ``mlp`` projection; ``None`` takes the mean of the feature width
+            and ``embed_dim`` (OpenCLIP's timm towers use twice ``embed_dim``).
+        mlp_bias: Bias in each of the two layers of the ``mlp`` projection (OpenCLIP's timm towers: the
+            output layer's from its ``proj_bias``).
         key_map: ``ordered`` maps a state dict whose keys differ from timm's onto timm's in order, by
             shape (for weight files saved by other EfficientNet/ResNet implementations); ``exact`` does not.
         channels_last: Feed images to the trunk in channels-last memory format, which convolution kernels
@@ -149,13 +155,19 @@ class TimmConfig:
     pool: str = "avg"
     proj: str = "linear"
     proj_bias: bool = False
+    proj_hidden: int | None = None
+    mlp_bias: tuple[bool, bool] = (True, True)
     key_map: str = "exact"
     channels_last: bool = True
 
     tower: ClassVar[str] = "lipkit.models.timm_tower:TimmTower"
+    # OpenCLIP holds a timm tower as ``visual.trunk.*`` (the same names) and ``visual.head.{proj,mlp}.*``
+    openclip_layout: ClassVar[str] = "timm-model"
 
     def validate(self) -> None:
-        _check_choice("vision.proj", self.proj, ("linear", "mlp", "none"))
+        _check_choice("vision.proj", self.proj, ("linear", "mlp", "none", "classifier"))
+        if self.proj_hidden is not None and self.proj_hidden < 1:
+            raise ConfigError(f"vision.proj_hidden must be positive, got {self.proj_hidden}")
         _check_choice("vision.key_map", self.key_map, ("exact", "ordered"))
 
 
@@ -210,24 +222,33 @@ class TextTransformerConfig:
 @TEXT_TOWERS.register("hf")
 @dataclass
 class HFTextConfig:
-    """A Hugging Face text encoder loaded from a local directory (nothing is downloaded).
+    """A Hugging Face text encoder from a local directory (nothing is downloaded).
 
     Attributes:
         path: Directory holding ``config.json``, the weights and the tokenizer files; ``pkg:NAME/sub``
             resolves a folder inside an installed Python package.
+        from_config: Build the encoder from ``config.json`` alone, with fresh weights (for a model whose
+            weights come from a CLIP checkpoint, as OpenCLIP's RoBERTa, XLM-RoBERTa, mT5 and NLLB towers
+            do: lipkit ships their configs). Encoder-decoder models (mT5, NLLB) keep their encoder only.
+        config_overrides: Values that replace those of ``config.json`` (e.g. ``{"num_hidden_layers": 6}``).
         context_length: Maximum number of tokens.
         pool: ``mean`` (over non-padding tokens), ``cls`` (first token) or ``eot`` (last non-padding token).
         proj: ``linear``, ``mlp`` or ``none``.
         proj_bias: Bias in the linear projection.
+        mlp_bias: Bias in each of the two layers of the ``mlp`` projection (OpenCLIP's: none).
     """
 
     path: str = ""
+    from_config: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)
     context_length: int = 77
     pool: str = "mean"
     proj: str = "linear"
     proj_bias: bool = False
+    mlp_bias: tuple[bool, bool] = (True, True)
 
     tower: ClassVar[str] = "lipkit.models.text:HFTextEncoder"
+    openclip_layout: ClassVar[str] = "hf"  # OpenCLIP: ``text.transformer.*``, ``text.proj.{0,2}``
 
     def validate(self) -> None:
         if not self.path:

@@ -10,8 +10,8 @@ Supported files (nothing is downloaded):
 - lipkit: a training checkpoint ``{"model": state_dict, ...}`` or a bare state dict;
 - OpenCLIP: ``torch.save(model.state_dict())``, or a training checkpoint ``{"state_dict": ...}``
   (``module.`` and ``_orig_mod.`` prefixes are stripped), or a ``.safetensors`` file; the image tower
-  is OpenCLIP's own ViT, timm's ViT with attention pooling (``visual.trunk.*``, SigLIP) or OpenAI's
-  modified ResNet;
+  is OpenCLIP's own ViT, timm's ViT with attention pooling (``visual.trunk.*``, SigLIP), any other timm
+  model (ConvNeXt, EVA, FastViT, ViTamin, Swin..., under lipkit's timm tower) or OpenAI's modified ResNet;
 - OpenAI: the original TorchScript archives (``ViT-B-32.pt``, ``RN50.pt``...), whose names follow OpenCLIP's.
 """
 
@@ -67,7 +67,18 @@ RESNET_RULES: list[Rule] = [  # OpenAI's modified ResNet (RN50...)
     ("^visual.attnpool.c_proj.", "^visual.proj."),  # the pool's output projection is the tower's head
 ]
 
-VISION_LAYOUTS: dict[str, list[Rule]] = {"openclip": VISION_RULES, "timm": TIMM_VISION_RULES, "resnet": RESNET_RULES}
+TIMM_MODEL_RULES: list[Rule] = [  # any timm trunk under lipkit's TimmTower: ``visual.trunk.*`` keeps timm's names
+    ("^visual.head.mlp.fc1.", "^visual.proj.fc1."),  # OpenCLIP's MLP head, lipkit's Mlp
+    ("^visual.head.mlp.fc2.", "^visual.proj.fc2."),
+    ("^visual.head.proj.", "^visual.proj."),
+]
+
+VISION_LAYOUTS: dict[str, list[Rule]] = {
+    "openclip": VISION_RULES,
+    "timm": TIMM_VISION_RULES,
+    "resnet": RESNET_RULES,
+    "timm-model": TIMM_MODEL_RULES,
+}
 """Rules by the ``openclip_layout`` of an image tower's config; export writes that layout."""
 
 TEXT_RULES: list[Rule] = [  # CLIP keeps these at the top level; CustomTextCLIP (SigLIP) nests them under ``text.``
@@ -102,9 +113,14 @@ INNER_RULES: list[tuple[str, str, list[Rule]]] = [
     (".downsample.", ".shortcut.", RESNET_BLOCK_RULES),
 ]
 
+HF_TEXT_RULES: list[Rule] = [  # OpenCLIP's Hugging Face text towers (under ``text.``): the model, then the head
+    ("^transformer.", "^text.encoder."),
+    ("^proj.0.", "^text.proj.fc1."),  # OpenCLIP's MLP head is a Sequential (linear, GELU, linear)
+    ("^proj.2.", "^text.proj.fc2."),
+    ("^proj.", "^text.proj."),
+]
+
 TEXT_IMPORT_RULES: list[Rule] = [*TEXT_RULES, TEXT_PROJ_PARAM, TEXT_PROJ_LINEAR]
-IMPORT_RULES: list[Rule] = [*VISION_RULES, *TIMM_VISION_RULES, *TEXT_IMPORT_RULES]
-"""What a ViT model (either layout) or a tower with no OpenCLIP layout of its own imports with."""
 
 
 def _transpose(t: Tensor) -> Tensor:
@@ -140,14 +156,17 @@ def _rename(key: str, rules: Iterable[Rule], reverse: bool = False) -> str | Non
     return None
 
 
-def import_rules(layout: str = "") -> list[Rule]:
+def import_rules(layout: str = "", text_layout: str = "") -> list[Rule]:
     """The rename rules that read OpenCLIP checkpoints into a model whose image tower has ``layout``.
 
-    A ViT reads either ViT layout (OpenCLIP's own or timm's); ``resnet`` reads OpenAI's ResNet names.
+    A ViT reads either ViT layout (OpenCLIP's own or timm's); ``resnet`` reads OpenAI's ResNet names,
+    ``timm-model`` OpenCLIP's timm towers (a trunk under timm's names and a projection head). A text
+    tower with ``text_layout`` ``hf`` reads OpenCLIP's Hugging Face towers, any other CLIP's text transformer.
     """
-    if layout == "resnet":
-        return [*RESNET_RULES, *TEXT_IMPORT_RULES]
-    return IMPORT_RULES
+    text = HF_TEXT_RULES if text_layout == "hf" else TEXT_IMPORT_RULES
+    if layout in ("resnet", "timm-model"):
+        return [*VISION_LAYOUTS[layout], *text]
+    return [*VISION_RULES, *TIMM_VISION_RULES, *text]
 
 
 def _inner_rename(key: str, marked: str, reverse: bool) -> str:
@@ -157,7 +176,9 @@ def _inner_rename(key: str, marked: str, reverse: bool) -> str:
     return key
 
 
-def openclip_to_lipkit(state: dict[str, Tensor], layout: str = "") -> dict[str, Tensor]:
+def openclip_to_lipkit(
+    state: dict[str, Tensor], layout: str = "", text_layout: str = "", extra_rules: Iterable[Rule] = ()
+) -> dict[str, Tensor]:
     """Convert an OpenCLIP (or OpenAI) state dict to lipkit's names and layouts.
 
     Keys no rule knows (``logit_scale``, ``logit_bias``, anything foreign) are kept as they are, so a
@@ -167,11 +188,13 @@ def openclip_to_lipkit(state: dict[str, Tensor], layout: str = "") -> dict[str, 
         state: OpenCLIP state dict, without ``module.`` prefixes.
         layout: The ``openclip_layout`` of the receiving image tower (``resnet`` for OpenAI's ResNets;
             any ViT layout, or none, reads both ViT layouts).
+        text_layout: The ``openclip_layout`` of the receiving text tower (``hf`` for a Hugging Face tower).
+        extra_rules: Rules of the receiving model's own, tried first (:func:`tower_rules`).
 
     Returns:
         The state dict with lipkit's key names.
     """
-    rules = import_rules(layout)
+    rules = [*extra_rules, *import_rules(layout, text_layout)]
     out = {}
     for key, tensor in state.items():
         if key.rsplit(".", 1)[-1] in DROPPED:
@@ -187,7 +210,11 @@ def openclip_to_lipkit(state: dict[str, Tensor], layout: str = "") -> dict[str, 
 
 
 def lipkit_to_openclip(
-    state: dict[str, Tensor], layout: str | None = None, custom_text: bool | None = None
+    state: dict[str, Tensor],
+    layout: str | None = None,
+    custom_text: bool | None = None,
+    text_layout: str = "",
+    extra_rules: Iterable[Rule] = (),
 ) -> dict[str, Tensor]:
     """Convert a lipkit state dict to OpenCLIP's names and layouts.
 
@@ -198,7 +225,9 @@ def lipkit_to_openclip(
         layout: The image tower's OpenCLIP layout (``openclip``, ``timm`` or ``resnet``, see
             :data:`VISION_LAYOUTS`); by default ``timm`` for an attention-pooled ViT, else ``openclip``.
         custom_text: Nest the text tower under ``text.`` (OpenCLIP's ``CustomTextCLIP``); by default
-            when the layout is ``timm``.
+            when the layout is ``timm``, and always for a Hugging Face text tower.
+        text_layout: The text tower's OpenCLIP layout: ``hf`` for a Hugging Face tower, else CLIP's.
+        extra_rules: Rules of the model's own, tried first (:func:`tower_rules`).
 
     Returns:
         The state dict with OpenCLIP's key names, loadable by the matching ``open_clip`` model. Features
@@ -208,13 +237,15 @@ def lipkit_to_openclip(
         layout = "timm" if "visual.attn_pool.latent" in state else "openclip"
     if custom_text is None:
         custom_text = layout == "timm"
+    custom_text = custom_text or text_layout == "hf"  # OpenCLIP always nests a Hugging Face tower
     text_proj = TEXT_PROJ_LINEAR if "text.proj.bias" in state else TEXT_PROJ_PARAM
-    rules = [*VISION_LAYOUTS[layout], *TEXT_RULES, text_proj]
+    text_rules = HF_TEXT_RULES if text_layout == "hf" else [*TEXT_RULES, text_proj]
+    rules = [*extra_rules, *VISION_LAYOUTS[layout], *text_rules]
     out = {}
     for key, tensor in state.items():
-        name = _rename(key, rules, reverse=True) or key
-        name = _inner_rename(name, name, reverse=True)
-        if name in RESHAPES:
+        renamed = _rename(key, rules, reverse=True)
+        name = _inner_rename(renamed or key, renamed or key, reverse=True)
+        if renamed is not None and name in RESHAPES:  # a key kept as it is keeps its layout (timm trunks)
             tensor = RESHAPES[name][1](tensor)
         if custom_text and key.startswith("text."):
             name = f"text.{name}"
@@ -332,12 +363,27 @@ def load_pretrained(model: DualEncoder, path: str | Path) -> None:
     """
     expected = model.state_dict()
     state = read_state_dict(path)
-    converted = openclip_to_lipkit(state, getattr(model.cfg.vision_config(), "openclip_layout", ""))
+    converted = openclip_to_lipkit(state, *layouts(model), extra_rules=tower_rules(model))
     from_openclip = _overlap(converted, expected) > _overlap(state, expected)
     note = " (OpenCLIP names, converted)" if from_openclip else ""
     state = converted if from_openclip else state
     check_fit(expected, state, f"{path}{note} does not fit the model")
     model.load_state_dict(state, strict=True)
+
+
+def layouts(model: DualEncoder) -> tuple[str, str]:
+    """The OpenCLIP key layouts of ``model``'s image and text towers (``""`` where the tower has none of its own)."""
+    return (
+        getattr(model.cfg.vision_config(), "openclip_layout", ""),
+        getattr(model.cfg.text_config(), "openclip_layout", ""),
+    )
+
+
+def tower_rules(model: DualEncoder) -> list[Rule]:
+    """Renames that depend on the image tower itself, not only its layout (where a timm model keeps the
+    classifier that serves as the projection)."""
+    rules = getattr(model.visual, "openclip_rules", None)
+    return list(rules()) if rules else []
 
 
 def _overlap(state: dict[str, Tensor], expected: dict[str, Tensor]) -> int:
@@ -383,7 +429,9 @@ def export_openclip(model: DualEncoder, path: str | Path) -> None:
         model: The model to export.
         path: Destination file (``torch.save`` format).
     """
-    layout = getattr(model.cfg.vision_config(), "openclip_layout", None)
+    layout, text_layout = layouts(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    state = lipkit_to_openclip(state, layout=layout, custom_text=model.cfg.custom_text)
+    state = lipkit_to_openclip(
+        state, layout or None, model.cfg.custom_text, text_layout, extra_rules=tower_rules(model)
+    )
     atomic_write(Path(path), lambda f: torch.save(state, f))

@@ -152,13 +152,15 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """Two linear layers with an activation between them."""
 
-    def __init__(self, width: int, hidden: int, act: str = "gelu", out: int | None = None) -> None:
+    def __init__(
+        self, width: int, hidden: int, act: str = "gelu", out: int | None = None, bias: tuple[bool, bool] = (True, True)
+    ) -> None:
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
-        self.fc1 = nn.Linear(width, hidden)
+        self.fc1 = nn.Linear(width, hidden, bias=bias[0])
         self.act = act
-        self.fc2 = nn.Linear(hidden, out or width)
+        self.fc2 = nn.Linear(hidden, out or width, bias=bias[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The activation is recomputed in the backward pass rather than kept (see activation_linear).

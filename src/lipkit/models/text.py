@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,14 +148,25 @@ def resolve_local_path(path: str) -> Path:
     return Path(os.path.expanduser(path))
 
 
-def make_head(in_dim: int, out_dim: int, kind: str, bias: bool = False) -> nn.Module:
-    """A projection head: ``linear``, ``mlp`` (in -> hidden -> out with GELU) or ``none`` (identity)."""
+def make_head(
+    in_dim: int,
+    out_dim: int,
+    kind: str,
+    bias: bool = False,
+    hidden: int | None = None,
+    mlp_bias: tuple[bool, bool] = (True, True),
+) -> nn.Module:
+    """A projection head: ``linear``, ``mlp`` (in -> hidden -> out with GELU) or ``none`` (identity).
+
+    ``bias`` is the linear head's; ``hidden`` is the MLP's hidden width (by default the mean of ``in_dim``
+    and ``out_dim``) and ``mlp_bias`` whether each of its two layers has a bias.
+    """
     if kind == "none":
         if in_dim != out_dim:
             raise ConfigError(f"projection 'none' needs feature width {in_dim} == embed_dim {out_dim}")
         return nn.Identity()
     if kind == "mlp":
-        return Mlp(in_dim, (in_dim + out_dim) // 2, "gelu", out=out_dim)
+        return Mlp(in_dim, hidden or (in_dim + out_dim) // 2, "gelu", out=out_dim, bias=tuple(mlp_bias))
     return nn.Linear(in_dim, out_dim, bias=bias)
 
 
@@ -176,13 +189,15 @@ class HFTextEncoder(nn.Module):
         if not (path / "config.json").is_file():
             raise LipkitError(f"no Hugging Face model (config.json) in {path}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if torch.empty(0).device.type == "meta":  # building on the meta device (e.g. to count parameters)
-            from transformers import AutoConfig
-
-            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
+        config = _hf_config(path, cfg.config_overrides)
+        if cfg.from_config or torch.empty(0).device.type == "meta":  # no weights, or building on the meta device
+            self.encoder = _encoder_from_config(config)
         else:
-            self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
-        self.proj = make_head(self.encoder.config.hidden_size, embed_dim, cfg.proj, cfg.proj_bias)
+            model = AutoModel.from_pretrained(str(path), config=config, local_files_only=True)
+            self.encoder = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        width = self.encoder.config.hidden_size
+        self.proj = make_head(width, embed_dim, cfg.proj, cfg.proj_bias, mlp_bias=cfg.mlp_bias)
         self.output_dim = embed_dim
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -192,12 +207,18 @@ class HFTextEncoder(nn.Module):
         elif getattr(self.encoder, "is_gradient_checkpointing", False):
             self.encoder.gradient_checkpointing_disable()
 
-    def forward(self, tokens: TextTokens) -> torch.Tensor:
+    def forward(self, tokens: TextTokens | torch.Tensor) -> torch.Tensor:
         """Embed tokenised text into (B, embed_dim), not normalised."""
         return self.proj(self.features(tokens))
 
-    def features(self, tokens: TextTokens) -> torch.Tensor:
-        """The pooled encoder output before the projection head: (B, hidden_size)."""
+    def features(self, tokens: TextTokens | torch.Tensor) -> torch.Tensor:
+        """The pooled encoder output before the projection head: (B, hidden_size).
+
+        ``tokens`` are the ids with their attention mask, or the ids alone (B, T), whose mask is then every
+        position that is not the model's padding id, as OpenCLIP reads them.
+        """
+        if isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and tokens.dtype == torch.long:
+            tokens = TextTokens(tokens, (tokens != self.pad_id).long())
         _check_tokens(tokens)
         hidden = self.encoder(input_ids=tokens.ids, attention_mask=tokens.mask).last_hidden_state
         return self._pool(hidden, tokens.mask)
@@ -252,9 +273,47 @@ class HFTextEncoder(nn.Module):
         return TextCache(states.features[:, :keep], states.tokens[:, :keep])
 
 
+def _hf_config(path: Path, overrides: dict[str, Any]) -> Any:
+    """The Hugging Face config in ``path``, with ``overrides`` set (each must be a setting it has)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ConfigError(f"text.config_overrides: {config.model_type} has no setting {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def _encoder_from_config(config: Any) -> nn.Module:
+    """A freshly initialised encoder: the model itself, or an encoder-decoder's encoder alone.
+
+    The encoder of an encoder-decoder model (mT5, NLLB) is built on its own, not cut from the whole
+    model, so its decoder never takes memory; its class is read off the whole model built on the meta device.
+    """
+    from transformers import AutoModel
+
+    if not getattr(config, "is_encoder_decoder", False):
+        try:  # OpenCLIP builds BERT-style towers without their pooling layer unless it pools with it
+            return AutoModel.from_config(config, add_pooling_layer=False)
+        except TypeError:
+            return AutoModel.from_config(config)
+    with torch.device("meta"):
+        encoder_class = type(AutoModel.from_config(config).get_encoder())
+    encoder_config = copy.deepcopy(config)
+    encoder_config.is_decoder, encoder_config.use_cache, encoder_config.is_encoder_decoder = False, False, False
+    return encoder_class(encoder_config)
+
+
 def _check_tokens(tokens: object) -> None:
     if not isinstance(tokens, TextTokens):
         raise LipkitError(
-            f"a Hugging Face text tower takes TextTokens (ids and attention mask, as its tokenizer returns), "
-            f"got {type(tokens).__name__}"
+            f"a Hugging Face text tower takes TextTokens (ids and attention mask, as its tokenizer returns) or "
+            f"a (batch, length) tensor of token ids, got {_describe(tokens)}"
         )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

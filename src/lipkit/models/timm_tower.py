@@ -48,7 +48,10 @@ def load_local_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 class TimmTower(nn.Module):
-    """A timm backbone (no classifier), globally pooled, then projected to ``embed_dim``.
+    """A timm backbone, globally pooled, then projected to ``embed_dim``.
+
+    The projection is a head of lipkit's (``proj``: linear or MLP), or timm's own classifier built with
+    ``embed_dim`` outputs (``proj: classifier``), as OpenCLIP's timm towers do.
 
     Args:
         cfg: Tower config; ``cfg.pretrained`` is a local weights file (nothing is downloaded).
@@ -62,16 +65,25 @@ class TimmTower(nn.Module):
         except ImportError:
             raise LipkitError("timm image towers need `pip install 'lipkit[towers]'`") from None
         self.cfg = cfg
-        kwargs = {"num_classes": 0}
+        # with proj "classifier", timm builds its classifier with embed_dim outputs; it becomes ``proj``
+        kwargs = {"num_classes": embed_dim if cfg.proj == "classifier" else 0}
         if cfg.pool:
             kwargs["global_pool"] = cfg.pool
         try:
             self.trunk = timm.create_model(cfg.name, pretrained=False, **kwargs)
-        except RuntimeError as exc:
-            raise LipkitError(f"timm cannot build {cfg.name!r}: {exc}") from None
+        except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+            raise LipkitError(f"timm cannot build {cfg.name!r} with {kwargs}: {exc}") from None
+        self.classifier_path = ""  # where timm keeps the classifier that is the projection (OpenCLIP's names)
+        if cfg.proj == "classifier":
+            self.classifier_path = self.trunk.pretrained_cfg.get("classifier") or "head"
+            self.proj = self.trunk.get_classifier()
+            # the trunk now ends with the pooled feature, as with no classifier; the projection is ours
+            self.trunk.set_submodule(self.classifier_path, nn.Identity())
+        else:
+            width = self.trunk.num_features
+            self.proj = make_head(width, embed_dim, cfg.proj, cfg.proj_bias, cfg.proj_hidden, cfg.mlp_bias)
         if cfg.pretrained:
             self.load_trunk(resolve_local_path(cfg.pretrained))
-        self.proj = make_head(self.trunk.num_features, embed_dim, cfg.proj, cfg.proj_bias)
         self.output_dim = embed_dim
 
     def load_trunk(self, path: Path) -> None:
@@ -123,3 +135,10 @@ class TimmTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed images (B, 3, H, W) into (B, embed_dim), not normalised."""
         return self.proj(self.features(images))
+
+    def openclip_rules(self) -> list[tuple[str, str]]:
+        """Key renames between OpenCLIP's layout and this tower's beyond its layout's own: OpenCLIP keeps a
+        classifier used as the projection inside the trunk (``visual.trunk.head.*``), lipkit as ``visual.proj.*``."""
+        if not self.classifier_path:
+            return []
+        return [(f"^visual.trunk.{self.classifier_path}.", "^visual.proj.")]
