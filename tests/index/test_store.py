@@ -415,3 +415,20 @@ def test_bad_factory_string_is_one_clear_line(tmp_path):
     with pytest.raises(Exception, match="not a FAISS factory string"):
         SearchIndex.build(tmp_path / "ix", keys(50), x, rows(50), record=RECORD, index_type="Bogus12")
     assert not (Path(tmp_path) / "ix" / "meta.sqlite").exists()
+
+
+def test_tuning_counts_a_compressed_index_hit_by_its_exact_score():
+    # PQ scores are estimates: compared with the exact threshold they can count a non-neighbour as found
+    import faiss
+
+    x = unit(np.random.default_rng(5), 2000, clusters=20)
+    index = faiss.index_factory(x.shape[1], "IVF4,PQ4x4np", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add_with_ids(x, np.arange(1, 2001, dtype=np.int64))
+    queries, k = x[:50], 10
+    kth = store._exact_kth(queries, x, k + 1)
+    pq_scores, vids = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=4))
+    exact = np.einsum("qkd,qd->qk", x[vids - 1], queries)
+    expected = np.mean(np.clip(np.sum(exact >= kth - 1e-5, axis=1) - 1, 0, k) / k)
+    assert store._recall(index, queries, x, kth, k, {"nprobe": 4}) == pytest.approx(expected)
+    assert store._recall_leaving_self_out(pq_scores, kth, k) > expected + 0.05  # what the estimates claimed

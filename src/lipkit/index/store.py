@@ -830,7 +830,10 @@ class SearchIndex:
             block = queries @ vectors.T  # (Q, chunk)
             truth = -np.sort(-np.concatenate([truth, block], axis=1), axis=1)[:, : k + 1]
         hits = self.search(queries, k + 1)
-        scores = np.array([[h.score for h in q] + [-np.inf] * (k + 1 - len(q)) for q in hits], dtype=np.float32)
+        scores = np.full((len(queries), k + 1), -np.inf, dtype=np.float32)
+        for q, found in enumerate(hits):  # exact scores of what was found: a compressed index's are estimates
+            if found:
+                scores[q, : len(found)] = self.vectors([h.key for h in found]) @ queries[q]
         return _recall_leaving_self_out(scores, truth[:, k : k + 1], k)
 
     def _stream_vectors(self) -> Iterator[np.ndarray]:
@@ -1231,9 +1234,10 @@ def _recall(
     else:
         search_params = None
     scores, vids = _search(main, queries, (k + 1) * refine, search_params)
-    if refine > 1:
-        unique = np.unique(vids[vids >= 0])
-        scores, vids = _rerank(queries, vids, unique, vectors[unique - 1], k + 1)
+    # scored exactly even without re-ranking: a compressed index's own scores are estimates, which can pass
+    # the exact threshold without the item being a true neighbour
+    unique = np.unique(vids[vids >= 0])
+    scores, vids = _rerank(queries, vids, unique, vectors[unique - 1], k + 1)
     return _recall_leaving_self_out(scores[:, : k + 1], kth, k)
 
 
