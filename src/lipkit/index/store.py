@@ -67,6 +67,9 @@ SNAPSHOT = re.compile(r"^vectors-(\d{12})\.faiss$")
 FLAT_LIMIT = 20_000  # below this many vectors, exact search
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
 PQ_SIZES = (64, 32, 16, 8)  # bytes per PQ code, largest first
+# re-ranking depths the tuner tries for a compressed index, as multiples of k: dense collections need deep
+# re-ranking (IVF4096,PQ64 at 1,000,000 synthetic vectors: recall 0.887 with 16 x 10 candidates at every nprobe)
+REFINE_DEPTHS = (1, 4, 16, 64, 256)
 MAX_K, MAX_DEPTH = 1000, 10_000  # k per page; k + offset
 RECALL_GOAL, TUNE_TARGET = 0.95, 0.98  # tuning aims above the goal so that other queries still meet it
 EXACT_FILTER_LIMIT = 2_000  # a filter that selects fewer items is searched exactly (vectors read from SQLite)
@@ -1185,7 +1188,7 @@ def _tune(engine: _Engine, vectors: np.ndarray, sample: int = 200, k: int = 10) 
     kth = _exact_kth(queries, vectors, k + 1)  # the queries are stored vectors: their own match is left out
     candidates = _candidates(main)
     best: dict[str, int] = {}
-    for refine in (1, 4, 16):
+    for refine in REFINE_DEPTHS:
         for setting in candidates:
             params = {**setting, **({"refine": refine} if refine > 1 else {})}
             if _recall(main, queries, vectors, kth, k, params) >= TUNE_TARGET:
