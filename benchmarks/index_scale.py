@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +44,23 @@ from results import append_result
 DIM = 512
 
 
-def make_vectors(n: int, clusters: int, seed: int, chunk: int = 200_000) -> np.ndarray:
-    """``n`` unit vectors around ``clusters`` random centres (float32, made in chunks to bound memory)."""
+def vector_blocks(n: int, clusters: int, seed: int, chunk: int = 200_000) -> Iterator[np.ndarray]:
+    """``n`` unit vectors around ``clusters`` random centres (float32), in blocks of ``chunk`` to bound memory."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, DIM)).astype(np.float32)
-    out = np.empty((n, DIM), dtype=np.float32)
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         block = centres[rng.integers(0, clusters, size)] + rng.standard_normal((size, DIM), dtype=np.float32)
-        out[start : start + size] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        yield block / np.linalg.norm(block, axis=1, keepdims=True)
+
+
+def make_vectors(n: int, clusters: int, seed: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``n`` vectors of :func:`vector_blocks`, written into ``out`` (e.g. a memory-mapped file) when given."""
+    out = np.empty((n, DIM), dtype=np.float32) if out is None else out
+    start = 0
+    for block in vector_blocks(n, clusters, seed):
+        out[start : start + len(block)] = block
+        start += len(block)
     return out
 
 
@@ -107,19 +116,11 @@ def engine_only(args: argparse.Namespace) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="index_scale.", dir=args.tmp_dir))
     try:
         start = time.perf_counter()
-        vectors = np.lib.format.open_memmap(folder / "vectors.npy", "w+", np.float32, (args.n, DIM))
-        rng = np.random.default_rng(args.seed)
-        centres = rng.standard_normal((args.clusters, DIM)).astype(np.float32)
-        held_out = []
-        for lo in range(0, args.n + args.queries, 200_000):  # the same draws as make_vectors, in chunks
-            size = min(200_000, args.n + args.queries - lo)
-            block = centres[rng.integers(0, args.clusters, size)] + rng.standard_normal((size, DIM), dtype=np.float32)
-            block /= np.linalg.norm(block, axis=1, keepdims=True)
-            take = max(0, min(size, args.n - lo))
-            vectors[lo : lo + take] = block[:take]
-            held_out.append(block[take:])
-        vectors.flush()
-        queries = np.ascontiguousarray(np.concatenate(held_out))
+        # the vectors and held-out queries of the in-memory mode, written to disk
+        both = np.lib.format.open_memmap(folder / "vectors.npy", "w+", np.float32, (args.n + args.queries, DIM))
+        make_vectors(args.n + args.queries, args.clusters, args.seed, out=both)
+        both.flush()
+        vectors, queries = both[: args.n], np.ascontiguousarray(both[args.n :])
         kth = exact_kth(queries, vectors, chunk=200_000)
         print(f"{args.n:,} x {DIM} vectors on disk, ground truth in {time.perf_counter() - start:.1f} s", flush=True)
 

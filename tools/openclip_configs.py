@@ -49,17 +49,9 @@ HF_TEXT_KEYS = {
     "hf_model_name", "hf_tokenizer_name", "hf_proj_type", "hf_pooler_type", "context_length", "tokenizer_kwargs",
 }  # fmt: skip
 HF_POOLS = {"mean_pooler": "mean", "cls_pooler": "cls", "cls_last_hidden_state_pooler": "cls"}
-# The Hugging Face models of OpenCLIP's text towers, by hub name: their configs, shipped in HF_CONFIG_DIR
+# The configs of OpenCLIP's Hugging Face text towers, shipped with lipkit, one folder per model, named as
+# the last part of its hub name (``google/mt5-base`` -> ``mt5-base``)
 HF_CONFIG_DIR = OUT_DIR.parent / "hf"
-HF_CONFIGS = {
-    "roberta-base": "roberta-base",
-    "xlm-roberta-base": "xlm-roberta-base",
-    "xlm-roberta-large": "xlm-roberta-large",
-    "google/mt5-base": "mt5-base",
-    "google/mt5-xl": "mt5-xl",
-    "facebook/nllb-200-distilled-600M": "nllb-200-distilled-600M",
-    "facebook/nllb-200-distilled-1.3B": "nllb-200-distilled-1.3B",
-}
 VIT_POOLS = {"tok": "cls", "avg": "mean"}
 
 # timm ViT arguments (model_args of a timm entrypoint) that lipkit's ViT expresses
@@ -319,8 +311,8 @@ def _text(t: dict[str, Any], quick_gelu: bool) -> tuple[dict[str, Any], dict[str
 def _hf_text(t: dict[str, Any]) -> dict[str, Any]:
     """OpenCLIP's Hugging Face text tower, built from the config lipkit ships for its model (no hub)."""
     name = t["hf_model_name"]
-    folder = HF_CONFIGS.get(name)
-    if folder is None:
+    folder = name.rsplit("/", 1)[-1]
+    if not (HF_CONFIG_DIR / folder / "config.json").is_file():
         raise Unsupported("hf-text", f"needs a config for the Hugging Face model {name} shipped with lipkit")
     extra = sorted(set(t) - HF_TEXT_KEYS)
     if extra:

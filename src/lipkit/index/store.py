@@ -833,10 +833,13 @@ class SearchIndex:
             block = queries @ vectors.T  # (Q, chunk)
             truth = -np.sort(-np.concatenate([truth, block], axis=1), axis=1)[:, : k + 1]
         hits = self.search(queries, k + 1)
+        # exact scores of what was found (a compressed index's are estimates), the vectors read in one query
+        keys = sorted({h.key for results in hits for h in results})
+        found, row = self.vectors(keys), {key: i for i, key in enumerate(keys)}
         scores = np.full((len(queries), k + 1), -np.inf, dtype=np.float32)
-        for q, found in enumerate(hits):  # exact scores of what was found: a compressed index's are estimates
-            if found:
-                scores[q, : len(found)] = self.vectors([h.key for h in found]) @ queries[q]
+        for q, results in enumerate(hits):
+            if results:
+                scores[q, : len(results)] = found[[row[h.key] for h in results]] @ queries[q]
         return _recall_leaving_self_out(scores, truth[:, k : k + 1], k)
 
     def _stream_vectors(self) -> Iterator[np.ndarray]:
