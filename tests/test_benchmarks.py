@@ -54,6 +54,10 @@ SMOKE = {
         "matches identical on 20 captions",
     ),
     "embed_overhead.py": (["--model", "micro", "--items", "16", "--workers", "0", "--rounds", "1"], "job/forward"),
+    "caption_speed.py": (
+        ["--layers", "1", "--batch-size", "2", "--length", "8", "--rounds", "1"],
+        "captions identical: True (2, 8)",
+    ),
 }
 RUN_BY_NAME = {"train_throughput.py", "accumulation.py", "loss_memory.py", "block_cost.py", "suite_table.py"}
 RUN_BY_NAME.add("train_memory.py")  # the scripts the other tests run

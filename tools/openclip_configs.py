@@ -37,17 +37,24 @@ PRETRAINED_KEYS = ("hf_hub", "url", "mean", "std", "interpolation", "resize_mode
 IGNORED_VISION = {"timm_model_pretrained", "timm_drop", "timm_drop_path", "patch_dropout", "output_tokens"}
 OPENCLIP_VIT_KEYS = {
     "image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "ls_init_value", "no_ln_pre",
-    "pool_type", "final_ln_after_pool", "act_kwargs", "norm_kwargs",
+    "pool_type", "final_ln_after_pool", "act_kwargs", "norm_kwargs", "attentional_pool", "attn_pooler_heads",
+    "attn_pooler_queries",
 }  # fmt: skip
 TIMM_KEYS = {"image_size", "timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias"}
 TEXT_KEYS = {
     "context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "no_causal_mask", "pool_type",
     "eos_id", "pad_id", "proj_bias", "proj_type", "act_kwargs", "norm_kwargs", "hf_tokenizer_name", "tokenizer_kwargs",
+    "embed_cls", "correct_cls_mask", "output_tokens",
 }  # fmt: skip
 TEXT_POOLS = {"argmax": "eot", "eos": "eos", "last": "last", "first": "first"}
 HF_TEXT_KEYS = {
     "hf_model_name", "hf_tokenizer_name", "hf_proj_type", "hf_pooler_type", "context_length", "tokenizer_kwargs",
+    "output_tokens", "width",
 }  # fmt: skip
+# CoCa's decoder settings OpenCLIP reads (its mlp_ratio, n_queries and attn_pooler_heads are never used: the
+# decoder's MLP is 4x wide, and the image pooler's settings come from vision_cfg)
+DECODER_KEYS = {"width", "layers", "heads", "context_length", "ls_init_value", "vocab_size", "mlp_ratio",
+                "dim_head", "n_queries", "attn_pooler_heads"}  # fmt: skip
 HF_POOLS = {"mean_pooler": "mean", "cls_pooler": "cls", "cls_last_hidden_state_pooler": "cls"}
 # The configs of OpenCLIP's Hugging Face text towers, shipped with lipkit, one folder per model, named as
 # the last part of its hub name (``google/mt5-base`` -> ``mt5-base``)
@@ -135,8 +142,6 @@ def translate(oc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _translate(oc: dict[str, Any]) -> dict[str, Any]:
-    if "multimodal_cfg" in oc:
-        raise Unsupported("coca", "needs the CoCa multimodal text decoder and captioning head")
     v, t = oc["vision_cfg"], oc["text_cfg"]
     vision = _vision(v, oc.get("quick_gelu", False), oc["embed_dim"])
     if t.get("hf_model_name"):
@@ -151,6 +156,27 @@ def _translate(oc: dict[str, Any]) -> dict[str, Any]:
         out.update(init_logit_scale=math.log(10), init_logit_bias=float(oc["init_logit_bias"]))
     if vision.get("openclip_layout") == "timm":
         out["preprocess"] = _timm_preprocess(v["timm_model_name"])
+    if "multimodal_cfg" in oc:
+        out["family"] = "coca"
+        out["decoder"] = _decoder(oc["multimodal_cfg"], t, oc.get("quick_gelu", False))
+    return out
+
+
+def _decoder(m: dict[str, Any], t: dict[str, Any], quick_gelu: bool) -> dict[str, Any]:
+    """CoCa's multimodal decoder as OpenCLIP builds it: it predicts the text tower's vocabulary."""
+    extra = sorted(set(m) - DECODER_KEYS)
+    if extra:
+        raise Unsupported("coca", f"decoder options lipkit has no equivalent for: {', '.join(extra)}")
+    out = {
+        "width": m.get("width", 512),
+        "layers": m.get("layers", 12),
+        "heads": m.get("heads", 8),
+        "act": "quick_gelu" if quick_gelu else "gelu",
+        "vocab_size": t.get("vocab_size", 49408),
+        "context_length": m.get("context_length", 77),
+    }
+    if m.get("ls_init_value") is not None:
+        out["layer_scale_init"] = m["ls_init_value"]
     return out
 
 
@@ -198,6 +224,11 @@ def _vision(v: dict[str, Any], quick_gelu: bool, embed_dim: int) -> dict[str, An
         "act": _act(quick_gelu, v.get("act_kwargs")),
         "pool": VIT_POOLS[v.get("pool_type", "tok")],
     }
+    if v.get("attentional_pool"):  # CoCa's pooler: learned queries, the first pooling (OpenCLIP's bool form)
+        if v["attentional_pool"] is not True:
+            raise Unsupported("coca", f"needs OpenCLIP's {v['attentional_pool']!r} attentional pooling")
+        queries, heads = v.get("attn_pooler_queries", 256), v.get("attn_pooler_heads", 8)
+        out.update(pool="queries", pool_queries=queries, pool_heads=heads)
     optional = {
         "ln_pre": not v.get("no_ln_pre", False),
         "norm_after_pool": v.get("final_ln_after_pool", False),
@@ -296,6 +327,10 @@ def _text(t: dict[str, Any], quick_gelu: bool) -> tuple[dict[str, Any], dict[str
         "causal": not t.get("no_causal_mask", False),
         "pool": TEXT_POOLS[t.get("pool_type", "argmax")],
     }
+    if t.get("embed_cls"):  # CoCa: a class token after the text pools, whatever pool_type says
+        text.update(pool="last", embed_cls=True)
+        if t.get("correct_cls_mask"):
+            text["correct_cls_mask"] = True
     optional = {
         "norm_eps": (t.get("norm_kwargs") or {}).get("eps", 1e-5),
         "proj": t.get("proj_type", "linear") != "none",

@@ -173,6 +173,8 @@ def test_registry() -> None:
 def test_losses_declare_their_bias_and_distributed_form() -> None:
     """Each loss states whether it reads a logit bias and which registered loss runs it over all ranks."""
     expected = {
+        "coca": (False, "coca-distributed"),
+        "coca-distributed": (False, "coca-distributed"),
         "infonce": (False, "infonce-distributed"),
         "infonce-distributed": (False, "infonce-distributed"),
         "infonce-streaming": (False, "infonce-streaming-distributed"),

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from lipkit import __version__
 from lipkit.errors import LipkitError, describe_os_error
 
-SUBCOMMANDS = ("quickstart", "models", "train", "eval", "data", "export", "tokenize", "embed", "index", "serve")
+SUBCOMMANDS = (
+    "quickstart", "models", "train", "eval", "data", "export", "tokenize", "embed", "index", "serve", "caption",
+)  # fmt: skip
 
 DESCRIPTION = """\
 lipkit: language-image pre-training (CLIP / SigLIP dual encoders), from data to search.

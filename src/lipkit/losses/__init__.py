@@ -16,6 +16,7 @@ import inspect
 from typing import Any
 
 from lipkit.errors import ConfigError
+from lipkit.losses.caption import CoCaLoss, caption_loss
 from lipkit.losses.contrastive import InfoNCELoss, infonce_loss
 from lipkit.losses.distributed import (
     DistributedInfoNCELoss,
@@ -34,6 +35,7 @@ from lipkit.losses.streaming import (
 
 __all__ = [
     "LOSSES",
+    "CoCaLoss",
     "DistributedInfoNCELoss",
     "DistributedSigmoidLoss",
     "DistributedStreamingInfoNCELoss",
@@ -44,6 +46,7 @@ __all__ = [
     "SigmoidLoss",
     "StreamingInfoNCELoss",
     "StreamingSigmoidLoss",
+    "caption_loss",
     "create_loss",
     "infonce_loss",
     "sigmoid_loss",

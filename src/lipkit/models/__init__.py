@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lipkit.models.clip import DualEncoder, DualEncoderOutput
+    from lipkit.models.coca import CoCa, CoCaOutput
     from lipkit.models.config import ModelConfig, get_model_config, list_models
     from lipkit.models.factory import create_model, get_tokenizer, image_transform
     from lipkit.models.image_inputs import MixedImages
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 _HOMES = {
     "DualEncoder": "lipkit.models.clip",
     "DualEncoderOutput": "lipkit.models.clip",
+    "CoCa": "lipkit.models.coca",
+    "CoCaOutput": "lipkit.models.coca",
     "ModelConfig": "lipkit.models.config",
     "get_model_config": "lipkit.models.config",
     "list_models": "lipkit.models.config",
@@ -31,6 +34,8 @@ _HOMES = {
 }
 
 __all__ = [
+    "CoCa",
+    "CoCaOutput",
     "DualEncoder",
     "DualEncoderOutput",
     "MixedImages",

@@ -37,8 +37,12 @@ class ViTConfig:
         mlp_ratio: Hidden width of the MLP relative to ``width``.
         act: ``gelu``, ``quick_gelu`` (OpenAI's original checkpoints) or ``gelu_tanh``.
         class_token: Prepend a learned class token.
-        pool: ``cls`` (class token), ``mean`` (mean of patch tokens) or ``map`` (attention pooling with a
-            learned query, as in SigLIP).
+        pool: ``cls`` (class token), ``mean`` (mean of patch tokens), ``map`` (attention pooling with a
+            learned query, as in SigLIP) or ``queries`` (OpenCLIP's CoCa pooler: ``pool_queries`` learned
+            queries attend over the tokens into ``embed_dim`` wide outputs, normalised; the first is the
+            pooled feature, the others are the image tokens a captioning decoder reads).
+        pool_queries: Number of learned queries of the ``queries`` pooler.
+        pool_heads: Attention heads of the ``queries`` pooler.
         ln_pre: LayerNorm after the embeddings, before the blocks (CLIP has it, SigLIP does not).
         patch_bias: Bias in the patch-embedding convolution.
         qkv_bias: Bias in the attention input projection.
@@ -73,6 +77,8 @@ class ViTConfig:
     patch_dropout: float = 0.0
     norm_after_pool: bool = False
     openclip_layout: str = "openclip"
+    pool_queries: int = 256
+    pool_heads: int = 8
 
     tower: ClassVar[str] = "lipkit.models.vit:VisionTransformer"
 
@@ -82,14 +88,16 @@ class ViTConfig:
         if self.width % self.heads:
             raise ConfigError(f"vision.width {self.width} is not divisible by heads {self.heads}")
         _check_choice("vision.act", self.act, ACTIVATIONS)
-        _check_choice("vision.pool", self.pool, ("cls", "mean", "map"))
+        _check_choice("vision.pool", self.pool, ("cls", "mean", "map", "queries"))
+        if self.pool == "queries" and (self.pool_queries < 1 or self.pool_heads < 1):
+            raise ConfigError("vision.pool 'queries' needs pool_queries >= 1 and pool_heads >= 1")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("vision.pool 'cls' needs class_token: true")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ConfigError(f"vision.patch_dropout must be in [0, 1), got {self.patch_dropout}")
         _check_choice("vision.openclip_layout", self.openclip_layout, ("openclip", "timm"))
-        if self.norm_after_pool and self.pool == "map":
-            raise ConfigError("vision.norm_after_pool does not apply to attention pooling ('map')")
+        if self.norm_after_pool and self.pool in ("map", "queries"):
+            raise ConfigError(f"vision.norm_after_pool does not apply to attention pooling ({self.pool!r})")
 
 
 @VISION_TOWERS.register("resnet")
@@ -191,8 +199,15 @@ class TextTransformerConfig:
         norm_eps: LayerNorm epsilon.
         proj: Project the pooled feature to ``embed_dim`` with a linear layer (else ``width`` must equal it).
         proj_bias: Bias in the output projection.
-        pad_id: Padding token id (used by ``mean`` pooling).
+        pad_id: Padding token id (used by ``mean`` pooling, and masked out by ``embed_cls`` towers).
         eos_id: End-of-text token id (used by ``eos`` pooling).
+        embed_cls: Append a learned class token after the text (CoCa): it pools (``pool`` must be
+            ``last``), the final norm applies to it alone, and the token states before it, not normalised,
+            are what a captioning decoder reads. Padding is masked out as a key.
+        correct_cls_mask: With ``embed_cls``, mask each padding position itself. OpenCLIP's CoCa weights
+            were trained with the mask shifted one position to the right (a padding position is masked
+            where the token before it is padding, and the first padding position stays visible), which is
+            the default here too, so that those weights give the same features.
     """
 
     context_length: int = 77
@@ -209,6 +224,8 @@ class TextTransformerConfig:
     proj_bias: bool = False
     pad_id: int = 0
     eos_id: int = 2
+    embed_cls: bool = False
+    correct_cls_mask: bool = False
 
     tower: ClassVar[str] = "lipkit.models.text:TextTransformer"
 
@@ -217,6 +234,43 @@ class TextTransformerConfig:
             raise ConfigError(f"text.width {self.width} is not divisible by heads {self.heads}")
         _check_choice("text.act", self.act, ACTIVATIONS)
         _check_choice("text.pool", self.pool, ("eot", "eos", "last", "first", "mean"))
+        if self.embed_cls and self.pool != "last":
+            raise ConfigError(f"text.embed_cls pools the appended class token: set pool 'last', not {self.pool!r}")
+
+
+@dataclass
+class DecoderConfig:
+    """CoCa's multimodal text decoder: causal self-attention over the text tower's token states, then
+    cross-attention to the image tokens, in each of ``layers`` blocks, and a linear head onto the vocabulary.
+
+    Attributes:
+        width: Token width; the text tower's and the image tokens' width must equal it.
+        layers: Number of blocks (each a self-attention and a cross-attention block).
+        heads: Attention heads.
+        mlp_ratio: Hidden width of each block's MLP relative to ``width``.
+        act: ``gelu``, ``quick_gelu`` or ``gelu_tanh``.
+        vocab_size: Outputs of the head: the tokens it predicts.
+        context_length: Longest text it reads.
+        norm_eps: LayerNorm epsilon.
+        layer_scale_init: Initial value of per-channel residual scales; ``None`` disables them.
+    """
+
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    vocab_size: int = 49408
+    context_length: int = 76
+    norm_eps: float = 1e-5
+    layer_scale_init: float | None = None
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"decoder.width {self.width} is not divisible by heads {self.heads}")
+        _check_choice("decoder.act", self.act, ACTIVATIONS)
+        if self.layers < 1 or self.vocab_size < 2:
+            raise ConfigError("decoder needs layers >= 1 and vocab_size >= 2")
 
 
 @TEXT_TOWERS.register("hf")
@@ -289,6 +343,8 @@ class ModelConfig:
         lock_text: Freeze the text tower; its projection head stays trainable.
         unlock_text_layers: With ``lock_text``, keep the top N transformer layers of the text tower
             (and the final norm that follows them, if any) trainable: LiT's partly unlocked text tower.
+        decoder: A captioning decoder (:class:`DecoderConfig`): the model is a CoCa
+            (:class:`lipkit.models.coca.CoCa`), trained with the ``coca`` loss, that also writes captions.
     """
 
     embed_dim: int = 512
@@ -308,10 +364,12 @@ class ModelConfig:
     lock_image: bool = False
     lock_text: bool = False
     unlock_text_layers: int = 0
+    decoder: dict[str, Any] | None = None
 
     def validate(self) -> None:
         self.vision_config()
         text = self.text_config()
+        self.decoder_config()
         if self.unlock_text_layers < 0:
             raise ConfigError(f"unlock_text_layers must be >= 0, got {self.unlock_text_layers}")
         if self.unlock_text_layers and not self.lock_text:
@@ -329,6 +387,10 @@ class ModelConfig:
     def text_config(self) -> TextTransformerConfig | HFTextConfig:
         """The typed config of the text tower."""
         return _tower_config("text", TEXT_TOWERS, self.text)
+
+    def decoder_config(self) -> DecoderConfig | None:
+        """The typed config of the captioning decoder, or ``None`` for a dual encoder without one."""
+        return None if self.decoder is None else from_dict(DecoderConfig, self.decoder, prefix="decoder.")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -44,6 +44,9 @@ VISION_RULES: list[Rule] = [  # OpenCLIP's own ViT (CLIP, OpenAI)
     ("^visual.transformer.resblocks.", "^visual.transformer.blocks."),
     ("^visual.ln_post.", "^visual.norm."),
     ("^visual.proj$", "^visual.proj.weight$"),  # transposed, see RESHAPES
+    ("^visual.attn_pool.ln_q.", "^visual.query_pool.norm_q."),  # CoCa's pooler (nn.MultiheadAttention inside)
+    ("^visual.attn_pool.ln_k.", "^visual.query_pool.norm_kv."),
+    ("^visual.attn_pool.", "^visual.query_pool."),
 ]
 
 TIMM_VISION_RULES: list[Rule] = [  # a timm ViT trunk (SigLIP); block internals already use lipkit's names
@@ -86,9 +89,17 @@ TEXT_RULES: list[Rule] = [  # CLIP keeps these at the top level; CustomTextCLIP 
     ("^positional_embedding$", "^text.pos_embed$"),
     ("^transformer.resblocks.", "^text.transformer.blocks."),
     ("^ln_final.", "^text.norm."),
+    ("^cls_emb$", "^text.cls_emb$"),  # CoCa's class token after the text
 ]
 TEXT_PROJ_PARAM: Rule = ("^text_projection$", "^text.proj.weight$")  # a [width, embed] Parameter, transposed
 TEXT_PROJ_LINEAR: Rule = ("^text_projection.", "^text.proj.")  # an nn.Linear (OpenCLIP with proj_bias)
+
+DECODER_RULES: list[Rule] = [  # CoCa's multimodal decoder
+    ("^text_decoder.resblocks.", "^decoder.blocks."),
+    ("^text_decoder.cross_attn.", "^decoder.cross."),
+    ("^text_decoder.ln_final.", "^decoder.norm."),
+    ("^text_decoder.text_projection$", "^decoder.head.weight$"),  # transposed, see RESHAPES
+]
 
 BLOCK_RULES: list[Rule] = [  # inside OpenCLIP's ``resblocks``
     (".ln_1.", ".norm1."),
@@ -107,9 +118,12 @@ RESNET_BLOCK_RULES: list[Rule] = [  # inside a bottleneck's projection shortcut 
     (".downsample.1.", ".shortcut.bn."),
 ]
 
+CROSS_BLOCK_RULES: list[Rule] = [(".ln_1_kv.", ".norm_kv."), *BLOCK_RULES]  # CoCa's cross-attention blocks
+
 INNER_RULES: list[tuple[str, str, list[Rule]]] = [
     # (marker in an OpenCLIP key, marker in a key with OpenCLIP's outer and lipkit's inner names, rules)
     (".resblocks.", ".resblocks.", BLOCK_RULES),
+    (".cross_attn.", ".cross_attn.", CROSS_BLOCK_RULES),
     (".downsample.", ".shortcut.", RESNET_BLOCK_RULES),
 ]
 
@@ -131,6 +145,7 @@ RESHAPES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]
     # OpenCLIP name (text keys without ``text.``): (to lipkit, to OpenCLIP)
     "visual.proj": (_transpose, _transpose),
     "text_projection": (_transpose, _transpose),
+    "text_decoder.text_projection": (_transpose, _transpose),
     "visual.trunk.pos_embed": (lambda t: t[0], lambda t: t[None]),
 }
 
@@ -165,8 +180,8 @@ def import_rules(layout: str = "", text_layout: str = "") -> list[Rule]:
     """
     text = HF_TEXT_RULES if text_layout == "hf" else TEXT_IMPORT_RULES
     if layout in ("resnet", "timm-model"):
-        return [*VISION_LAYOUTS[layout], *text]
-    return [*VISION_RULES, *TIMM_VISION_RULES, *text]
+        return [*VISION_LAYOUTS[layout], *text, *DECODER_RULES]
+    return [*VISION_RULES, *TIMM_VISION_RULES, *text, *DECODER_RULES]
 
 
 def _inner_rename(key: str, marked: str, reverse: bool) -> str:
@@ -240,7 +255,7 @@ def lipkit_to_openclip(
     custom_text = custom_text or text_layout == "hf"  # OpenCLIP always nests a Hugging Face tower
     text_proj = TEXT_PROJ_LINEAR if "text.proj.bias" in state else TEXT_PROJ_PARAM
     text_rules = HF_TEXT_RULES if text_layout == "hf" else [*TEXT_RULES, text_proj]
-    rules = [*extra_rules, *VISION_LAYOUTS[layout], *text_rules]
+    rules = [*extra_rules, *VISION_LAYOUTS[layout], *text_rules, *DECODER_RULES]
     out = {}
     for key, tensor in state.items():
         renamed = _rename(key, rules, reverse=True)

@@ -59,7 +59,7 @@ def create_model(
                 f"its tags: {', '.join(sorted(tags))}"
             )
     cfg = _as_config(name, overrides)
-    model = DualEncoder(cfg)
+    model = build_model(cfg)
     if pretrained:
         from lipkit.models.convert import load_pretrained
 
@@ -67,6 +67,16 @@ def create_model(
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def build_model(cfg: ModelConfig) -> DualEncoder:
+    """The model a config describes, with fresh weights: a :class:`~lipkit.models.coca.CoCa` when it has a
+    captioning decoder, else a :class:`DualEncoder`."""
+    if cfg.decoder is not None:
+        from lipkit.models.coca import CoCa
+
+        return CoCa(cfg)
+    return DualEncoder(cfg)
 
 
 def _tagged(name: str, tag: str, overrides: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:

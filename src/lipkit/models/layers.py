@@ -129,7 +129,8 @@ class Attention(nn.Module):
     def attend(self, x: torch.Tensor, xq: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of a few query tokens over all tokens, projecting only those queries.
 
-        Equal to ``forward(x)`` at the query positions when ``xq`` holds those rows of ``x``.
+        Equal to ``forward(x)`` at the query positions when ``xq`` holds those rows of ``x``; with ``x`` from
+        another sequence it is cross-attention (CoCa's decoder reads the image tokens this way).
 
         Args:
             x: Tokens (B, T, C), the keys and values.
@@ -139,14 +140,71 @@ class Attention(nn.Module):
         Returns:
             (B, Q, C).
         """
+        k, v = self.keys_values(x)
+        return self.attend_kv(xq, k, v, mask)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of tokens ``x`` (B, T, C): each (B, heads, T, C // heads)."""
         B, T, C = x.shape
-        Q, hd = xq.shape[1], C // self.heads
         weight, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(xq, weight[:C], None if bias is None else bias[:C]).view(B, Q, self.heads, hd).transpose(1, 2)
-        kv = F.linear(x, weight[C:], None if bias is None else bias[C:]).view(B, T, 2, self.heads, hd)
-        k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # (B, H, T, hd) each
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        kv = F.linear(x, weight[C:], None if bias is None else bias[C:]).view(B, T, 2, self.heads, C // self.heads)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))
+        return k, v
+
+    def attend_kv(
+        self, xq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of query tokens ``xq`` (B, Q, C) over given keys and values (:meth:`keys_values`): (B, Q, C)."""
+        B, Q, C = xq.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(xq, weight[:C], None if bias is None else bias[:C]).view(B, Q, self.heads, C // self.heads)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, Q, C))  # (B, Q, C)
+
+    def step(self, h: torch.Tensor, cache: KVCache, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention of new tokens ``h`` (B, Q, C) over the cached ones and themselves.
+
+        The new tokens' keys and values are appended to ``cache``; with ``Q == 1`` and no mask, the
+        result equals ``forward(all tokens, causal=True)`` at the new position.
+
+        Args:
+            h: The new tokens (normalised, as the block feeds them).
+            cache: Keys and values of the earlier tokens; updated in place.
+            mask: Boolean mask broadcastable to (B, heads, Q, T_total), ``True`` where a key may be seen;
+                ``None`` lets every new token see every cached one and, causally, the new ones.
+        """
+        B, Q, C = h.shape
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(h).view(B, Q, 3, self.heads, C // self.heads).unbind(2))
+        k, v = cache.append(k, v)
+        if mask is None and Q > 1:  # new tokens see all cached ones, and the new ones causally
+            T = k.shape[2]
+            mask = torch.ones(Q, T, dtype=torch.bool, device=h.device).tril(T - Q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, Q, C))
+
+
+class KVCache:
+    """The keys and values of the tokens one attention layer has seen, for step-by-step decoding.
+
+    Attributes:
+        k: Keys (B, heads, T, head width), or ``None`` before the first step.
+        v: Values, the same shape.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new keys and values (B, heads, Q, hd) after the cached ones; returns all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) the batch rows ``rows`` (beam search)."""
+        if self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
 
 
 class Mlp(nn.Module):
@@ -201,6 +259,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), causal=causal, mask=mask))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+    def step(self, x: torch.Tensor, cache: KVCache, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output for new tokens ``x`` (B, Q, W) after the cached ones (see :meth:`Attention.step`)."""
+        x = x + self.ls1(self.attn.step(self.norm1(x), cache, mask))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
     def forward_at(self, x: torch.Tensor, index: int | torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -314,3 +377,32 @@ class AttentionPool(nn.Module):
         out = self.proj(out)
         out = out + self.mlp(self.norm(out))
         return out[:, 0]  # (B, C)
+
+
+class QueryPool(nn.Module):
+    """Attention pooling with many learned queries (OpenCLIP's CoCa ``AttentionalPooler``).
+
+    The normalised queries attend over the normalised tokens through ``nn.MultiheadAttention``; the tokens
+    may be wider than the queries (``kv_width``). Each query attends on its own, so the first output does
+    not depend on the other queries.
+
+    Args:
+        width: Width of the queries and outputs.
+        kv_width: Width of the tokens pooled.
+        queries: Number of learned queries.
+        heads: Attention heads.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(self, width: int, kv_width: int, queries: int, heads: int, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(queries, width))
+        self.attn = nn.MultiheadAttention(width, heads, kdim=kv_width, vdim=kv_width, batch_first=True)
+        self.norm_q = LayerNorm(width, eps=norm_eps)
+        self.norm_kv = LayerNorm(kv_width, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """Pool tokens (B, T, kv_width) into (B, queries, width); only the first query's row if ``first_only``."""
+        x = self.norm_kv(x)
+        q = self.norm_q(self.query[:1] if first_only else self.query)
+        return self.attn(q.unsqueeze(0).expand(x.shape[0], -1, -1), x, x, need_weights=False)[0]

@@ -67,7 +67,9 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         self.context_length = cfg.context_length
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        # CoCa appends a class token after the text, at one more position
+        self.cls_emb = nn.Parameter(torch.empty(cfg.width)) if cfg.embed_cls else None
+        self.pos_embed = nn.Parameter(torch.empty(cfg.context_length + int(cfg.embed_cls), cfg.width))
         self.transformer = Transformer(
             cfg.width, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, norm_eps=cfg.norm_eps
         )
@@ -78,6 +80,8 @@ class TextTransformer(nn.Module):
         self.output_dim = embed_dim
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
+        if self.cls_emb is not None:
+            nn.init.normal_(self.cls_emb, std=0.01)
         self.transformer.init_weights(cfg.width, cfg.layers)
         if isinstance(self.proj, nn.Linear):
             nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
@@ -112,11 +116,46 @@ class TextTransformer(nn.Module):
         T = tokens.shape[1]
         if self.context_length < T:
             raise LipkitError(f"text has {T} tokens but the model's context_length is {self.context_length}")
-        x = self.token_embed(tokens) + self.pos_embed[:T]  # (B, T, W)
-        return TextCache(self.transformer(x, causal=self.cfg.causal, stop=stop), tokens)
+        x = self.token_embed(tokens)  # (B, T, W)
+        if self.cls_emb is not None:  # (B, T + 1, W): the class token after the text
+            x = torch.cat([x, self.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+        x = x + self.pos_embed[: x.shape[1]].to(x.dtype)
+        return TextCache(self.transformer(x, causal=self.cfg.causal, mask=self.cls_mask(tokens), stop=stop), tokens)
+
+    def cls_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """With ``embed_cls``, the attention mask (B, 1, T + 1, T + 1), ``True`` where a query may see a key:
+        causal if the tower is, and never a padding key (as OpenCLIP's CoCa sees it: see
+        :attr:`~lipkit.models.config.TextTransformerConfig.correct_cls_mask`); ``None`` without it."""
+        if self.cls_emb is None:
+            return None
+        valid = self.key_valid(tokens)  # (B, T + 1)
+        n = valid.shape[1]
+        mask = valid[:, None, None, :]
+        if self.cfg.causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
+        return mask
+
+    def key_valid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which of the T + 1 positions (text, then the class token) an ``embed_cls`` tower lets queries see."""
+        valid = tokens != self.cfg.pad_id
+        ones = valid.new_ones(valid.shape[0], 1)
+        return torch.cat([valid, ones] if self.cfg.correct_cls_mask else [ones, valid], dim=1)
+
+    def pooled_and_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled feature before the projection head (B, width) and the token states a captioning
+        decoder reads (B, T, width): before the final norm, without the class token, with ``embed_cls``
+        (CoCa); after it otherwise."""
+        states = self.hidden(tokens, len(self.transformer.blocks))
+        if self.cls_emb is not None:
+            return self.norm(states.features[:, -1]), states.features[:, :-1]
+        x = self.norm(states.features)
+        return pool_tokens(x, tokens, self.cfg.pool, self.cfg.pad_id), x
 
     def features_from_hidden(self, x: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """The pooled feature from token states ``x`` that went through the first ``start`` blocks."""
+        if self.cls_emb is not None:  # the appended class token, normalised alone
+            x = self.transformer(x, causal=self.cfg.causal, mask=self.cls_mask(tokens), start=start)
+            return self.norm(x[:, -1])
         index = pool_index(tokens, self.cfg.pool, self.cfg.eos_id)
         if index is not None:  # one token per text: the last block computes only that one, then the norm
             return self.norm(self.transformer.forward_pooled(x, index, causal=self.cfg.causal, start=start))
@@ -125,7 +164,7 @@ class TextTransformer(nn.Module):
 
     def trim(self, states: TextCache) -> TextCache:
         """Drop trailing positions that cannot change any pooled feature (only exact with causal attention)."""
-        if not self.cfg.causal:
+        if not self.cfg.causal or self.cls_emb is not None:  # the class token pools after the padding
             return states
         tokens = states.tokens
         used = tokens != self.cfg.pad_id
@@ -217,11 +256,16 @@ class HFTextEncoder(nn.Module):
         ``tokens`` are the ids with their attention mask, or the ids alone (B, T), whose mask is then every
         position that is not the model's padding id, as OpenCLIP reads them.
         """
+        return self.pooled_and_tokens(tokens)[0]
+
+    def pooled_and_tokens(self, tokens: TextTokens | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled feature (B, hidden_size) and the token states a captioning decoder reads (B, T', hidden_size):
+        the encoder's output, without the first token when it pools (OpenCLIP's CoCa reads them so)."""
         if isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and tokens.dtype == torch.long:
             tokens = TextTokens(tokens, (tokens != self.pad_id).long())
         _check_tokens(tokens)
         hidden = self.encoder(input_ids=tokens.ids, attention_mask=tokens.mask).last_hidden_state
-        return self._pool(hidden, tokens.mask)
+        return self._pool(hidden, tokens.mask), hidden[:, 1:] if self.cfg.pool == "cls" else hidden
 
     def _pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.cfg.pool == "eot":

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lipkit.models.config import ViTConfig
-from lipkit.models.layers import AttentionPool, LayerNorm, Transformer
+from lipkit.models.layers import AttentionPool, LayerNorm, QueryPool, Transformer
 
 
 class VisionTransformer(nn.Module):
@@ -38,13 +38,17 @@ class VisionTransformer(nn.Module):
             norm_eps=cfg.norm_eps,
             layer_scale_init=cfg.layer_scale_init,
         )
-        self.norm = LayerNorm(width, eps=cfg.norm_eps)
         self.attn_pool = (
             AttentionPool(width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps) if cfg.pool == "map" else None
         )
-        if not cfg.proj and embed_dim != width:
+        self.query_pool = None
+        if cfg.pool == "queries":
+            self.query_pool = QueryPool(embed_dim, width, cfg.pool_queries, cfg.pool_heads, cfg.norm_eps)
+        pooled = embed_dim if self.query_pool is not None else width  # the query pooler's outputs are embed_dim wide
+        self.norm = LayerNorm(pooled, eps=cfg.norm_eps)
+        if not cfg.proj and embed_dim != pooled:
             raise ValueError(f"vision.proj is false but width {width} != embed_dim {embed_dim}")
-        self.proj = nn.Linear(width, embed_dim, bias=cfg.proj_bias) if cfg.proj else nn.Identity()
+        self.proj = nn.Linear(pooled, embed_dim, bias=cfg.proj_bias) if cfg.proj else nn.Identity()
         self.output_dim = embed_dim
         self.transformer.init_weights(width, cfg.layers)
         if isinstance(self.proj, nn.Linear):
@@ -77,13 +81,28 @@ class VisionTransformer(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Token features (B, T, width), after the final norm unless it follows the pooling (``norm_after_pool``)."""
+        """Token features (B, T, width), after the final norm unless it follows the pooling (``norm_after_pool``,
+        or the ``queries`` pooler, whose outputs the norm follows)."""
         x = self.drop_patches(self.embed(images))
         x = self.transformer(self.norm_pre(x))
-        return x if self.cfg.norm_after_pool else self.norm(x)
+        return x if self.cfg.norm_after_pool or self.query_pool is not None else self.norm(x)
+
+    def pooled_and_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled feature before the projection head (B, F) and the image tokens a captioning decoder
+        reads (B, N, F), as OpenCLIP's CoCa takes them: the ``queries`` pooler's outputs after the first, or
+        the normalised patch tokens."""
+        x = self.forward_features(images)
+        if self.query_pool is not None:
+            x = self.norm(self.query_pool(x))  # (B, queries, embed_dim)
+            return x[:, 0], x[:, 1:]
+        tokens = x[:, int(self.cls_token is not None) :]
+        pooled = self.pool(x)
+        return (self.norm(pooled) if self.cfg.norm_after_pool else pooled), tokens
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Pool token features (B, T, width) into one vector per image (B, width)."""
+        """Pool token features (B, T, width) into one vector per image (B, width; embed_dim for ``queries``)."""
+        if self.query_pool is not None:  # only the first query pools; each query attends on its own
+            return self.norm(self.query_pool(x, first_only=True))[:, 0]
         if self.attn_pool is not None:
             return self.attn_pool(x)
         if self.cfg.pool == "cls":

@@ -233,6 +233,19 @@ PRESETS.add(
     },
 )
 PRESETS.add(
+    "tiny-coca",
+    {
+        "name": "tiny-coca",
+        "model": "tiny-coca",
+        "loss": "coca",
+        "steps": 300,
+        "log_every": 10,
+        "checkpoint_every": 100,
+        "data": {"train": "tuxpaint:train", "batch_size": 32, "workers": 2},
+        "optim": {"lr": 1e-3, "warmup_steps": 30, "weight_decay": 0.1},
+    },
+)
+PRESETS.add(
     "tiny-tuxpaint",
     {
         "name": "tiny-tuxpaint",

@@ -128,8 +128,10 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
     if cfg.precision == "bf16-pure":
         model.to(torch.bfloat16)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    if LOSSES.get(cfg.loss).needs_bias and model.logit_bias is None:
+    loss_fn = loss_for(cfg, env)
+    if loss_fn.needs_bias and model.logit_bias is None:
         raise ConfigError(f"loss {cfg.loss!r} needs a model with a logit bias (init_logit_bias); {cfg.model} has none")
+    check_captioning(cfg, model, loss_fn)
     if cfg.cache_features and cfg.fsdp:
         raise ConfigError("cache_features trains only the small heads: use DDP (fsdp=false) across processes")
     if cfg.cache_features and cfg.accum_micro_batch is not None:
@@ -152,7 +154,37 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
 
             dynamo.config.suppress_errors = True
         net = torch.compile(net, backend=backend)
-    return TrainState(model, loss_for(cfg, env), optimizer, env, net, cfg.cache_features, replicated)
+    return TrainState(model, loss_fn, optimizer, env, net, cfg.cache_features, replicated)
+
+
+def check_captioning(cfg: TrainConfig, model: DualEncoder, loss_fn: nn.Module) -> None:
+    """A captioning model (CoCa) trains with the ``coca`` loss, on whole images and texts its decoder can predict."""
+    captions = bool(getattr(loss_fn, "needs_captions", False))
+    decoder = model.cfg.decoder_config()
+    if captions and decoder is None:
+        raise ConfigError(f"loss {cfg.loss!r} trains a captioning decoder; {cfg.model} has none (try a coca_* model)")
+    if decoder is None:
+        return
+    if not captions:
+        raise ConfigError(
+            f"{cfg.model} has a captioning decoder: train it with loss 'coca' (its caption_weight and "
+            "contrastive_weight options set the mix)"
+        )
+    if cfg.cache_features:
+        raise ConfigError(
+            "cache_features trains only the heads, but CoCa's decoder reads the image tokens: turn it off"
+        )
+    if cfg.accum_micro_batch is not None:
+        raise ConfigError("accum_micro_batch caches embeddings only, not the decoder's inputs: CoCa trains without it")
+    text = model.cfg.text_config()
+    vocab = getattr(text, "vocab_size", None)
+    if vocab is None and hasattr(model.text, "encoder"):  # a Hugging Face tower: its model's vocabulary
+        vocab = model.text.encoder.config.vocab_size
+    if vocab is not None and vocab > decoder.vocab_size:
+        raise ConfigError(
+            f"the decoder predicts {decoder.vocab_size} tokens but the text vocabulary has {vocab}: captions holding "
+            f"later ids cannot be learned; set model_overrides.decoder.vocab_size={vocab}"
+        )
 
 
 def compile_backend(setting: str | None, device: torch.device) -> str | None:
