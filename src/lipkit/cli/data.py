@@ -16,6 +16,8 @@ Prepare training data.
 
   lipkit data pack SOURCE --out-dir DIR     a folder (images + .txt/.json captions) or a CSV/TSV/Parquet
                                             table -> webdataset tar shards in img2dataset's layout
+  lipkit data download TABLE --out-dir DIR  a table of image URLs and captions (LAION, DataComp, CC3M...)
+                                            -> shards in the same layout, with a status row per URL
   lipkit data builtin NAME --out-dir DIR    build a built-in corpus from Debian packages
   lipkit data info SPEC                     what a data spec (as in data.train=...) holds
   lipkit data curate SPEC --out-dir DIR     balance (MetaCLIP), filter and deduplicate -> keys.txt or shards
@@ -41,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--caption-col", help="table column of captions (default: caption, text, title...)")
     _packing_options(pk)
     pk.set_defaults(run=run_pack)
+    add_download_parser(tasks)
     b = tasks.add_parser("builtin", help="build a built-in corpus", description=builtin_description())
     b.add_argument("name", choices=BUILTINS, help="the corpus")
     _packing_options(b)
@@ -50,6 +53,91 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--show", type=int, default=3, metavar="N", help="print the first N pairs of each source")
     i.set_defaults(run=run_info)
     add_curate_parser(tasks)
+
+
+DOWNLOAD_DESCRIPTION = """\
+Download a table of image URLs and captions into webdataset shards in img2dataset's layout: NNNNN.tar
+(KEY.jpg, KEY.txt, KEY.json), NNNNN.parquet (one status row per URL: success, timeout, http_404,
+connection_error, too_large, not_an_image, truncated, decompression_bomb, opted_out...) and
+NNNNN_stats.json. The table is Parquet, CSV or TSV; its URL and caption columns are found by name (LAION's
+URL/TEXT, DataComp's url/text...) or given; CC3M's TSV without a header is read as caption, URL.
+
+Requests run --threads at a time in each of --processes processes, at most --per-host to one host, each
+with a --timeout for the whole response and --retries (with backoff) after timeouts, connection errors and
+5xx answers. X-Robots-Tag opt-outs (noai, noimageai, noindex, noimageindex) are honoured unless
+--no-opt-out. A re-run skips finished shards and, within an unfinished one, the URLs already fetched."""
+
+DOWNLOAD_EPILOG = """\
+examples:
+  lipkit data download laion_part.parquet --out-dir shards/laion --max-side 256 --processes 2
+  lipkit data download cc3m_train.tsv --out-dir shards/cc3m --threads 64 --per-host 16
+  lipkit data download datacomp.parquet --out-dir /shared/dc --ray auto     # shards on a Ray cluster
+  lipkit train tiny-tuxpaint --set data.train=shards/laion"""
+
+
+def add_download_parser(tasks: argparse._SubParsersAction) -> None:
+    d = tasks.add_parser(
+        "download",
+        help="download a URL table into tar shards",
+        description=DOWNLOAD_DESCRIPTION,
+        epilog=DOWNLOAD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("table", help="a .parquet, .csv or .tsv table of image URLs and captions")
+    out = d.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out-dir", metavar="DIR", help="output folder")
+    add_alias(out, "--out", "--out-dir", "out_dir", metavar="DIR")
+    d.add_argument("--url-col", help="table column of URLs (default: url, URL, image_url...)")
+    d.add_argument("--caption-col", help="table column of captions (default: caption, text, TEXT...)")
+    d.add_argument("--samples-per-shard", type=int, default=10_000, metavar="N", help="default 10000")
+    d.add_argument("--max-side", type=int, metavar="PX", help="shrink images to this longer side (default: keep)")
+    d.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG/WebP quality (default 95)")
+    d.add_argument("--format", default="jpg", choices=("jpg", "png", "webp"), help="image format (default jpg)")
+    d.add_argument("--processes", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="shards fetched at once, one process each (default: up to 4)")  # fmt: skip
+    d.add_argument("--threads", type=int, default=32, metavar="N", help="requests at once per process (default 32)")
+    d.add_argument("--per-host", type=int, default=8, metavar="N", help="connections per host per process (default 8)")
+    d.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per response (default 10)")
+    d.add_argument("--retries", type=int, default=2, metavar="N", help="retries after transient faults (default 2)")
+    d.add_argument("--max-bytes", type=int, default=20_000_000, metavar="B", help="largest body (default 20 MB)")
+    d.add_argument("--no-opt-out", action="store_true", help="ignore X-Robots-Tag opt-outs (they are honoured)")
+    d.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the shards on a Ray cluster through Ray Data: HOST:PORT, ray://HOST:PORT, auto, or `local`; "
+        "the output folder must be shared with its nodes",
+    )
+    add_limit(d, "rows of the table (the first ones)")
+    add_quiet(d)
+    d.set_defaults(run=run_download)
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from lipkit.data.download import DownloadOptions, download, read_url_table
+
+    options = DownloadOptions(
+        samples_per_shard=args.samples_per_shard,
+        max_side=args.max_side,
+        quality=args.quality,
+        image_format=args.format,
+        processes=args.processes,
+        threads=args.threads,
+        per_host=args.per_host,
+        timeout=args.timeout,
+        retries=args.retries,
+        max_bytes=args.max_bytes,
+        respect_opt_out=not args.no_opt_out,
+    )
+    options.validate()
+    rows = read_url_table(args.table, args.url_col, args.caption_col)
+    rows = rows[: args.limit] if args.limit else rows
+    result = download(rows, args.out_dir, options, progress=not args.quiet, ray_address=args.ray)
+    failed = ", ".join(f"{kind} {n}" for kind, n in result.failures.items()) or "none"
+    print(
+        f"{result.successes} of {result.count} URLs in {result.shards} shards in {result.out} ({result.written} "
+        f"written, {result.shards - result.written} already done) in {result.seconds:.1f} s; failed: {failed}"
+    )
+    return 0
 
 
 def pack_description() -> str:

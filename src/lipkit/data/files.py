@@ -88,9 +88,9 @@ def table_pairs(path: str | Path, image_col: str | None = None, caption_col: str
             holds URLs rather than local paths.
     """
     path = Path(path)
-    columns = _read_table(path)
-    image_col = _pick_column(path, columns, image_col, IMAGE_COLUMNS, "image")
-    caption_col = _pick_column(path, columns, caption_col, CAPTION_COLUMNS, "caption")
+    columns = read_columns(path)
+    image_col = pick_column(path, columns, image_col, IMAGE_COLUMNS, "image")
+    caption_col = pick_column(path, columns, caption_col, CAPTION_COLUMNS, "caption")
     images = [cell_text(v or "")[0] for v in columns[image_col]]
     first = next((v for v in images if v), "")
     if first.startswith(("http://", "https://", "s3://", "gs://")):
@@ -118,7 +118,7 @@ def cell_text(value: object) -> tuple[str, bool]:
     return str(value), False
 
 
-def _read_table(path: Path) -> dict[str, list]:
+def read_columns(path: Path) -> dict[str, list]:
     """The columns of a table by name; the cells of a CSV/TSV are bytes, decoded per cell by :func:`cell_text`.
 
     A CSV is parsed as Latin-1, which maps every byte to one character, so that its delimiters and quotes
@@ -145,9 +145,15 @@ def _read_table(path: Path) -> dict[str, list]:
     return {cell_text(name.encode("latin-1"))[0]: cells for name, cells in raw.items()}
 
 
-def _pick_column(path: Path, columns: dict, given: str | None, candidates: tuple[str, ...], what: str) -> str:
+def pick_column(path: Path, columns: dict, given: str | None, candidates: tuple[str, ...], what: str) -> str:
+    """The column named ``given``, or else the first of ``candidates`` the table has (any case: LAION's ``TEXT``).
+
+    Raises:
+        LipkitError: No such column (the message lists the table's columns).
+    """
     if given is None:
-        given = next((c for c in candidates if c in columns), None)
+        lower = {name.lower(): name for name in reversed(list(columns))}
+        given = next((c if c in columns else lower[c] for c in candidates if c in columns or c in lower), None)
         if given is None:
             raise LipkitError(
                 f"table {path} has no {what} column (looked for {', '.join(candidates)}); its columns are: "

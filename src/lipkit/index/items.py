@@ -172,13 +172,13 @@ def _text_hash(text: str) -> str:
 
 def table_extras(entry: SourceSpec, keys: list[str]) -> dict[str, list[Any]]:
     """The table's columns other than its image and caption columns, for the listed rows (keys ``NAME#ROW``)."""
-    from lipkit.data.files import CAPTION_COLUMNS, IMAGE_COLUMNS, _pick_column, _read_table
+    from lipkit.data.files import CAPTION_COLUMNS, IMAGE_COLUMNS, pick_column, read_columns
 
     path = Path(os.path.expanduser(entry.source))
-    columns = _read_table(path)
+    columns = read_columns(path)
     used = {
-        _pick_column(path, columns, entry.image_col, IMAGE_COLUMNS, "image"),
-        _pick_column(path, columns, entry.caption_col, CAPTION_COLUMNS, "caption"),
+        pick_column(path, columns, entry.image_col, IMAGE_COLUMNS, "image"),
+        pick_column(path, columns, entry.caption_col, CAPTION_COLUMNS, "caption"),
     }
     rows = [int(k.rpartition("#")[2]) for k in keys]
     return {
