@@ -1,7 +1,8 @@
 """A real nginx on 127.0.0.1 for the tests, serving a folder (Debian's nginx-light, as COMPONENTS.md runs it).
 
 Beside plain files (with range requests), it serves the faults a downloader meets: ``/fault/500/...``
-answers 500, ``/slow/...`` trickles at 1 KB/s, ``/optout/...`` sends ``X-Robots-Tag: noai, noimageai`` and
+answers 500, ``/slow/...`` trickles at 1 KB/s, ``/throttled/...`` sends at ``throttle`` per connection (a
+slow remote server, for benchmarks), ``/optout/...`` sends ``X-Robots-Tag: noai, noimageai`` and
 ``/optout-other/...`` an opt-out aimed at another agent only.
 """
 
@@ -37,6 +38,7 @@ http {{
         root {root};
         location /fault/500/ {{ return 500; }}
         location /slow/ {{ limit_rate 1k; }}
+        location /throttled/ {{ limit_rate {throttle}; }}
         location /optout/ {{ add_header X-Robots-Tag "noai, noimageai"; }}
         location /optout-other/ {{ add_header X-Robots-Tag "otherbot: noai"; }}
     }}
@@ -47,7 +49,7 @@ http {{
 class Nginx:
     """A running nginx: ``root`` is served at ``url``; ``requests(path)`` counts the requests for a path."""
 
-    def __init__(self) -> None:
+    def __init__(self, throttle: str = "64k") -> None:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(binary).exists():
             raise RuntimeError("nginx is not installed (Debian: apt-get install nginx-light)")
@@ -61,7 +63,7 @@ class Nginx:
             self.port = s.getsockname()[1]
         user = "user root root;\n" if os.geteuid() == 0 else ""
         conf = self.run / "nginx.conf"
-        conf.write_text(CONFIG.format(user=user, run=self.run, root=self.root, port=self.port))
+        conf.write_text(CONFIG.format(user=user, run=self.run, root=self.root, port=self.port, throttle=throttle))
         self.process = subprocess.Popen(
             [binary, "-p", str(self.run), "-c", str(conf), "-e", str(self.run / "error.log")],
             stdout=subprocess.DEVNULL,

@@ -54,6 +54,7 @@ SMOKE = {
         "matches identical on 20 captions",
     ),
     "embed_overhead.py": (["--model", "micro", "--items", "16", "--workers", "0", "--rounds", "1"], "job/forward"),
+    "download.py": (["--urls", "40", "--images", "8", "--throttle", "1m", "--skip-img2dataset"], "40 fetched"),
     "caption_speed.py": (
         ["--layers", "1", "--batch-size", "2", "--length", "8", "--rounds", "1"],
         "captions identical: True (2, 8)",

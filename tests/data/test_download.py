@@ -131,12 +131,13 @@ def test_resume_skips_finished_shards_and_fetched_urls(nginx, served, tmp_path):
     # a run cut short: shard 1 lost, its spool of fetched URLs kept
     for name in ("00001.tar", "00001.parquet", "00001_stats.json"):
         (out / name).unlink()
-    spool = out / ".fetched" / "00001"
-    spool.mkdir(parents=True)
     import lipkit.data.download as dl
 
+    spool = dl._Spool(out, 1)
     for row in good[4:8]:
-        dl._Spool(out, 1).put(row.url, ("success", nginx_bytes(nginx, row.url), 200, ""))
+        spool.put(row.url, ("success", nginx_bytes(nginx, row.url), 200, ""))
+    spool.file.write(b"\x01" * 40)  # a record torn by the kill: ignored
+    spool.file.close()
     before = {row.url: nginx.requests(row.url.removeprefix(f"{nginx.url}/")) for row in good}
     result = download(good, out, options, progress=False)
     assert result.written == 1 and result.successes == 10

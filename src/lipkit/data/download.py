@@ -19,9 +19,9 @@ Every URL ends with one status: ``success``, ``timeout``, ``http_<code>``, ``con
 or ``bad_url``. Nothing is fatal to the job.
 
 Resuming: the tar, its Parquet table and its stats are written atomically, the stats last; a shard with
-its stats is finished and skipped by a re-run. Fetched bytes are spooled under ``.fetched/`` while a shard
-is in progress, keyed by the URL's hash, so a shard cut short does not fetch again what it already has, and
-a URL listed twice in a shard is fetched once. Shards run in local processes, or on a Ray cluster (Ray Data),
+its stats is finished and skipped by a re-run. Fetched bytes are spooled to ``.fetched/NNNNN`` while a shard
+is in progress, keyed by the URL's hash, so a shard cut short does not fetch again what it already has; a
+URL listed twice in a shard is fetched once. Shards run in local processes, or on a Ray cluster (Ray Data),
 with the same output.
 """
 
@@ -32,6 +32,7 @@ import io
 import json
 import multiprocessing
 import shutil
+import struct
 import tarfile
 import threading
 import time
@@ -309,7 +310,7 @@ def _run_local(jobs: list[ShardJob], processes: int, bar: _Progress) -> None:
         for job in jobs:
             download_shard(job, bar.update)
         return
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context()
     queue = ctx.Queue()
     with ctx.Pool(min(processes, len(jobs)), initializer=_init_worker, initargs=(queue,)) as pool:
         pending = pool.map_async(_pool_shard, jobs, chunksize=1)
@@ -453,37 +454,61 @@ def opted_out(values: Sequence[str], token: str = USER_AGENT_TOKEN) -> bool:
 
 
 class _Spool:
-    """Fetched results of one shard on disk, by the URL's hash, while the shard is in progress."""
+    """Fetched results of one shard, appended to one file while the shard is in progress (``.fetched/NNNNN``).
+
+    Each record is the URL's SHA-256, a JSON header (status, HTTP status, error, body length) and the
+    body, written unbuffered (a killed process loses none) but not synced: after a crash the records read
+    back are those written whole, and a torn last record is ignored (its URL is fetched again).
+    """
 
     def __init__(self, out: Path, shard: int) -> None:
-        self.folder = out / ".fetched" / shard_name(shard)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = out / ".fetched" / shard_name(shard)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.found = self._read()
         self.lock = threading.Lock()
+        self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (closed by remove); a kill loses no record
 
-    def _paths(self, url: str) -> tuple[Path, Path]:
-        digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
-        return self.folder / f"{digest}.json", self.folder / f"{digest}.bin"
+    def _read(self) -> dict[bytes, tuple[str, bytes | None, int | None, str]]:
+        found: dict[bytes, tuple[str, bytes | None, int | None, str]] = {}
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return found
+        at = 0
+        while at + 36 <= len(data):
+            digest, (size,) = data[at : at + 32], struct.unpack(">I", data[at + 32 : at + 36])
+            try:
+                meta = json.loads(data[at + 36 : at + 36 + size])
+            except ValueError:
+                break
+            body_at = at + 36 + size
+            body = data[body_at : body_at + meta["bytes"]]
+            if len(body) != meta["bytes"]:
+                break
+            found[digest] = (meta["status"], body if meta["status"] == "success" else None, meta["http"], meta["error"])
+            at = body_at + meta["bytes"]
+        return found
+
+    @staticmethod
+    def _digest(url: str) -> bytes:
+        return hashlib.sha256(url.encode("utf-8")).digest()
 
     def get(self, url: str) -> tuple[str, bytes | None, int | None, str] | None:
-        meta_path, body_path = self._paths(url)
-        try:
-            meta = json.loads(meta_path.read_text())
-            body = body_path.read_bytes() if meta["status"] == "success" else None
-        except (OSError, ValueError, KeyError):
-            return None
-        return meta["status"], body, meta["http_status"], meta["error"]
+        return self.found.get(self._digest(url))
 
     def put(self, url: str, result: tuple[str, bytes | None, int | None, str]) -> None:
         status, body, code, error = result
         if status in RETRIED:  # a passing fault: a re-run tries again
             return
-        meta_path, body_path = self._paths(url)
-        if body is not None:
-            atomic_write(body_path, lambda f: f.write(body))
-        atomic_write_text(meta_path, json.dumps({"status": status, "http_status": code, "error": error}))
+        body = body or b""
+        meta = json.dumps({"status": status, "http": code, "error": error, "bytes": len(body)}).encode("utf-8")
+        record = self._digest(url) + struct.pack(">I", len(meta)) + meta + body
+        with self.lock:
+            self.file.write(record)
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -503,9 +528,28 @@ class _Fetched:
             width = height = 0
         if width * height > self.max_pixels:
             raise _Bomb(f"{width} x {height} pixels, more than {self.max_pixels}")
+        if max_side is None or max(width, height) <= max_side:
+            kept = _kept_jpeg(self.data)
+            if kept is not None:
+                return kept
         img, original = open_for_max_side(self.data, max_side)
         plain = img.format == "JPEG" and img.size == original and img.mode in ("RGB", "L")
         return Decoded(img, original, self.data if plain else None)
+
+
+def _kept_jpeg(data: bytes) -> Decoded | None:
+    """A JPEG that will be kept as it is, checked by decoding it at 1/8 scale (the whole stream is still read,
+    so a truncated or corrupt one fails); ``None`` when it is not such a JPEG."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+            return None
+        size = img.size
+        img.draft(img.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+        img.load()
+    except DECODE_ERRORS as exc:
+        raise UndecodableImage(f"{type(exc).__name__}: {exc}") from None
+    return Decoded(Image.open(io.BytesIO(data)), size, data)  # not decoded: its bytes are written as they are
 
 
 class _Bomb(BadSample):
@@ -528,7 +572,9 @@ def download_shard(job: ShardJob, report: Any = None) -> dict[str, Any]:
     unique = list(dict.fromkeys(row.url for row in job.rows))  # in the order the rows first need them
     order = {url: i for i, url in enumerate(unique)}
     uses = Counter(row.url for row in job.rows)
-    window = 4 * options.threads  # URLs fetched ahead of the writer, at most: bounds the bodies held in memory
+    # URLs fetched ahead of the writer, which writes in table order (the same shards however they are fetched):
+    # wide enough that one slow URL does not idle the threads, and a bound on the bodies held in memory
+    window = max(256, 16 * options.threads)
     lock = threading.Lock()
     fetched: dict[str, tuple[str, bytes | None, int | None, str]] = {}
 
