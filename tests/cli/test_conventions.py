@@ -101,7 +101,7 @@ def test_every_command_spells_shared_options_alike():
     assert {q.rsplit(" ", 1)[0] for q in quiet} == {
         "lipkit train", "lipkit quickstart", "lipkit data pack", "lipkit data builtin", "lipkit eval retrieval",
         "lipkit eval zeroshot", "lipkit eval linear-probe", "lipkit eval fewshot", "lipkit embed", "lipkit data curate",
-        "lipkit caption",
+        "lipkit caption", "lipkit data download",
     }  # fmt: skip
     assert all(options[q].help == options["lipkit train --quiet"].help for q in quiet)
 

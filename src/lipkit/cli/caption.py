@@ -83,7 +83,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from lipkit.models.captioner import Captioner, CaptionSettings, image_files
+    from lipkit.eval.captioner import Captioner, CaptionSettings, image_files
     from lipkit.utils import resolve_device
 
     files = image_files(args.images)

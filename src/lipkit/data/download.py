@@ -342,9 +342,9 @@ def _run_ray(jobs: list[ShardJob], address: str, bar: _Progress) -> None:
         return
     import ray
 
-    from lipkit import ray_cluster
+    from lipkit.ray_cluster import connect
 
-    started = ray_cluster.connect(address)
+    started = connect(address)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         dataset = ray.data.from_items([{"job": job} for job in jobs], override_num_blocks=len(jobs))
