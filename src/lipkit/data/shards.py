@@ -28,10 +28,12 @@ import os
 import re
 import tarfile
 import warnings
+import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -96,12 +98,68 @@ def _range(body: str) -> list[str]:
     return [str(v).zfill(width) for v in range(int(a), int(b) + step, step)]
 
 
-def resolve_shards(pattern: str) -> list[Path]:
-    """The tar files named by a brace pattern and/or glob, in pattern order.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+REMOTE_READ_BLOCK = 8 << 20  # bytes per range request while a remote shard's headers are walked
+
+
+def is_remote(name: str | Path) -> bool:
+    """Whether a shard name is a URL that fsspec reads (``s3://``, ``gs://``, ``http(s)://``...) or OpenCLIP's
+    ``pipe:COMMAND`` form, rather than a local path."""
+    name = str(name)
+    return name.startswith("pipe:") or (bool(_URL.match(name)) and not name.startswith("file://"))
+
+
+def _url_to_fs(url: str) -> tuple[Any, str]:
+    """A file system of this process's own for ``url`` (never fsspec's shared instance), and the path in it.
+
+    Every one is closed before this process forks (:func:`_close_remote_sessions`): a forked child that
+    closed an inherited connection would take its socket out of the event loop the parent shares with it,
+    and the parent's next request would wait for ever.
+    """
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise LipkitError(f"reading {url} needs fsspec (and s3fs, gcsfs or aiohttp): pip install fsspec") from None
+    try:
+        fs, path = url_to_fs(url, skip_instance_cache=True)
+    except (ImportError, ValueError) as exc:
+        raise LipkitError(f"cannot read {url}: {exc}") from None
+    global _FORK_HOOKED
+    if not _FORK_HOOKED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_close_remote_sessions)
+        _FORK_HOOKED = True
+    _LIVE_FS.add(fs)
+    return fs, path
+
+
+_LIVE_FS: weakref.WeakSet = weakref.WeakSet()
+_FORK_HOOKED = False
+
+
+def _close_remote_sessions() -> None:
+    """Close the connections of every remote file system this process opened (they reopen when next used)."""
+    for fs in list(_LIVE_FS):
+        _close_session(fs)
+
+
+def _close_session(fs: Any) -> None:
+    close = getattr(type(fs), "close_session", None)
+    for attribute in ("_session", "_s3"):  # fsspec's HTTP file system, s3fs
+        session = getattr(fs, attribute, None)
+        if close is not None and session is not None:
+            with contextlib.suppress(Exception):  # closing is best effort: the session may be half gone
+                close(getattr(fs, "loop", None), session)
+            setattr(fs, attribute, None)
+
+
+def resolve_shards(pattern: str) -> list[Path | str]:
+    """The tar files named by a brace pattern and/or glob, in pattern order: local paths, or URLs as given.
 
     Raises:
         LipkitError: Nothing matches the pattern, or some of the files it names explicitly are missing.
     """
+    if is_remote(pattern):
+        return _resolve_remote(pattern)
     found, missing = [], []
     for name in expand_braces(os.path.expanduser(pattern)):
         if glob.has_magic(name):
@@ -115,6 +173,35 @@ def resolve_shards(pattern: str) -> list[Path]:
     if missing:
         raise LipkitError(f"{len(missing)} of the shards named by {pattern!r} do not exist, e.g. {missing[0]}")
     return found
+
+
+def _resolve_remote(pattern: str) -> list[Path | str]:
+    """Remote shards: each brace expansion as it is (a missing one is reported when it is indexed), globs listed."""
+    found: list[Path | str] = []
+    for name in expand_braces(pattern):
+        if glob.has_magic(name) and not name.startswith("pipe:"):
+            fs, path = _url_to_fs(name)
+            found += [fs.unstrip_protocol(p) for p in sorted(fs.glob(path))]
+            _close_session(fs)
+        else:
+            found.append(name)
+    if not found:
+        raise LipkitError(f"no shards match {pattern!r}")
+    return found
+
+
+def remote_folder_shards(url: str) -> list[str]:
+    """The ``.tar`` files in a remote folder, in the order of their names (as for a local folder).
+
+    Raises:
+        LipkitError: The folder holds none.
+    """
+    fs, path = _url_to_fs(url)
+    names = sorted(fs.glob(path.rstrip("/") + "/*.tar"), key=lambda p: (len(p), p))
+    _close_session(fs)
+    if not names:
+        raise LipkitError(f"no .tar shards in {url}")
+    return [fs.unstrip_protocol(p) for p in names]
 
 
 @dataclass
@@ -198,9 +285,14 @@ def index_tar(path: Path) -> TarIndex:
     with open(path, "rb") as f:
         _refuse_compressed(path, f.read(BLOCK))
         scan = scan_tar(f, size)
+    return _finish_index(scan, path, lambda: written_samples(path))
+
+
+def _finish_index(scan: TarScan, path: Path | str, written_samples: Callable[[], int | None]) -> TarIndex:
+    """The index of a scanned shard, with what its damage lost counted by its stats file where it has one."""
     index = _build_index(scan)
     if index.truncated or index.damaged:
-        written = written_samples(path)
+        written = written_samples()
         if written is None and not scan.headers and scan.damaged and not scan.tar_like:
             raise LipkitError(
                 f"{path} is not an uncompressed tar (no block of it is a tar header); compressed shards cannot "
@@ -214,7 +306,7 @@ def index_tar(path: Path) -> TarIndex:
     return index
 
 
-def _refuse_compressed(path: Path, first: bytes) -> None:
+def _refuse_compressed(path: Path | str, first: bytes) -> None:
     kind = next((kind for magic, kind in COMPRESSED_MAGIC.items() if first.startswith(magic)), None)
     if kind is None:
         return
@@ -361,11 +453,25 @@ def cache_dir() -> Path:
     return cache_root() / "tar-index"
 
 
-def load_index(path: Path) -> TarIndex:
-    """The index of shard ``path``, from the cache when the shard is unchanged, else built and cached."""
+def load_index(path: Path | str) -> TarIndex:
+    """The index of shard ``path``, from the cache when the shard is unchanged, else built and cached.
+
+    A remote shard (:func:`is_remote`) is indexed by range reads of its headers and cached under its URL,
+    with its size and ETag (or modification time); a ``pipe:`` shard is first copied to the cache.
+
+    Raises:
+        LipkitError: The shard is missing or unreadable, or not an uncompressed tar.
+    """
+    if is_remote(path):
+        return _load_remote_index(str(path))
+    path = Path(path)
     stat = path.stat()
     stamp = np.array([INDEX_VERSION, stat.st_size, stat.st_mtime_ns], np.int64)
-    cached = cache_dir() / (hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:24] + ".npz")
+    return _cached_index(str(path.resolve()), stamp, lambda: index_tar(path))
+
+
+def _cached_index(name: str, stamp: np.ndarray, build: Callable[[], TarIndex]) -> TarIndex:
+    cached = cache_dir() / (hashlib.sha1(name.encode()).hexdigest()[:24] + ".npz")
     try:
         with np.load(cached, allow_pickle=False) as z:
             if np.array_equal(z["stamp"], stamp):
@@ -374,9 +480,70 @@ def load_index(path: Path) -> TarIndex:
                 return TarIndex(z["keys"], z["image"], z["text"], z["text_is_json"], **counts)
     except (OSError, KeyError, ValueError):
         pass
-    index = index_tar(path)
+    index = build()
     _save_index(cached, index, stamp)
     return index
+
+
+def pipe_shard(command: str) -> Path:
+    """The local copy of the tar that ``pipe:COMMAND`` writes to its standard output (OpenCLIP's form, e.g.
+    ``pipe:aws s3 cp s3://bucket/00000.tar -``), made once and kept in the cache (delete it to fetch again).
+
+    Raises:
+        LipkitError: The command fails.
+    """
+    import subprocess
+
+    from lipkit.utils import atomic_write
+
+    local = cache_root() / "pipe" / (hashlib.sha1(command.encode()).hexdigest()[:24] + ".tar")
+    if local.is_file():
+        return local
+
+    def run(f: BinaryIO) -> None:
+        done = subprocess.run(command.removeprefix("pipe:"), shell=True, stdout=f, stderr=subprocess.PIPE)
+        if done.returncode:
+            reason = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise LipkitError(f"shard command {command!r} failed: {reason[0]}")
+
+    atomic_write(local, run)
+    return local
+
+
+def _load_remote_index(url: str) -> TarIndex:
+    if url.startswith("pipe:"):
+        return load_index(pipe_shard(url))
+    fs, path = _url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise LipkitError(f"shard not found: {url}") from None
+    except Exception as exc:  # each file system raises its own errors for a server that fails
+        raise LipkitError(f"cannot read {url}: {type(exc).__name__}: {exc}") from None
+    size = int(info.get("size") or 0)
+    version = str(next((info[k] for k in ("ETag", "etag", "LastModified", "mtime", "updated") if info.get(k)), ""))
+    stamp = np.array([INDEX_VERSION, size, int(hashlib.sha1(version.encode()).hexdigest()[:15], 16)], np.int64)
+
+    def build() -> TarIndex:
+        with fs.open(path, "rb", block_size=REMOTE_READ_BLOCK, cache_type="readahead") as f:
+            _refuse_compressed(url, f.read(BLOCK))
+            scan = scan_tar(f, size)
+        return _finish_index(scan, url, lambda: _remote_written_samples(fs, path))
+
+    try:
+        return _cached_index(url, stamp, build)
+    finally:
+        _close_session(fs)
+
+
+def _remote_written_samples(fs: Any, path: str) -> int | None:
+    """A remote shard's ``successes`` by its stats file beside it; ``None`` when there is no readable one."""
+    folder, _, name = path.rpartition("/")
+    try:
+        stats = fs.cat_file(f"{folder}/{name.rsplit('.', 1)[0]}_stats.json")
+        return int(json.loads(stats)["successes"])
+    except Exception:  # missing, unreadable, or not a stats file: the count is then a lower bound
+        return None
 
 
 def _save_index(cached: Path, index: TarIndex, stamp: np.ndarray) -> None:
@@ -402,8 +569,11 @@ class ShardPairs(PairSource):
         caption_fallbacks: Captions that are not UTF-8 (see :func:`lipkit.data.decode.decode_text`).
     """
 
-    def __init__(self, shards: list[Path], name: str) -> None:
+    def __init__(self, shards: list[Path | str], name: str) -> None:
         self.paths = [str(p) for p in shards]
+        # remote shards are read by range requests; a pipe: shard from its copy in the cache
+        self.paths = [str(pipe_shard(p)) if p.startswith("pipe:") else p for p in self.paths]
+        self.remote = [is_remote(p) for p in self.paths]
         if len(shards) >= 16:  # threads overlap the reads of many (possibly remote) files
             with ThreadPoolExecutor(8) as pool:
                 indexes = list(pool.map(load_index, shards))
@@ -427,6 +597,8 @@ class ShardPairs(PairSource):
         if not len(self.keys):
             raise LipkitError(f"{name}: the shards hold no complete image-caption samples")
         self._fds: dict[int, int] = {}
+        self._fs: dict[str, Any] = {}
+        self._caption_read: tuple[int, bytes] | None = None  # a caption read with its image (remote)
         self._pid = os.getpid()
 
     def _warn(self, name: str, indexes: list[TarIndex]) -> None:
@@ -455,7 +627,8 @@ class ShardPairs(PairSource):
         return len(self.keys)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fds": {}}  # file descriptors stay with the process that opened them
+        # file descriptors and file systems (their connections) stay with the process that opened them
+        return {**self.__dict__, "_fds": {}, "_fs": {}, "_caption_read": None}
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
@@ -470,7 +643,12 @@ class ShardPairs(PairSource):
         return self.keys[index].decode("utf-8")
 
     def caption(self, index: int) -> str:
-        text, _ = decode_text(self._read(index, self.text_loc[index], UnreadableCaption))
+        early = self._caption_read
+        if early is not None and early[0] == index:
+            data = early[1]
+        else:
+            data = self._read(index, self.text_loc[index], UnreadableCaption)
+        text, _ = decode_text(data)
         if self.text_is_json[index]:
             try:
                 text = str(json.loads(text).get("caption") or "")
@@ -479,17 +657,42 @@ class ShardPairs(PairSource):
         return text.strip()
 
     def image(self, index: int, draft: tuple[int, int] | None = None) -> Image.Image:
-        return open_image(self._read(index, self.image_loc[index], UndecodableImage), draft)
+        if not self.remote[int(self.shard_of[index])]:
+            return open_image(self._read(index, self.image_loc[index], UndecodableImage), draft)
+        # one range request for the image and the caption (neighbours in the tar), the caption kept for caption()
+        (img_at, img_size), (txt_at, txt_size) = self.image_loc[index].tolist(), self.text_loc[index].tolist()
+        start, end = min(img_at, txt_at), max(img_at + img_size, txt_at + txt_size)
+        span = self._read(index, np.array([start, end - start]), UndecodableImage)
+        self._caption_read = (index, span[txt_at - start : txt_at - start + txt_size])
+        return open_image(span[img_at - start : img_at - start + img_size], draft)
 
     def _read(self, index: int, loc: np.ndarray, error: type[Exception]) -> bytes:
         offset, size = int(loc[0]), int(loc[1])
+        shard = int(self.shard_of[index])
         try:
-            data = os.pread(self._fd(int(self.shard_of[index])), size, offset)
+            if self.remote[shard]:
+                fs, path = self._remote_fs(shard)
+                data = fs.cat_file(path, start=offset, end=offset + size)
+            else:
+                data = os.pread(self._fd(shard), size, offset)
         except OSError as exc:
             raise error(f"{self.key(index)}: {exc}") from None
+        except Exception as exc:  # a remote file system's own errors (a server that fails, a lost connection)
+            raise error(f"{self.key(index)}: {type(exc).__name__}: {exc}") from None
         if len(data) != size:
             raise error(f"{self.key(index)}: the shard ends early")
         return data
+
+    def _remote_fs(self, shard: int) -> tuple[Any, str]:
+        """This process's own file system for a remote shard (connections are not shared across a fork)."""
+        if self._pid != os.getpid():
+            self._fds, self._fs, self._pid = {}, {}, os.getpid()
+        url = self.paths[shard]
+        protocol = url.split("://", 1)[0]
+        if protocol not in self._fs:
+            self._fs[protocol] = _url_to_fs(url)[0]
+        fs = self._fs[protocol]
+        return fs, fs._strip_protocol(url)
 
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked: the parent's descriptors are shared, open our own

@@ -8,9 +8,12 @@ A spec is a string of comma-separated entries, or a list of entries (in a YAML c
             | PATTERN.tar             webdataset shards; {000..099} ranges, {a,b} alternatives and * globs
             | DIR                     a folder of .tar shards, else a folder of images with .txt/.json captions
             | TABLE.csv|.tsv|.parquet image-path and caption columns (found by name; set them in a mapping)
+            | s3://, gs://, http(s)://  the same shard patterns and folders, remote (read through fsspec)
+            | pipe:COMMAND            OpenCLIP's form: a command writing a shard to its output (copied once)
 
     data.train=/data/laion/{00000..00999}.tar
     data.train="/data/cc3m/{0000..0331}.tar::0.7,tuxpaint:train::0.3"
+    data.train=s3://bucket/laion/{00000..00999}.tar
     data:
       train:
         - /data/cc3m/{0000..0331}.tar::0.7
@@ -43,7 +46,7 @@ from lipkit.data.corpora import SOURCES, open_named
 from lipkit.data.files import TABLE_EXTENSIONS, FilePairs, folder_pairs, table_pairs
 from lipkit.data.order import Layout
 from lipkit.data.pairs import PairSource
-from lipkit.data.shards import ShardPairs, resolve_shards
+from lipkit.data.shards import ShardPairs, is_remote, remote_folder_shards, resolve_shards
 from lipkit.errors import LipkitError, suggest
 
 Spec = str | Sequence[str | Mapping[str, Any]]
@@ -149,6 +152,10 @@ def _open_source(entry: SourceSpec) -> PairSource:
 
 def _open_path(entry: SourceSpec) -> PairSource:
     text = entry.source
+    if is_remote(text):  # shards in object storage or on a web server, or OpenCLIP's pipe: form
+        if text.endswith(".tar") or glob.has_magic(text) or "{" in text or text.startswith("pipe:"):
+            return ShardPairs(resolve_shards(text), text)
+        return ShardPairs(remote_folder_shards(text), text)
     path = Path(os.path.expanduser(text))
     if text.endswith(".tar") or glob.has_magic(text) or "{" in text:
         return ShardPairs(resolve_shards(text), text)

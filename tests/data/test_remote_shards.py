@@ -1,0 +1,171 @@
+"""Shards read from a web server (a real nginx on 127.0.0.1, range requests), from S3 (moto's server on
+127.0.0.1) and through OpenCLIP's ``pipe:`` form: the same samples as the local copy, the index cached, and
+training on them gives the same batches, with exact resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipkit.data.pack import PackOptions, file_items, pack
+from lipkit.data.shards import ShardPairs, is_remote, resolve_shards
+from lipkit.data.spec import open_mixture
+from lipkit.errors import LipkitError
+
+pytest.importorskip("fsspec")
+pytest.importorskip("aiohttp")
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+PATTERN = "{00000..00002}.tar"
+
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory) -> Path:
+    """20 Tux Paint stamps with captions, packed into three shards (8, 8 and 4 samples)."""
+    src = tmp_path_factory.mktemp("stamps")
+    for i, path in enumerate(sorted(STAMPS.rglob("*.png"))[:20]):
+        shutil.copy(path, src / f"{i:03d}.png")
+        (src / f"{i:03d}.txt").write_text(f"a stamp of a {path.stem.replace('_', ' ')}")
+    out = tmp_path_factory.mktemp("shards")
+    pack(file_items(src), out, PackOptions(samples_per_shard=8, max_side=64), progress=False)
+    return out
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LIPKIT_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def served(nginx, local_shards) -> str:
+    """The shards and their stats files on nginx; the folder's URL."""
+    for path in sorted(local_shards.iterdir()):
+        nginx.put(f"remote-shards/{path.name}", path.read_bytes())
+    return f"{nginx.url}/remote-shards"
+
+
+def assert_same_samples(a: ShardPairs, b: ShardPairs) -> None:
+    assert len(a) == len(b) == 20
+    for i in range(len(a)):
+        image_a, image_b = a.image(i), b.image(i)
+        assert (a.key(i), a.caption(i)) == (b.key(i), b.caption(i))
+        assert image_a.size == image_b.size and image_a.tobytes() == image_b.tobytes()
+
+
+def test_http_shards_are_the_local_samples_and_their_index_is_cached(nginx, served, local_shards, fresh_cache):
+    local = ShardPairs(resolve_shards(str(local_shards / PATTERN)), "local")
+    url = f"{served}/{PATTERN}"
+    assert is_remote(url) and not is_remote(str(local_shards))
+    remote = open_mixture(url).sources[0]
+    assert isinstance(remote, ShardPairs) and remote.remote == [True] * 3
+    assert_same_samples(local, remote)
+    whole = nginx.requests("remote-shards/00000.tar")
+    ShardPairs(resolve_shards(url), "again")  # the index comes from the cache: a HEAD for the shard, no GET
+    log = (nginx.run / "access.log").read_text().splitlines()
+    again = [line for line in log if "/remote-shards/00000.tar " in line][whole:]
+    assert again and all('"HEAD ' in line for line in again)
+    folder = open_mixture(f"{served}/00001.tar").sources[0]
+    assert len(folder) == 8 and folder.key(0) == local.key(8)
+
+
+def test_missing_remote_shard_is_a_clear_error(served, fresh_cache):
+    with pytest.raises(LipkitError, match=r"shard not found: http://127\.0\.0\.1:\d+/remote-shards/00003\.tar"):
+        open_mixture(f"{served}/{{00000..00007}}.tar")
+
+
+def test_pipe_shards(local_shards, fresh_cache):
+    local = ShardPairs(resolve_shards(str(local_shards / PATTERN)), "local")
+    piped = open_mixture(f"pipe:cat {local_shards}/{PATTERN}").sources[0]
+    assert_same_samples(local, piped)
+    with pytest.raises(LipkitError, match=r"shard command .pipe:cat /nowhere\.tar. failed"):
+        open_mixture("pipe:cat /nowhere.tar")
+
+
+@pytest.fixture(scope="module")
+def s3(local_shards):
+    """moto's S3 server on 127.0.0.1 holding the shards in bucket ``shards``; yields its endpoint."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL"]}
+    os.environ.update(env, AWS_ENDPOINT_URL=endpoint)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto's server did not start"
+                time.sleep(0.1)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="shards")
+        for path in sorted(local_shards.iterdir()):
+            client.upload_file(str(path), "shards", f"laion/{path.name}")
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_s3_shards_are_the_local_samples(s3, local_shards, fresh_cache):
+    local = ShardPairs(resolve_shards(str(local_shards / PATTERN)), "local")
+    assert_same_samples(local, open_mixture(f"s3://shards/laion/{PATTERN}").sources[0])
+    listed = open_mixture("s3://shards/laion/").sources[0]  # a folder: its .tar files, by name
+    assert [listed.key(i) for i in range(len(listed))] == [local.key(i) for i in range(len(local))]
+    globbed = open_mixture("s3://shards/laion/0000[01].tar").sources[0]
+    assert len(globbed) == 16
+
+
+@pytest.mark.slow
+def test_training_on_http_shards_gives_the_local_batches_and_resumes_exactly(
+    served, local_shards, run_overrides, fresh_cache
+):
+    from lipkit.train import checkpoint as ckpt
+    from lipkit.train import loop
+    from lipkit.train.config import resolve_config
+
+    base = [*run_overrides, "steps=6", "log_every=1", "checkpoint_every=2", "data.batch_size=4", "data.workers=0"]
+
+    def run(name: str, train: str, *extra: str, callbacks=()):
+        cfg = resolve_config("tiny-synthetic", overrides=[*base, f"name={name}", f"data.train={train}", *extra])
+        return loop.train(cfg, callbacks=callbacks)
+
+    local = run("local", str(local_shards / PATTERN))
+    remote = run("remote", f"{served}/{PATTERN}", "data.workers=2")  # forked workers open their own connections
+
+    def crash(step, _metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run("cut", f"{served}/{PATTERN}", callbacks=[crash])
+    assert [p.name for p in ckpt.list_checkpoints(local.run_dir.parent / "cut")] == ["step_00000002.pt"]
+    resumed = run("cut", f"{served}/{PATTERN}", "resume=latest")
+    weights = [torch.load(r.checkpoint, weights_only=True)["model"] for r in (local, remote, resumed)]
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]) and torch.equal(weights[0][name], weights[2][name])
