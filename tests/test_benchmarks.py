@@ -55,6 +55,10 @@ SMOKE = {
     ),
     "embed_overhead.py": (["--model", "micro", "--items", "16", "--workers", "0", "--rounds", "1"], "job/forward"),
     "download.py": (["--urls", "40", "--images", "8", "--throttle", "1m", "--skip-img2dataset"], "40 fetched"),
+    "remote_shards.py": (
+        ["--images", "16", "--shards", "2", "--batch-size", "4", "--workers", "0", "--rounds", "1"],
+        "ratio remote/local",
+    ),
     "caption_speed.py": (
         ["--layers", "1", "--batch-size", "2", "--length", "8", "--rounds", "1"],
         "captions identical: True (2, 8)",
