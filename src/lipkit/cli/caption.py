@@ -126,10 +126,8 @@ def _load(checkpoint: str, model: str | None) -> DualEncoder:
     from pathlib import Path
 
     from lipkit.models import create_model
-    from lipkit.train.checkpoint import recorded_model_config, resolve_weights
+    from lipkit.train.checkpoint import load_trained
 
     if model is not None and not Path(checkpoint).exists():  # an OpenCLIP pretrained tag, resolved locally
         return create_model(model, pretrained=checkpoint)
-    weights = resolve_weights(checkpoint)
-    cfg = model if model is not None else recorded_model_config(weights)
-    return create_model(cfg, pretrained=str(weights))
+    return load_trained(checkpoint, model)[0]

@@ -179,11 +179,9 @@ def _add_subset_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from lipkit.models import create_model
-    from lipkit.train.checkpoint import recorded_model_config, resolve_weights
+    from lipkit.train.checkpoint import load_trained
 
-    weights = resolve_weights(args.checkpoint)
-    return create_model(args.model or recorded_model_config(weights), pretrained=str(weights)), weights
+    return load_trained(args.checkpoint, args.model)
 
 
 def _open(spec: str, args: argparse.Namespace, limit: int | None = None, seed: int = 0) -> Any:

@@ -48,7 +48,17 @@ from PIL import Image
 
 from lipkit.data.decode import DECODE_ERRORS, BadSample, UndecodableImage, open_for_max_side
 from lipkit.data.files import CAPTION_COLUMNS, cell_text, pick_column, read_columns
-from lipkit.data.pack import Decoded, Item, PackOptions, add_member, encode_item, sample_key, shard_name
+from lipkit.data.pack import (
+    Decoded,
+    Item,
+    PackOptions,
+    add_member,
+    check_existing,
+    encode_item,
+    sample_key,
+    shard_name,
+    stats_path,
+)
 from lipkit.errors import LipkitError
 from lipkit.utils import FolderLock, atomic_write, atomic_write_text, strict_json
 
@@ -235,10 +245,10 @@ def download(
         for stale in out.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
         settings = _settings(rows, options)
-        _check_existing(out, settings)
+        check_existing(out, settings, "downloaded from another table or with other settings", "download")
         n = options.samples_per_shard
         jobs = [ShardJob(i // n, i, list(rows[i : i + n]), out, options, settings) for i in range(0, len(rows), n)]
-        todo = [job for job in jobs if not _stats_path(out, job.shard).is_file()]
+        todo = [job for job in jobs if not stats_path(out, job.shard).is_file()]
         done = sum(len(j.rows) for j in jobs) - sum(len(j.rows) for j in todo)
         bar = _Progress(len(rows), done, f"downloading into {out}", progress)
         try:
@@ -257,23 +267,6 @@ def _settings(rows: Sequence[UrlRow], options: DownloadOptions) -> dict[str, Any
     digest = hashlib.sha1("\n".join(f"{r.url}\t{r.caption}" for r in rows).encode("utf-8")).hexdigest()
     kept = {k: asdict(options)[k] for k in ("samples_per_shard", "max_side", "quality", "image_format")}
     return {**kept, "rows": len(rows), "rows_sha1": digest}
-
-
-def _stats_path(out: Path, shard: int) -> Path:
-    return out / f"{shard_name(shard)}_stats.json"
-
-
-def _check_existing(out: Path, settings: dict[str, Any]) -> None:
-    for path in sorted(out.glob("*_stats.json")):
-        try:
-            previous = json.loads(path.read_text()).get("settings")
-        except (OSError, ValueError):
-            continue
-        if previous != settings:
-            raise LipkitError(
-                f"{out} holds shards downloaded from another table or with other settings; download into a new "
-                "folder or delete the old shards"
-            )
 
 
 class _Progress:
@@ -631,8 +624,8 @@ def download_shard(job: ShardJob, report: Any = None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 3),
         "settings": job.settings,
     }
-    atomic_write_text(_stats_path(job.out, job.shard), strict_json(stats, indent=1) + "\n")
-    _stats_path(job.out, job.shard).chmod(0o644)
+    atomic_write_text(stats_path(job.out, job.shard), strict_json(stats, indent=1) + "\n")
+    stats_path(job.out, job.shard).chmod(0o644)
     spool.remove()
     return stats
 
@@ -697,7 +690,7 @@ def _summarise(out: Path, jobs: list[ShardJob], written: int, seconds: float) ->
     count = successes = 0
     failures: Counter[str] = Counter()
     for job in jobs:
-        stats = json.loads(_stats_path(out, job.shard).read_text())
+        stats = json.loads(stats_path(out, job.shard).read_text())
         count += stats["count"]
         successes += stats["successes"]
         failures.update(stats["failures"])

@@ -230,8 +230,8 @@ def pack(items: Sequence[Item], out: str | Path, options: PackOptions, progress:
         _remove_stale_temporaries(out)
         settings = _settings(items, options)
         tasks = _plan(items, out, options, settings)
-        _check_existing(out, settings)
-        todo = [t for t in tasks if not _stats_path(out, t.shard).is_file()]
+        check_existing(out, settings, "packed from other items or settings", "pack")
+        todo = [t for t in tasks if not stats_path(out, t.shard).is_file()]
         done = sum(len(t.items) for t in tasks) - sum(len(t.items) for t in todo)
         with tqdm(total=len(items), initial=done, unit="img", desc=f"packing {out}", disable=not progress) as bar:
             for stats in _run(todo, options.workers):
@@ -254,7 +254,8 @@ def _plan(items: Sequence[Item], out: Path, options: PackOptions, settings: dict
     ]
 
 
-def _stats_path(out: Path, shard: int) -> Path:
+def stats_path(out: Path, shard: int) -> Path:
+    """``OUT/NNNNN_stats.json``: a shard's stats, written last, so a shard that has them is finished."""
     return out / f"{shard_name(shard)}_stats.json"
 
 
@@ -264,7 +265,18 @@ def _remove_stale_temporaries(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _check_existing(out: Path, settings: dict[str, Any]) -> None:
+def check_existing(out: Path, settings: dict[str, Any], origin: str, verb: str) -> None:
+    """Refuse a folder whose finished shards were written with other ``settings`` (their stats record them).
+
+    Args:
+        out: The shard folder.
+        settings: What this run's shards must share with the finished ones.
+        origin: How the message says the old shards differ (``packed from other items or settings``).
+        verb: What the message advises doing into a new folder (``pack``).
+
+    Raises:
+        LipkitError: Naming the differing settings.
+    """
     for path in sorted(out.glob("*_stats.json")):
         try:
             previous = json.loads(path.read_text()).get("settings")
@@ -273,8 +285,8 @@ def _check_existing(out: Path, settings: dict[str, Any]) -> None:
         if previous != settings:
             changed = sorted(k for k in settings if previous is None or previous.get(k) != settings[k])
             raise LipkitError(
-                f"{out} holds shards packed from other items or settings (differing: {', '.join(changed)}); "
-                "pack into a new folder or delete the old shards"
+                f"{out} holds shards {origin} (differing: {', '.join(changed)}); "
+                f"{verb} into a new folder or delete the old shards"
             )
 
 
@@ -314,8 +326,8 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     tar_path.chmod(0o644)  # the temporary file was private
     seconds = time.perf_counter() - start
     stats = _shard_stats(task, sizes, failures, fallbacks, image_bytes, tar_path.stat().st_size, seconds)
-    atomic_write_text(_stats_path(task.out, task.shard), strict_json(stats, indent=1) + "\n")
-    _stats_path(task.out, task.shard).chmod(0o644)
+    atomic_write_text(stats_path(task.out, task.shard), strict_json(stats, indent=1) + "\n")
+    stats_path(task.out, task.shard).chmod(0o644)
     return stats
 
 
@@ -394,7 +406,7 @@ def _summarise(out: Path, tasks: list[ShardTask], written: int) -> PackResult:
     count = successes = fallbacks = 0
     failures: Counter[str] = Counter()
     for task in tasks:
-        stats = json.loads(_stats_path(out, task.shard).read_text())
+        stats = json.loads(stats_path(out, task.shard).read_text())
         count += stats["count"]
         successes += stats["successes"]
         fallbacks += stats.get("caption_fallbacks", 0)  # absent from the stats of older packings

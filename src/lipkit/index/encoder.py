@@ -129,15 +129,9 @@ def load_encoder(
         CheckpointError: No checkpoint there, or its weights do not fit the model.
         UnknownNameError: Unknown model name.
     """
-    from lipkit.config import from_dict
-    from lipkit.models import ModelConfig, create_model
-    from lipkit.train.checkpoint import recorded_model_config, resolve_weights
+    from lipkit.train.checkpoint import load_trained
 
-    weights = resolve_weights(checkpoint)
-    cfg = model if model is not None else recorded_model_config(weights)
-    if isinstance(cfg, dict):
-        cfg = from_dict(ModelConfig, cfg)
-    net = create_model(cfg, pretrained=str(weights))
+    net, weights = load_trained(checkpoint, model)
     return QueryEncoder(net, device, checkpoint=weights, config=model if isinstance(model, str) else None)
 
 

@@ -179,6 +179,27 @@ def recorded_model_config(path: str | Path) -> Any:
     return from_dict(ModelConfig, state["model_config"])
 
 
+def load_trained(checkpoint: str | Path, model: Any = None) -> tuple[Any, Path]:
+    """The model a run directory (its newest checkpoint) or a weights file holds, and the weights file.
+
+    Args:
+        checkpoint: A run directory, a lipkit checkpoint, or OpenCLIP/OpenAI weights.
+        model: The model config (a name, a dict or a ModelConfig); by default the one the checkpoint records.
+
+    Raises:
+        CheckpointError: No checkpoint there, it records no config and none is given, or its weights do not fit.
+    """
+    from lipkit.config import from_dict
+    from lipkit.models import create_model
+    from lipkit.models.config import ModelConfig
+
+    weights = resolve_weights(checkpoint)
+    cfg = model if model else recorded_model_config(weights)
+    if isinstance(cfg, dict):
+        cfg = from_dict(ModelConfig, cfg)
+    return create_model(cfg, pretrained=str(weights)), weights
+
+
 def resolve_weights(path: str | Path) -> Path:
     """A run directory resolves to its newest checkpoint; a file stays as it is."""
     path = Path(path)
