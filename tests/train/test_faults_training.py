@@ -294,11 +294,10 @@ FORK_AND_HOLD = """
 import os, sys, time
 from lipkit.utils import FolderLock
 FolderLock(sys.argv[1], "a training run").acquire()
-child = os.fork()
-if child == 0:  # as a DataLoader worker: inherits the parent's descriptors
+if os.fork() == 0:  # as a DataLoader worker: inherits the parent's descriptors
+    print(os.getpid(), flush=True)  # only once the after-fork hooks have run
     time.sleep(60)
     os._exit(0)
-print(child, flush=True)
 time.sleep(60)
 """
 
