@@ -32,6 +32,11 @@ trunk forwards are skipped, so evaluating a variant takes ~13 s instead of minut
     python benchmarks/quickstart_recipes.py --list                       # names and overrides
     python benchmarks/quickstart_recipes.py --show                       # every result so far
 
+The ``cur-*`` variants (curation) add OpenClipart to ``views4-grey0.5-proto-norm``, raw or through the key
+lists of ``lipkit data curate`` under ``--curated`` (``basic``, ``t10``, ``t30``; the commands are in
+docs/quickstart_recipes.md). Each source is a feature-cache entry of its own and a key list is cut from
+its whole source's cached features, so after ``cur-raw`` the curated variants compute no trunk pass.
+
 The ``occ*`` variants need OpenClipart shards, built once with
 ``lipkit data builtin openclipart --out-dir /tmp/occ --max-side 256`` (``--occ`` names the folder); the
 ``emoji-tpl*`` variants write the emoji splits with templated captions as CSV tables under
@@ -90,6 +95,17 @@ def proto_mix(weight: float, **options: str) -> str:
     opts = ", ".join(f"{k}: {v}" for k, v in options.items())
     proto = f"{{source: prototypes, weight: {weight}" + (f", options: {{{opts}}}}}" if opts else "}")
     return f"[tuxpaint:train::{0.36 * rest:.3g}, emoji:train::{0.64 * rest:.3g}, {proto}]"
+
+
+CURATED = "{cur}"  # replaced by --curated: lipkit data curate outputs (keys.txt) per setting
+
+
+def occ_mix(occ: str, keys: str | None = None) -> str:
+    """The views4-grey0.5-proto-norm mixture with OpenClipart at 0.2 (Tux Paint and emoji 36:64 in 0.5,
+    prototypes 0.3): all of its train split, or the pairs a curated key list keeps."""
+    entry = f"source: {occ}, weight: 0.2" + (f", keys: {keys}" if keys else "")
+    proto = "{source: prototypes, weight: 0.3, options: {placement: norm}}"
+    return f"[tuxpaint:train::0.18, emoji:train::0.32, {{{entry}}}, {proto}]"
 
 
 # name -> overrides on BASE
@@ -189,6 +205,11 @@ VARIANTS: dict[str, list[str]] = {
     "views4-grey0.5-proto-norm": [*VIEWS, f"data.train={proto_mix(0.3, placement='norm')}"],
     "views4-grey0.5-proto-mean3-first": [*VIEWS, f"data.train={proto_mix(0.3, captions='first')}"],
     "views4-grey0.5-proto-mean3-w0.5": [*VIEWS, f"data.train={proto_mix(0.5)}"],
+    # curation (issue 15): OpenClipart raw or curated by lipkit data curate, on views4-grey0.5-proto-norm
+    "cur-raw": [*VIEWS, f"data.train={occ_mix(OCC)}"],
+    "cur-basic": [*VIEWS, f"data.train={occ_mix(OCC, CURATED + '/basic/keys.txt')}"],
+    "cur-t10": [*VIEWS, f"data.train={occ_mix(OCC, CURATED + '/t10/keys.txt')}"],
+    "cur-t30": [*VIEWS, f"data.train={occ_mix(OCC, CURATED + '/t30/keys.txt')}"],
     # combinations of the single changes that scored best on validation
     "mlpv-lr3e-3": ["model_overrides.vision.proj=mlp", "optim.lr=3e-3"],
     "scale30-mix": ["model_overrides.init_logit_scale=3.4012", "data.train=tuxpaint:train::0.5,emoji:train::0.5"],
@@ -245,9 +266,9 @@ class TrunkMemo:
             self.added = 0
 
 
-def overrides_of(name: str, occ: str, tpl: str) -> list[str]:
+def overrides_of(name: str, occ: str, tpl: str, cur: str = "/tmp/occ-curated") -> list[str]:
     """The run's overrides: :data:`BASE` (the study's fixed starting point), then the variant's."""
-    return [o.replace("{occ}", occ).replace("{tpl}", tpl) for o in [*BASE, *VARIANTS[name]]]
+    return [o.replace("{occ}", occ).replace("{tpl}", tpl).replace("{cur}", cur) for o in [*BASE, *VARIANTS[name]]]
 
 
 def build_templated_emoji(out: Path, template: str = EMOJI_TEMPLATE) -> None:
@@ -357,6 +378,9 @@ def main() -> None:
     parser.add_argument("--out-dir", default="/tmp/lipkit_recipes", help="scratch folder for the runs")
     parser.add_argument("--occ", default="/tmp/occ", help="OpenClipart shards folder (lipkit data builtin)")
     parser.add_argument(
+        "--curated", default="/tmp/occ-curated", help="lipkit data curate outputs for the cur-* variants"
+    )
+    parser.add_argument(
         "--templated-emoji", default="/tmp/emoji_templated", help="where the emoji-tpl variants' tables are built"
     )
     parser.add_argument("--val-images", type=int, default=1000, help="images per zero-shot validation subset")
@@ -369,7 +393,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.list:
         for name in VARIANTS:
-            print(f"{name:<14} {' '.join(overrides_of(name, args.occ, args.templated_emoji)) or '(the preset)'}")
+            overrides = overrides_of(name, args.occ, args.templated_emoji, args.curated)
+            print(f"{name:<14} {' '.join(overrides) or '(the preset)'}")
         return
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -391,7 +416,7 @@ def main() -> None:
             f"seed={seed}",
             "progress=false",
             "tensorboard=false",
-            *overrides_of(name, args.occ, args.templated_emoji),
+            *overrides_of(name, args.occ, args.templated_emoji, args.curated),
         ]
         run = name if seed == 0 else f"{name}-s{seed}"
         if any(args.occ in o for o in overrides) and not Path(args.occ, "train").is_dir():
@@ -412,7 +437,7 @@ def main() -> None:
         row |= {
             "train_s": train_s,
             "eval_s": time.perf_counter() - start,
-            "overrides": overrides_of(name, args.occ, args.templated_emoji),
+            "overrides": overrides_of(name, args.occ, args.templated_emoji, args.curated),
         }
         rows[run] = saved[run] = row | {"variant": name, "seed": seed}
         print(f"{run}: val score {row['val score']:.1f} (train {train_s:.0f} s, eval {row['eval_s']:.0f} s)")

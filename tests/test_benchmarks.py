@@ -56,8 +56,12 @@ SMOKE = {
     "embed_overhead.py": (["--model", "micro", "--items", "16", "--workers", "0", "--rounds", "1"], "job/forward"),
     "download.py": (["--urls", "40", "--images", "8", "--throttle", "1m", "--skip-img2dataset"], "40 fetched"),
     "remote_shards.py": (
-        ["--images", "16", "--shards", "2", "--batch-size", "4", "--workers", "0", "--rounds", "1"],
-        "ratio remote/local",
+        ["--images", "16", "--shards", "2", "--batch-size", "4", "--workers", "0", "--rounds", "1", "--throttle", "4m"],
+        "prefetch gain",
+    ),
+    "curation_semdedup.py": (
+        ["--n", "3000", "--exhaustive-n", "2000", "--dim", "32", "--topics", "50"],
+        "ratio lipkit/exhaustive",
     ),
     "caption_speed.py": (
         ["--layers", "1", "--batch-size", "2", "--length", "8", "--rounds", "1"],

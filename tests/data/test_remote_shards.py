@@ -77,6 +77,33 @@ def test_http_shards_are_the_local_samples_and_their_index_is_cached(nginx, serv
     assert len(folder) == 8 and folder.key(0) == local.key(8)
 
 
+def test_a_prefetched_batch_is_read_without_another_request(nginx, served, local_shards, fresh_cache):
+    local = ShardPairs(resolve_shards(str(local_shards / PATTERN)), "local")
+    remote = ShardPairs(resolve_shards(f"{served}/{PATTERN}"), "remote")
+    batch = [3, 17, 9, 0, 12]  # across the three shards
+    before = sum(nginx.requests(f"remote-shards/0000{s}.tar") for s in range(3))
+    remote.prefetch(batch)
+    fetched = sum(nginx.requests(f"remote-shards/0000{s}.tar") for s in range(3)) - before
+    assert fetched == len(batch)  # one range request per sample, image and caption together
+    for i in reversed(batch):  # caption first, then the image: both come out of the fetched span
+        assert remote.caption(i) == local.caption(i)
+        assert remote.image(i).tobytes() == local.image(i).tobytes()
+    assert sum(nginx.requests(f"remote-shards/0000{s}.tar") for s in range(3)) - before == len(batch)
+    remote.image(4)  # not prefetched: read on its own
+    assert sum(nginx.requests(f"remote-shards/0000{s}.tar") for s in range(3)) - before == len(batch) + 1
+
+
+def test_a_failed_prefetch_leaves_the_error_to_the_sample_read(nginx, served, local_shards, fresh_cache):
+    from lipkit.data.decode import UndecodableImage
+
+    nginx.put("gone/00000.tar", (local_shards / "00000.tar").read_bytes())
+    remote = ShardPairs(resolve_shards(f"{nginx.url}/gone/00000.tar"), "gone")
+    (nginx.root / "gone/00000.tar").unlink()  # the shard disappears after it was indexed
+    remote.prefetch([0, 1])  # does not raise
+    with pytest.raises(UndecodableImage, match=r"FileNotFoundError"):
+        remote.image(1)
+
+
 def test_missing_remote_shard_is_a_clear_error(served, fresh_cache):
     with pytest.raises(LipkitError, match=r"shard not found: http://127\.0\.0\.1:\d+/remote-shards/00003\.tar"):
         open_mixture(f"{served}/{{00000..00007}}.tar")
@@ -139,6 +166,64 @@ def test_s3_shards_are_the_local_samples(s3, local_shards, fresh_cache):
     assert [listed.key(i) for i in range(len(listed))] == [local.key(i) for i in range(len(local))]
     globbed = open_mixture("s3://shards/laion/0000[01].tar").sources[0]
     assert len(globbed) == 16
+    batch = [19, 2, 11]
+    globbed.prefetch(batch[1:])
+    listed.prefetch(batch)
+    assert set(listed._prefetched) == set(batch)
+    assert [listed.caption(i) for i in batch] == [local.caption(i) for i in batch]
+
+
+@pytest.fixture(scope="module")
+def gcs(local_shards):
+    """A Google Cloud Storage emulator (gcp-storage-emulator) on 127.0.0.1 holding the shards in bucket
+    ``shards``; gcsfs reaches it through ``STORAGE_EMULATOR_HOST``."""
+    pytest.importorskip("gcp_storage_emulator")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--in-memory", "--default-bucket", "shards"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    # gcsfs's experimental bucket-type probe speaks gRPC, which the emulator does not; anonymous access
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    env["NO_GCE_CHECK"] = "true"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        gcsfs = pytest.importorskip("gcsfs")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the GCS emulator did not start"
+                time.sleep(0.1)
+        fs = gcsfs.GCSFileSystem(token="anon")
+        for path in sorted(local_shards.iterdir()):
+            fs.pipe(f"shards/laion/{path.name}", path.read_bytes())
+        yield
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_gcs_shards_are_the_local_samples(gcs, local_shards, fresh_cache):
+    local = ShardPairs(resolve_shards(str(local_shards / PATTERN)), "local")
+    remote = open_mixture(f"gs://shards/laion/{PATTERN}").sources[0]
+    assert_same_samples(local, remote)
+    listed = open_mixture("gs://shards/laion/").sources[0]
+    assert [listed.key(i) for i in range(len(listed))] == [local.key(i) for i in range(len(local))]
+    listed.prefetch([5, 18])
+    assert set(listed._prefetched) == {5, 18} and listed.caption(18) == local.caption(18)
 
 
 @pytest.mark.slow

@@ -195,3 +195,34 @@ def test_feature_views_need_cached_features(run_overrides):
 def test_cached_features_refuse_what_does_not_apply(run_overrides, extra, message):
     with pytest.raises(ConfigError, match=message):
         loop.train(resolve_config("tiny-synthetic", overrides=[*run_overrides, *LOCKED, *extra]))
+
+
+def test_each_source_is_an_entry_and_a_key_subset_is_cut_from_its_cached_source(tmp_path, monkeypatch):
+    import lipkit
+    from lipkit.data.corpora import SyntheticPairs
+    from lipkit.data.spec import ConcatPairs, KeySubset
+
+    cache = tmp_path / "cache"
+    torch.manual_seed(0)
+    model = lipkit.create_model("micro", lock_image=True, lock_text=True, preprocess={"train_grayscale": 0.5})
+    a, b = SyntheticPairs(size=12), SyntheticPairs(size=7, offset=100)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("\n".join(a.key(i) for i in (1, 4, 5, 11)))
+    subset = KeySubset(a, str(keys))
+    direct, direct_text = feature_cache.cached_features(model, subset, tmp_path / "direct", views=2, progress=False)
+    image, text = feature_cache.cached_features(model, ConcatPairs([a, b]), cache, views=2, progress=False)
+    assert len(list(cache.glob("*.pt"))) == 4  # two sources, two views each
+
+    def fail(*args, **kwargs):
+        raise AssertionError("features were recomputed instead of read from the cache")
+
+    monkeypatch.setattr(feature_cache, "_compute", fail)
+    monkeypatch.setattr(feature_cache, "_compute_view", fail)
+    swapped, swapped_text = feature_cache.cached_features(model, ConcatPairs([b, a]), cache, views=2, progress=False)
+    assert torch.equal(swapped, torch.cat([image[12:], image[:12]]))
+    assert torch.equal(swapped_text.features, torch.cat([text.features[12:], text.features[:12]]))
+    cut, cut_text = feature_cache.cached_features(model, ConcatPairs([subset, b]), cache, views=2, progress=False)
+    assert torch.equal(cut[:4], image[[1, 4, 5, 11]]) and torch.equal(cut[4:], image[12:])
+    torch.testing.assert_close(cut[:4], direct)  # the same as computing the subset itself
+    torch.testing.assert_close(cut_text.features[:4], direct_text.features)
+    assert len(list(cache.glob("*.pt"))) == 4

@@ -48,6 +48,11 @@ class TransformedPairs(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         return self.transform(self.source.image(index)), self.source.caption(index)
 
+    def __getitems__(self, indexes: list[int]) -> list[tuple[torch.Tensor, str]]:
+        """A batch (the DataLoader's batched fetch): the source fetches its reads ahead together."""
+        self.source.prefetch(indexes)
+        return [self[index] for index in indexes]
+
 
 class PairDataset(Dataset):
     """Turns ``(index, seed)`` into ``(image_tensor, caption, key, failures)``; the seed drives augmentation.
@@ -71,6 +76,11 @@ class PairDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[torch.Tensor, str, str, tuple[str, ...]]]:
+        """A batch (the DataLoader's batched fetch): the source fetches its reads ahead together."""
+        self.source.prefetch([index for index, _ in items])
+        return [self[item] for item in items]
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, str, str, tuple[str, ...]]:
         index, seed = item

@@ -7,6 +7,7 @@ transforms and tokenisation. Sources are opened by name or path with :func:`lipk
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,14 @@ class PairSource:
     def groups(self) -> np.ndarray | None:
         """Boundaries ``[0, n1, n1 + n2, ..., len]`` of contiguous storage groups (shards), or ``None``."""
         return None
+
+    def prefetch(self, indexes: Sequence[int]) -> None:
+        """A hint that the pairs ``indexes`` are read next (a loader calls it with each batch).
+
+        A source whose reads are slow one at a time (remote shards: one round trip each) fetches them
+        together now; the default does nothing. Reads that fail here are tried again, and raise, when the
+        pair itself is read.
+        """
 
 
 def split_of(key: str, fractions: tuple[float, float] = (0.8, 0.1)) -> str:

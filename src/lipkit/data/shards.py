@@ -29,7 +29,7 @@ import re
 import tarfile
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -599,6 +599,7 @@ class ShardPairs(PairSource):
         self._fds: dict[int, int] = {}
         self._fs: dict[str, Any] = {}
         self._caption_read: tuple[int, bytes] | None = None  # a caption read with its image (remote)
+        self._prefetched: dict[int, bytes] = {}  # index -> its image and caption span, fetched ahead (remote)
         self._pid = os.getpid()
 
     def _warn(self, name: str, indexes: list[TarIndex]) -> None:
@@ -628,7 +629,7 @@ class ShardPairs(PairSource):
 
     def __getstate__(self) -> dict:
         # file descriptors and file systems (their connections) stay with the process that opened them
-        return {**self.__dict__, "_fds": {}, "_fs": {}, "_caption_read": None}
+        return {**self.__dict__, "_fds": {}, "_fs": {}, "_caption_read": None, "_prefetched": {}}
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
@@ -643,9 +644,12 @@ class ShardPairs(PairSource):
         return self.keys[index].decode("utf-8")
 
     def caption(self, index: int) -> str:
-        early = self._caption_read
+        early, ahead = self._caption_read, self._prefetched.get(index)
         if early is not None and early[0] == index:
             data = early[1]
+        elif ahead is not None:  # fetched with its image: cut the caption out of the span
+            at, size = self.text_loc[index].tolist()
+            data = ahead[at - self._span(index)[0] :][:size]
         else:
             data = self._read(index, self.text_loc[index], UnreadableCaption)
         text, _ = decode_text(data)
@@ -661,10 +665,40 @@ class ShardPairs(PairSource):
             return open_image(self._read(index, self.image_loc[index], UndecodableImage), draft)
         # one range request for the image and the caption (neighbours in the tar), the caption kept for caption()
         (img_at, img_size), (txt_at, txt_size) = self.image_loc[index].tolist(), self.text_loc[index].tolist()
-        start, end = min(img_at, txt_at), max(img_at + img_size, txt_at + txt_size)
-        span = self._read(index, np.array([start, end - start]), UndecodableImage)
+        start, size = self._span(index)
+        span = self._prefetched.pop(index, None)
+        if span is None:
+            span = self._read(index, np.array([start, size]), UndecodableImage)
         self._caption_read = (index, span[txt_at - start : txt_at - start + txt_size])
         return open_image(span[img_at - start : img_at - start + img_size], draft)
+
+    def _span(self, index: int) -> tuple[int, int]:
+        """Offset and size of the bytes that hold both the image and the caption of ``index``."""
+        (img_at, img_size), (txt_at, txt_size) = self.image_loc[index].tolist(), self.text_loc[index].tolist()
+        start = min(img_at, txt_at)
+        return start, max(img_at + img_size, txt_at + txt_size) - start
+
+    def prefetch(self, indexes: Sequence[int]) -> None:
+        """Fetch the remote pairs among ``indexes`` concurrently (fsspec ``cat_ranges``: one request each, all
+        in flight at once), so a batch costs about one round trip instead of one per sample. Only the last
+        call's pairs are held; a range that fails is read again, and raises, when its pair is read."""
+        by_protocol: dict[str, list[int]] = {}
+        for index in dict.fromkeys(int(i) for i in indexes):
+            shard = int(self.shard_of[index])
+            if self.remote[shard]:
+                by_protocol.setdefault(self.paths[shard].split("://", 1)[0], []).append(index)
+        self._prefetched = {}
+        for group in by_protocol.values():
+            fs, _ = self._remote_fs(int(self.shard_of[group[0]]))
+            paths = [fs._strip_protocol(self.paths[int(self.shard_of[i])]) for i in group]
+            spans = [self._span(i) for i in group]
+            try:
+                data = fs.cat_ranges(paths, [s for s, _ in spans], [s + n for s, n in spans], on_error="return")
+            except Exception:  # the reads themselves say what is wrong, one sample at a time
+                continue
+            for index, (_, size), got in zip(group, spans, data):
+                if isinstance(got, bytes) and len(got) == size:
+                    self._prefetched[index] = got
 
     def _read(self, index: int, loc: np.ndarray, error: type[Exception]) -> bytes:
         offset, size = int(loc[0]), int(loc[1])
@@ -676,7 +710,9 @@ class ShardPairs(PairSource):
             else:
                 data = os.pread(self._fd(shard), size, offset)
         except OSError as exc:
-            raise error(f"{self.key(index)}: {exc}") from None
+            if not self.remote[shard]:
+                raise error(f"{self.key(index)}: {exc}") from None
+            raise error(f"{self.key(index)}: {type(exc).__name__}: {exc}") from None  # e.g. FileNotFoundError: URL
         except Exception as exc:  # a remote file system's own errors (a server that fails, a lost connection)
             raise error(f"{self.key(index)}: {type(exc).__name__}: {exc}") from None
         if len(data) != size:
@@ -686,7 +722,7 @@ class ShardPairs(PairSource):
     def _remote_fs(self, shard: int) -> tuple[Any, str]:
         """This process's own file system for a remote shard (connections are not shared across a fork)."""
         if self._pid != os.getpid():
-            self._fds, self._fs, self._pid = {}, {}, os.getpid()
+            self._fds, self._fs, self._prefetched, self._pid = {}, {}, {}, os.getpid()
         url = self.paths[shard]
         protocol = url.split("://", 1)[0]
         if protocol not in self._fs:

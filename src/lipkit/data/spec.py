@@ -212,6 +212,14 @@ class ConcatPairs(PairSource):
             return self.sources[0].groups()
         return None
 
+    def prefetch(self, indexes: Sequence[int]) -> None:
+        parts: dict[int, list[int]] = {}
+        for index in indexes:
+            c = bisect.bisect_right(self.offsets, index) - 1
+            parts.setdefault(c, []).append(index - self.offsets[c])
+        for c, local in parts.items():
+            self.sources[c].prefetch(local)
+
 
 class KeySubset(PairSource):
     """The pairs of a source whose keys a key file lists, in the source's order.
@@ -246,6 +254,9 @@ class KeySubset(PairSource):
     def groups(self) -> np.ndarray | None:
         bounds = self.source.groups()
         return None if bounds is None else np.searchsorted(self.indexes, bounds)
+
+    def prefetch(self, indexes: Sequence[int]) -> None:
+        self.source.prefetch(self.indexes[np.asarray(indexes, np.int64)].tolist())
 
 
 @dataclass

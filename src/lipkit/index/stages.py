@@ -69,6 +69,7 @@ class Decoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         indexes = [int(i) for i in batch["index"]]
+        self.source.prefetch(indexes)
         rows = [self._decode(i) for i in indexes]
         out = {name: values for name, values in batch.items() if name not in _INPUTS}
         out["ok"] = np.array([r["reason"] == "" for r in rows], bool)

@@ -3,7 +3,10 @@
 When both towers' trunks are frozen, their outputs for a sample never change, so they are computed
 once (with the evaluation transform), saved on disk under a key made of both trunks' weights and
 configs, the preprocessing, and the data's keys and captions, and reused by every later run: a re-run
-skips straight to training the projection heads, which takes seconds. Batches are drawn by the same
+skips straight to training the projection heads, which takes seconds. Each source of a mixture is an
+entry of its own, so a new mixture of sources cached before computes nothing, and a key subset of a
+source (``{source: ..., keys: FILE}``, a curated key list) is cut out of its whole source's entries when
+those are cached. Batches are drawn by the same
 deterministic sampler as image batches, so resuming stays exact.
 
 With ``feature_views > 1``, augmented views of the training images are cached too (view 0 is the
@@ -38,7 +41,7 @@ from lipkit.config import to_dict
 from lipkit.data.loader import ResumableBatchSampler, TransformedPairs
 from lipkit.data.pairs import PairSource
 from lipkit.data.prototypes import REFERENCE_IMAGES, PrototypePairs, tower_head
-from lipkit.data.spec import ConcatPairs, Mixture
+from lipkit.data.spec import ConcatPairs, KeySubset, Mixture
 from lipkit.errors import ConfigError
 from lipkit.models import DualEncoder, get_tokenizer, image_transform
 from lipkit.models.text_inputs import TextCache
@@ -100,6 +103,11 @@ class AugmentedView(Dataset):
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def __getitems__(self, indexes: list[int]) -> list[torch.Tensor]:
+        """A batch (the DataLoader's batched fetch): the source fetches its reads ahead together."""
+        self.source.prefetch(indexes)
+        return [self[index] for index in indexes]
 
     def __getitem__(self, index: int) -> torch.Tensor:
         torch.default_generator.manual_seed(view_seed(self.view, self.source.key(index)))
@@ -304,31 +312,40 @@ def _cached_features(
     views: int,
     share: _Share,
 ) -> tuple[torch.Tensor, TextCache]:
-    def pairs(images: PairSource) -> tuple[torch.Tensor, TextCache]:
-        mine = _Share(share.rank, share.world_size, len(images))
-        return _cached_pair_features(model, images, cache_dir, batch_size, workers, device, progress, views, mine)
+    def pairs(images: list[PairSource]) -> tuple[torch.Tensor, TextCache]:
+        """The sources' features joined, each source its own cache entry: a new mixture of sources that
+        were cached before computes nothing."""
+        got = []
+        for part in images:
+            mine = _Share(share.rank, share.world_size, len(part))
+            args = (cache_dir, batch_size, workers, device, progress, views, mine)
+            got.append(_cached_pair_features(model, part, *args))
+        if len(got) == 1:
+            return got[0]
+        joined = (_join([getattr(t, name) for _, t in got]) for name in ("features", "tokens"))
+        return torch.cat([image for image, _ in got]), TextCache(*joined)
 
     def texts(part: PairSource) -> TextCache:
         return _cached_text(model, part, cache_dir, batch_size, torch.device(device), share)
 
     parts = source.sources if isinstance(source, ConcatPairs) else [source]
     if not any(isinstance(p, PrototypePairs) for p in parts):
-        return pairs(source)
+        return pairs(parts)
     return _with_prototypes(model, parts, pairs, texts)
 
 
 def _with_prototypes(
     model: DualEncoder,
     parts: list[PairSource],
-    pairs: Callable[[PairSource], tuple[torch.Tensor, TextCache]],
+    pairs: Callable[[list[PairSource]], tuple[torch.Tensor, TextCache]],
     texts: Callable[[PairSource], TextCache],
 ) -> tuple[torch.Tensor, TextCache]:
-    """Features of a mixture with prototype sources: the image sources' cached ones (their entry as
+    """Features of a mixture with prototype sources: the image sources' cached ones (their entries as
     without the prototypes) and each prototype source's placed rows and cached caption features, in order."""
     images = [p for p in parts if not isinstance(p, PrototypePairs)]
     if not images:
         raise ConfigError("prototype sources need image sources beside them: their placement uses the images' features")
-    image, text = pairs(images[0] if len(images) == 1 else ConcatPairs(images))
+    image, text = pairs(images)
     head = tower_head(model.visual)
     reference = image if image.ndim == 2 else image[:, 0]  # the evaluation view of every training image
     image_parts, text_parts, start = [], [], 0
@@ -419,6 +436,10 @@ def _cached_pair_features(
 ) -> tuple[torch.Tensor, TextCache]:
     folder = Path(cache_dir or default_cache_dir())
     n, device = len(source), torch.device(device)
+    if isinstance(source, KeySubset):
+        cut = _cut_from_whole_source(model, source, folder, views, share)
+        if cut is not None:
+            return cut
 
     def sound(saved: dict[str, torch.Tensor]) -> bool:
         return all(t.shape[0] == n for t in saved.values()) and ("text" in saved) == (model.text_cache_layer() is None)
@@ -442,6 +463,34 @@ def _cached_pair_features(
     if "text" in saved:
         return image, TextCache(saved["text"])
     return image, TextCache(saved["text_hidden"], saved["text_aux"])
+
+
+def _cut_from_whole_source(
+    model: DualEncoder, subset: KeySubset, folder: Path, views: int, share: _Share
+) -> tuple[torch.Tensor, TextCache] | None:
+    """A key subset's features cut out of its whole source's entries when all of them are cached (a
+    curated key list, tried at several settings, then costs no trunk pass); ``None`` when any is missing."""
+    whole = subset.source
+    paths = [folder / f"{cache_key(model, whole, v)}.pt" for v in range(views)]
+    found = all(p.is_file() for p in paths)
+    if share.world_size > 1:  # every process takes the same path
+        everyone: list[bool | None] = [None] * share.world_size
+        dist.all_gather_object(everyone, found)
+        found = all(everyone)
+    if not found:
+        return None
+    n, text_only = len(whole), model.text_cache_layer() is None
+    saved = load_cached(paths[0], lambda e: all(t.shape[0] == n for t in e.values()) and ("text" in e) == text_only)
+    extra = [load_cached(p, lambda e: e["image"].shape[0] == n) for p in paths[1:]]
+    if saved is None or any(e is None for e in extra):  # damaged entries were removed: compute the subset
+        return None
+    rows = torch.from_numpy(subset.indexes)
+    image = saved["image"][rows]
+    if views > 1:
+        image = torch.stack([image, *(e["image"][rows] for e in extra)], dim=1)
+    if "text" in saved:
+        return image, TextCache(saved["text"][rows])
+    return image, TextCache(saved["text_hidden"][rows], saved["text_aux"][rows])
 
 
 def _mix(seed: int) -> int:
