@@ -329,7 +329,7 @@ def _list_option(text: str) -> tuple[str, ...]:
 def run_curate(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from lipkit.data.curation.curate import CurateConfig, curate
+    from lipkit.data.curation.curate import CurateConfig, curate, filter_notes
     from lipkit.data.curation.runner import choose_runner
 
     names = [f.name for f in fields(CurateConfig) if f.name not in ("data", "out", "metadata", "dedup")]
@@ -354,5 +354,7 @@ def run_curate(args: argparse.Namespace) -> int:
         print("the sources left out: " + ", ".join(f"{k} {v}" for k, v in result.source_skipped.items()))
     if result.shards is not None:
         _report(result.shards, "shards: ")
+    for note in filter_notes(result, config):
+        print(note)
     print(f"provenance: {result.out}/provenance.parquet; data card: {result.out}/card.html")
     return 0

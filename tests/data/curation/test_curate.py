@@ -238,3 +238,21 @@ def test_bad_inputs_give_one_clear_line(corpus, tmp_path, capsys):
     assert "cannot reach a Ray cluster at '127.0.0.1:1'" in capsys.readouterr().err
     with pytest.raises(CurationError, match="weights are for training"):
         curate(CurateConfig(f"{folder}::0.5,{folder}::0.5", str(tmp_path / "d"), metadata=()))
+
+
+def test_a_filter_that_drops_most_samples_is_pointed_out(corpus, tmp_path, capsys):
+    folder, _, _ = corpus
+    # DataComp's 200 px floor against stamps and emoji of at most 72-150 px: nearly all go at image_size
+    assert main(["data", "curate", str(folder), "--out-dir", str(tmp_path / "a"), "--metadata", "none", "-q"]) == 0
+    out = capsys.readouterr().out
+    counts = dict(part.rsplit(" ", 1) for part in out.splitlines()[0].split("dropped: ")[1].split(", "))
+    reached = 36 - int(counts["unreadable"]) - int(counts["caption"])  # the broken image; short captions
+    assert int(counts["image_size"]) >= reached / 2
+    assert (
+        f"note: the image_size filter (--min-side 200) dropped {counts['image_size']} of the {reached} samples that "
+        "reached it; where the images are small (icons, resized shards), lower it (0 turns it off)"
+    ) in out
+    assert "the caption filter" not in out and "the aspect filter" not in out
+    args = ["data", "curate", str(folder), "--out-dir", str(tmp_path / "b"), "--metadata", "none", "-q", *OPEN_FILTERS]
+    assert main(args) == 0
+    assert "note:" not in capsys.readouterr().out
