@@ -93,6 +93,22 @@ def test_a_prefetched_batch_is_read_without_another_request(nginx, served, local
     assert sum(nginx.requests(f"remote-shards/0000{s}.tar") for s in range(3)) - before == len(batch) + 1
 
 
+def test_a_subset_of_remote_shards_is_fetched_ahead_by_its_own_indexes(served, fresh_cache, monkeypatch):
+    from lipkit.data.labelled import Subset
+    from lipkit.data.loader import TransformedPairs
+
+    remote = ShardPairs(resolve_shards(f"{served}/{PATTERN}"), "remote")
+    # what retrieval during training hands to the loader: a subset of the source (here of a subset)
+    subset = Subset(Subset(remote, [19, 2, 11, 5]), [3, 1, 0])
+    subset.prefetch([0, 2])
+    assert set(remote._prefetched) == {5, 19}
+    hints, fetch = [], remote.prefetch
+    monkeypatch.setattr(remote, "prefetch", lambda indexes: hints.append(list(indexes)) or fetch(indexes))
+    batch = TransformedPairs(subset, lambda image: image.size).__getitems__([0, 1, 2])
+    assert hints == [[5, 2, 19]]
+    assert [caption for _, caption in batch] == [remote.caption(i) for i in (5, 2, 19)]
+
+
 def test_a_failed_prefetch_leaves_the_error_to_the_sample_read(nginx, served, local_shards, fresh_cache):
     from lipkit.data.decode import UndecodableImage
 

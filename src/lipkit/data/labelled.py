@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from lipkit.data.decode import IMAGE_FILE_SUFFIXES
-from lipkit.data.pairs import split_of
+from lipkit.data.pairs import prefetch, split_of
 from lipkit.data.shards import split_member
 from lipkit.errors import LipkitError
 from lipkit.registry import Registry
@@ -308,6 +308,10 @@ class Subset:
     def caption(self, index: int) -> str:
         """The caption of pair ``index`` of the subset (for pair sources)."""
         return self.data.caption(self.indices[index])
+
+    def prefetch(self, indexes: Sequence[int]) -> None:
+        """Hand a loader's batch hint on to the source, with the subset's indexes mapped to the source's."""
+        prefetch(self.data, [self.indices[i] for i in indexes])
 
 
 def subsample(data: Any, max_samples: int, seed: int = 0) -> Any:

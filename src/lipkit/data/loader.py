@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lipkit.data.decode import CAPTION_FALLBACK, BadSample
 from lipkit.data.order import BatchPlan, Layout
-from lipkit.data.pairs import PairSource
+from lipkit.data.pairs import PairSource, prefetch
 from lipkit.data.prototypes import FeaturePoint
 from lipkit.data.spec import Mixture
 from lipkit.errors import ConfigError, LipkitError
@@ -50,7 +50,7 @@ class TransformedPairs(Dataset):
 
     def __getitems__(self, indexes: list[int]) -> list[tuple[torch.Tensor, str]]:
         """A batch (the DataLoader's batched fetch): the source fetches its reads ahead together."""
-        self.source.prefetch(indexes)
+        prefetch(self.source, indexes)
         return [self[index] for index in indexes]
 
 
@@ -79,7 +79,7 @@ class PairDataset(Dataset):
 
     def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[torch.Tensor, str, str, tuple[str, ...]]]:
         """A batch (the DataLoader's batched fetch): the source fetches its reads ahead together."""
-        self.source.prefetch([index for index, _ in items])
+        prefetch(self.source, [index for index, _ in items])
         return [self[item] for item in items]
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, str, str, tuple[str, ...]]:

@@ -78,6 +78,14 @@ class PairSource:
         """
 
 
+def prefetch(source: object, indexes: Sequence[int]) -> None:
+    """Pass a loader's batch hint to ``source`` when it takes one (a :class:`PairSource`, a
+    :class:`~lipkit.data.labelled.Subset` of one); other datasets have nothing to fetch ahead."""
+    ahead = getattr(source, "prefetch", None)
+    if callable(ahead):
+        ahead(indexes)
+
+
 def split_of(key: str, fractions: tuple[float, float] = (0.8, 0.1)) -> str:
     """Stable train/val/test assignment by hashing ``key``: it never moves between runs or machines."""
     h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64

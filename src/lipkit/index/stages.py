@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lipkit.data.pairs import PairSource
+from lipkit.data.pairs import PairSource, prefetch
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +69,7 @@ class Decoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         indexes = [int(i) for i in batch["index"]]
-        self.source.prefetch(indexes)
+        prefetch(self.source, indexes)
         rows = [self._decode(i) for i in indexes]
         out = {name: values for name, values in batch.items() if name not in _INPUTS}
         out["ok"] = np.array([r["reason"] == "" for r in rows], bool)

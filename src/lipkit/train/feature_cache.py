@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from lipkit.cache import cached, load_cached, try_save_cached
 from lipkit.config import to_dict
 from lipkit.data.loader import ResumableBatchSampler, TransformedPairs
-from lipkit.data.pairs import PairSource
+from lipkit.data.pairs import PairSource, prefetch
 from lipkit.data.prototypes import REFERENCE_IMAGES, PrototypePairs, tower_head
 from lipkit.data.spec import ConcatPairs, KeySubset, Mixture
 from lipkit.errors import ConfigError
@@ -106,7 +106,7 @@ class AugmentedView(Dataset):
 
     def __getitems__(self, indexes: list[int]) -> list[torch.Tensor]:
         """A batch (the DataLoader's batched fetch): the source fetches its reads ahead together."""
-        self.source.prefetch(indexes)
+        prefetch(self.source, indexes)
         return [self[index] for index in indexes]
 
     def __getitem__(self, index: int) -> torch.Tensor:
