@@ -4,6 +4,7 @@ training on them gives the same batches, with exact resume."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -109,6 +110,36 @@ def test_a_subset_of_remote_shards_is_fetched_ahead_by_its_own_indexes(served, f
     assert [caption for _, caption in batch] == [remote.caption(i) for i in (5, 2, 19)]
 
 
+def test_every_remote_session_is_closed_before_a_fork_and_a_child_fetches_at_once(served, fresh_cache):
+    import multiprocessing as mp
+    import weakref
+
+    from lipkit.data import shards
+
+    # two readers of the same shards: fsspec's file systems of equal arguments compare equal, yet each has a session
+    first, second = (ShardPairs(resolve_shards(f"{served}/{PATTERN}"), name) for name in ("a", "b"))
+    first.caption(0), second.caption(1)
+    systems = [first._fs["http"], second._fs["http"]]
+    assert systems[0] is not systems[1] and systems[0] == systems[1]
+    shards._close_remote_sessions()  # what runs before every fork
+    assert [fs._session for fs in systems] == [None, None]
+    closers = [f for f in list(weakref.finalize._registry) if f.peek() and f.peek()[0] in systems]
+    assert closers == []  # in a child, a closer of the parent's session waits on the parent's event loop
+
+    def child(queue):  # a loader worker's first batch
+        start = time.perf_counter()
+        second.prefetch(list(range(0, 20, 2)))
+        queue.put((time.perf_counter() - start, sorted(second._prefetched)))
+
+    queue = mp.get_context("fork").Queue()
+    process = mp.get_context("fork").Process(target=child, args=(queue,))
+    process.start()
+    seconds, fetched = queue.get(timeout=60)
+    process.join(timeout=60)
+    assert fetched == list(range(0, 20, 2))
+    assert seconds < 1.0  # 1-3 s while a parent's session was left open or its closer armed
+
+
 def test_a_failed_prefetch_leaves_the_error_to_the_sample_read(nginx, served, local_shards, fresh_cache):
     from lipkit.data.decode import UndecodableImage
 
@@ -133,24 +164,17 @@ def test_pipe_shards(local_shards, fresh_cache):
         open_mixture("pipe:cat /nowhere.tar")
 
 
-@pytest.fixture(scope="module")
-def s3(local_shards):
-    """moto's S3 server on 127.0.0.1 holding the shards in bucket ``shards``; yields its endpoint."""
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto")
+@contextlib.contextmanager
+def loopback_server(command: list[str], env: dict[str, str], what: str):
+    """Run ``command`` (``{port}`` in it becomes a free port on 127.0.0.1) with ``env`` set in this process
+    (``{port}`` there too) until the ``with`` ends; yields the port once the server accepts connections."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL"]}
-    os.environ.update(env, AWS_ENDPOINT_URL=endpoint)
+    args = [part.replace("{port}", str(port)) for part in command]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v.replace("{port}", str(port)) for k, v in env.items()})
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -158,13 +182,9 @@ def s3(local_shards):
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline, "moto's server did not start"
+                assert time.monotonic() < deadline, f"{what} did not start"
                 time.sleep(0.1)
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket="shards")
-        for path in sorted(local_shards.iterdir()):
-            client.upload_file(str(path), "shards", f"laion/{path.name}")
-        yield endpoint
+        yield port
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -173,6 +193,24 @@ def s3(local_shards):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def s3(local_shards):
+    """moto's S3 server on 127.0.0.1 holding the shards in bucket ``shards``; yields its endpoint."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"]
+    with loopback_server(command, env, "moto's server") as port:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="shards")
+        for path in sorted(local_shards.iterdir()):
+            client.upload_file(str(path), "shards", f"laion/{path.name}")
+        yield endpoint
 
 
 def test_s3_shards_are_the_local_samples(s3, local_shards, fresh_cache):
@@ -194,42 +232,17 @@ def gcs(local_shards):
     """A Google Cloud Storage emulator (gcp-storage-emulator) on 127.0.0.1 holding the shards in bucket
     ``shards``; gcsfs reaches it through ``STORAGE_EMULATOR_HOST``."""
     pytest.importorskip("gcp_storage_emulator")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--in-memory", "--default-bucket", "shards"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", "{port}",
+               "--in-memory", "--default-bucket", "shards"]  # fmt: skip
     # gcsfs's experimental bucket-type probe speaks gRPC, which the emulator does not; anonymous access
-    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    env = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     env["NO_GCE_CHECK"] = "true"
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        gcsfs = pytest.importorskip("gcsfs")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the GCS emulator did not start"
-                time.sleep(0.1)
+    with loopback_server(command, env, "the GCS emulator"):
+        gcsfs = pytest.importorskip("gcsfs")  # after STORAGE_EMULATOR_HOST is set: gcsfs reads it on import
         fs = gcsfs.GCSFileSystem(token="anon")
         for path in sorted(local_shards.iterdir()):
             fs.pipe(f"shards/laion/{path.name}", path.read_bytes())
         yield
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_gcs_shards_are_the_local_samples(gcs, local_shards, fresh_cache):

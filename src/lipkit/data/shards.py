@@ -128,17 +128,18 @@ def _url_to_fs(url: str) -> tuple[Any, str]:
     if not _FORK_HOOKED and hasattr(os, "register_at_fork"):
         os.register_at_fork(before=_close_remote_sessions)
         _FORK_HOOKED = True
-    _LIVE_FS.add(fs)
+    _LIVE_FS[id(fs)] = fs
     return fs, path
 
 
-_LIVE_FS: weakref.WeakSet = weakref.WeakSet()
+# by identity: fsspec's file systems compare equal when made with the same arguments, and a set would keep one of them
+_LIVE_FS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _FORK_HOOKED = False
 
 
 def _close_remote_sessions() -> None:
     """Close the connections of every remote file system this process opened (they reopen when next used)."""
-    for fs in list(_LIVE_FS):
+    for fs in list(_LIVE_FS.values()):
         _close_session(fs)
 
 
@@ -150,6 +151,20 @@ def _close_session(fs: Any) -> None:
             with contextlib.suppress(Exception):  # closing is best effort: the session may be half gone
                 close(getattr(fs, "loop", None), session)
             setattr(fs, attribute, None)
+            _forget_finalizers(session)
+
+
+def _forget_finalizers(session: Any) -> None:
+    """Detach the finalizers that would close ``session`` again when its file system is collected.
+
+    The session is closed already; in a forked child such a finalizer (fsspec registers one per session)
+    waits on the parent's event loop, which no thread runs there, for seconds each time a discarded
+    file system is collected: a loader worker's first batch took 3 s more.
+    """
+    for finalizer in list(getattr(weakref.finalize, "_registry", {})):
+        info = finalizer.peek()
+        if info is not None and any(arg is session for arg in info[2]):
+            finalizer.detach()
 
 
 def resolve_shards(pattern: str) -> list[Path | str]:
