@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from lipkit.cli.options import add_alias, add_limit, add_quiet, add_seed
 
 if TYPE_CHECKING:
+    from lipkit.data.curation.config import CurateConfig, CurateResult
     from lipkit.data.pack import PackOptions, PackResult
 
 HELP = """\
@@ -326,10 +327,37 @@ def _list_option(text: str) -> tuple[str, ...]:
     return () if items == ("none",) else items
 
 
+HEAVY_FILTER = 0.5  # a threshold filter that drops at least this share of the samples reaching it is pointed out
+# the threshold filters in stage order: their CurateConfig fields (option --field-name each) and where to lower them
+THRESHOLD_FILTERS = {
+    "caption": (("min_words", "min_chars"), "captions are short (titles, names)"),
+    "image_size": (("min_side",), "images are small (icons, resized shards)"),
+    "aspect": (("max_aspect",), "images are long strips"),
+}
+
+
+def _filter_notes(result: CurateResult, config: CurateConfig) -> list[str]:
+    """A line for each threshold filter that dropped at least half of the samples that reached it, naming its
+    options: DataComp's defaults are made for web alt-text and photos, and drop nearly everything of
+    short titles or small images (the built-in corpora), which is rarely what the user meant."""
+    reached = result.total - result.dropped.get("unreadable", 0) - result.dropped.get("no_embedding", 0)
+    notes = []
+    for stage, (fields, when) in THRESHOLD_FILTERS.items():  # each sees what the one before left
+        n = result.dropped.get(stage, 0)
+        if reached and n >= HEAVY_FILTER * reached:
+            options = " ".join(f"--{name.replace('_', '-')} {getattr(config, name):g}" for name in fields)
+            notes.append(
+                f"note: the {stage} filter ({options}) dropped {n} of the {reached} samples that reached it; "
+                f"where the {when}, lower it (0 turns it off)"
+            )
+        reached -= n
+    return notes
+
+
 def run_curate(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from lipkit.data.curation.curate import CurateConfig, curate, filter_notes
+    from lipkit.data.curation.curate import CurateConfig, curate
     from lipkit.data.curation.runner import choose_runner
 
     names = [f.name for f in fields(CurateConfig) if f.name not in ("data", "out", "metadata", "dedup")]
@@ -354,7 +382,7 @@ def run_curate(args: argparse.Namespace) -> int:
         print("the sources left out: " + ", ".join(f"{k} {v}" for k, v in result.source_skipped.items()))
     if result.shards is not None:
         _report(result.shards, "shards: ")
-    for note in filter_notes(result, config):
+    for note in _filter_notes(result, config):
         print(note)
     print(f"provenance: {result.out}/provenance.parquet; data card: {result.out}/card.html")
     return 0

@@ -319,34 +319,6 @@ def curate(config: CurateConfig, runner: Runner | None = None, progress: bool = 
         return _write_outputs(source, rows, metadata, config, runner, skipped, time.perf_counter() - start)
 
 
-HEAVY_FILTER = 0.5  # a threshold filter that drops at least this share of the readable samples is pointed out
-
-
-def filter_notes(result: CurateResult, config: CurateConfig) -> list[str]:
-    """A line for each threshold filter that dropped at least half of the samples that reached it, naming its
-    settings: DataComp's defaults are made for web alt-text and photos, and drop nearly everything of
-    short titles or small images (the built-in corpora), which is rarely what the user meant."""
-    reached = result.total - result.dropped.get("unreadable", 0) - result.dropped.get("no_embedding", 0)
-    settings = {
-        "caption": (
-            f"--min-words {config.min_words} --min-chars {config.min_chars}",
-            "captions are short (titles, names)",
-        ),
-        "image_size": (f"--min-side {config.min_side}", "images are small (icons, resized shards)"),
-        "aspect": (f"--max-aspect {config.max_aspect:g}", "images are long strips"),
-    }
-    notes = []
-    for stage, (options, when) in settings.items():  # in stage order: each sees what the one before left
-        n = result.dropped.get(stage, 0)
-        if reached and n >= HEAVY_FILTER * reached:
-            notes.append(
-                f"note: the {stage} filter ({options}) dropped {n} of the {reached} samples that reached it; "
-                f"where the {when}, lower it (0 turns it off)"
-            )
-        reached -= n
-    return notes
-
-
 def _say(progress: bool, text: str) -> None:
     if progress:
         print(f"curate: {text}", flush=True)
