@@ -97,6 +97,13 @@ def proto_mix(weight: float, **options: str) -> str:
     return f"[tuxpaint:train::{0.36 * rest:.3g}, emoji:train::{0.64 * rest:.3g}, {proto}]"
 
 
+# lipkit's generic zero-shot templates (lipkit.eval.templates, "generic"), as a YAML flow list for the
+# prototype captions: six pairs per class name instead of one, none of them Fashion-MNIST's own templates
+GENERIC_TEMPLATES = (
+    "['a photo of a {c}.', 'a picture of a {c}.', 'an image of a {c}.', 'a close-up photo of a {c}.', "
+    "'a photo of the {c}.', 'a drawing of a {c}.']"
+)
+
 CURATED = "{cur}"  # replaced by --curated: lipkit data curate outputs (keys.txt) per setting
 
 
@@ -200,6 +207,13 @@ VARIANTS: dict[str, list[str]] = {
     "proto-mean3-first": [*ADOPTED, f"data.train={proto_mix(0.3, captions='first')}"],
     "proto-mean3-both": [*ADOPTED, f"data.train={proto_mix(0.3, classnames='imagenet-1k-both')}"],
     "proto-mean2": [*ADOPTED, f"data.train={proto_mix(0.3, placement='mean+2std')}"],
+    # 2026-12-03: more captions per class (lipkit's generic templates) and a larger prototype share
+    "proto-norm-tpl6": [*ADOPTED, f"data.train={proto_mix(0.3, placement='norm', templates=GENERIC_TEMPLATES)}"],
+    "proto-norm-w0.5": [*ADOPTED, f"data.train={proto_mix(0.5, placement='norm')}"],
+    "proto-norm-tpl6-w0.5": [
+        *ADOPTED,
+        f"data.train={proto_mix(0.5, placement='norm', templates=GENERIC_TEMPLATES)}",
+    ],
     # the same on views4-grey0.5 (heads only, 256-d): training takes seconds instead of minutes
     "views4-grey0.5-proto-mean3": [*VIEWS, f"data.train={proto_mix(0.3)}"],
     "views4-grey0.5-proto-norm": [*VIEWS, f"data.train={proto_mix(0.3, placement='norm')}"],

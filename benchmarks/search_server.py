@@ -112,11 +112,15 @@ def load_model(args: argparse.Namespace) -> tuple[Any, str]:
     from lipkit.index.encoder import QueryEncoder, load_encoder
     from lipkit.models import create_model
 
+    runtime = args.text_runtime
     if args.checkpoint and Path(args.checkpoint).exists():
-        return load_encoder(args.checkpoint, device="cpu"), f"trained model {args.checkpoint}"
+        encoder = load_encoder(args.checkpoint, device="cpu", text_runtime=runtime)
+        return encoder, f"trained model {args.checkpoint}, text on {encoder.text_runtime}"
     torch.manual_seed(0)
-    note = f"model config {args.model} with random weights ({args.checkpoint or 'no checkpoint'} not found)"
-    return QueryEncoder(create_model(args.model), "cpu", config=args.model), note
+    encoder = QueryEncoder(create_model(args.model), "cpu", config=args.model, text_runtime=runtime)
+    missing = args.checkpoint or "no checkpoint"
+    note = f"model config {args.model} with random weights ({missing} not found)"
+    return encoder, f"{note}, text on {encoder.text_runtime}"
 
 
 def build_index(folder: Path, encoder: Any, items: int) -> Any:
@@ -340,6 +344,12 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=2, help="torch and OpenMP (FAISS) threads (default: 2, the goal's cores)"
     )
+    parser.add_argument(
+        "--text-runtime",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="what encodes the queries, on both sides, as lipkit serve's option (default: auto, as lipkit serve)",
+    )
     parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="run the mixed soak instead")
     parser.add_argument("--json", help="append the results to this file as one JSON line")
     args = parser.parse_args()
@@ -373,6 +383,7 @@ def main() -> int:
             report(row, args)
         index.close()
     row |= {"items": args.items, "clients": args.clients, "model": model_note, "index_type": index.index_type}
+    row["text_runtime"] = encoder.text_runtime
     row |= {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",

@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from serve_helpers import free_port
@@ -38,12 +39,18 @@ def test_serve_command_end_to_end(corpus, tmp_path):
     port = free_port()
     argv = [sys.executable, "-m", "lipkit.cli.main", "serve", "--index", str(tmp_path / "stamps"), "--port", str(port)]
     argv += ["--token-file", str(tmp_path / "token"), "--device", "cpu"]
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "LIPKIT_SERVE_TOKEN": ""})
+    env = {**os.environ, "LIPKIT_SERVE_TOKEN": "", "LIPKIT_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, process)
         found = httpx.get(f"{url}/api/indexes/stamps/similar", params={"key": corpus.keys[4], "k": 1}).json()
         assert found["results"][0]["key"] == corpus.keys[4]
+        # text queries go through ONNX Runtime (the default where it is installed) and rank as PyTorch does
+        text = "a red stamp"
+        by_text = httpx.get(f"{url}/api/indexes/stamps/search", params={"q": text, "k": 5}).json()
+        expected = np.argsort(-(corpus.vectors @ encoder.encode_texts([text])[0]))[:5]
+        assert [hit["key"] for hit in by_text["results"]] == [corpus.keys[i] for i in expected]
         item = {"key": "cli/added", "vector": corpus.vectors[0].tolist(), "caption": "added through the CLI"}
         answer = httpx.post(
             f"{url}/api/indexes/stamps/items", json={"items": [item]}, headers={"Authorization": "Bearer s3cret"}
@@ -53,7 +60,7 @@ def test_serve_command_end_to_end(corpus, tmp_path):
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
-    assert f"stamps at http://127.0.0.1:{port}/  writes on" in err
+    assert f"stamps (text on onnx) at http://127.0.0.1:{port}/  writes on" in err
     assert SearchIndex.open(tmp_path / "stamps").contains("cli/added")
 
 

@@ -164,7 +164,8 @@ async def page(service: IndexService, vector: Any, options: SearchOptions) -> di
 
 
 def _search_options_dependency(limits: Limits) -> Any:
-    def search_options(
+    # async: a plain function dependency would run in FastAPI's thread pool, a thread hop on every query
+    async def search_options(
         k: Annotated[int, Query(ge=1, le=limits.max_k, description="results per page")] = 10,
         offset: Annotated[int, Query(ge=0, le=limits.max_offset, description="results to skip")] = 0,
         where: Annotated[
@@ -243,7 +244,7 @@ def _term(term: Any, limits: Limits) -> Term:
 def _token_check(served: Served) -> Any:
     bearer = HTTPBearer(auto_error=False, description="the token given to `lipkit serve`")
 
-    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    async def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if credentials is None:
             raise ApiError(401, "no_token", "this route needs an 'Authorization: Bearer TOKEN' header")
         if served.token is None:

@@ -21,7 +21,10 @@ class Limits:
         max_key_chars: Longest item key.
         max_pixels: Largest decoded image (width times height), against decompression bombs.
         batch_size: Most queries the encoder and the index take in one batch.
-        batch_wait: Seconds a batch waits for more queries after its first.
+        batch_wait: Seconds a batch waits for more queries after its first. None by default: a batch is
+            what queued while the previous one ran, so an idle server answers at once and a busy one
+            batches by itself; a wait only pays where a batch costs the same whatever its size
+            (docs/benchmarks.md, the search server).
     """
 
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -33,7 +36,7 @@ class Limits:
     max_key_chars: int = 512
     max_pixels: int = 64_000_000
     batch_size: int = 64
-    batch_wait: float = 0.002
+    batch_wait: float = 0.0
 
     @property
     def max_body_bytes(self) -> int:
