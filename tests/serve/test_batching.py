@@ -54,6 +54,28 @@ def test_a_lone_request_waits_at_most_max_wait():
     assert result == 42 and waited < 1.0
 
 
+def test_without_a_wait_the_queries_that_arrive_during_a_batch_form_the_next():
+    calls: list[int] = []
+    executor = ThreadPoolExecutor(1)
+
+    def run(xs: list[int]) -> list[int]:
+        calls.append(len(xs))
+        time.sleep(0.05)
+        return xs
+
+    batcher = DynamicBatcher(run, max_batch=64, max_wait=0.0, executor=executor)  # the server's default
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.01)  # the lone first query is not held back: its batch is running now
+        rest = await asyncio.gather(*(batcher.submit(i) for i in range(1, 8)))
+        return [await first, *rest]
+
+    assert asyncio.run(main()) == list(range(8))
+    executor.shutdown()
+    assert calls == [1, 7]
+
+
 def test_errors_reach_only_their_callers():
     def run(xs: list[int]):
         return [ValueError(f"bad {x}") if x < 0 else x + 1 for x in xs]
