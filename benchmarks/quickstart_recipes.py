@@ -210,6 +210,7 @@ VARIANTS: dict[str, list[str]] = {
     # 2026-12-03: more captions per class (lipkit's generic templates) and a larger prototype share
     "proto-norm-tpl6": [*ADOPTED, f"data.train={proto_mix(0.3, placement='norm', templates=GENERIC_TEMPLATES)}"],
     "proto-norm-w0.5": [*ADOPTED, f"data.train={proto_mix(0.5, placement='norm')}"],
+    "proto-norm-both": [*ADOPTED, f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}"],
     "proto-norm-tpl6-w0.5": [
         *ADOPTED,
         f"data.train={proto_mix(0.5, placement='norm', templates=GENERIC_TEMPLATES)}",

@@ -50,6 +50,7 @@ def test_onnx_embeddings_equal_torch_for_any_batch_and_length(cache, micro):
     assert fast.encode_texts([]).shape == (0, micro.cfg.embed_dim)
 
 
+@pytest.mark.slow  # three exports of the micro model
 def test_the_export_is_cached_per_model_and_a_damaged_one_is_made_again(cache, micro):
     QueryEncoder(micro, "cpu", text_runtime="onnx")
     (path,) = cache.glob("text-*.onnx")
@@ -69,6 +70,7 @@ def test_the_export_is_cached_per_model_and_a_damaged_one_is_made_again(cache, m
     assert len(list(cache.glob("text-*.onnx"))) == 2  # another model, another export
 
 
+@pytest.mark.slow  # two exports
 def test_an_export_that_disagrees_with_torch_is_not_used(cache, micro):
     QueryEncoder(micro, "cpu", text_runtime="onnx")
     (path,) = cache.glob("text-*.onnx")

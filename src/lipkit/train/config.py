@@ -292,8 +292,8 @@ PRESETS.add(
         # chosen on validation over 5 seeds (docs/quickstart_recipes.md): the top MiniLM layer trains on
         # cached text states, 3 augmented views per training image (half of them greyed) are cached, the
         # shared space is 512-d, and 30% of each batch are the image tower's ImageNet classifier rows as
-        # pairs (classifier prototypes, scaled to the mean feature norm), Tux Paint and emoji keeping
-        # their 36:64 ratio
+        # pairs (classifier prototypes, scaled to the mean feature norm, captioned with CLIP's class name
+        # and every WordNet synonym), Tux Paint and emoji keeping their 36:64 ratio
         "model_overrides": {"embed_dim": 512, "unlock_text_layers": 1, "preprocess": {"train_grayscale": 0.5}},
         "cache_features": True,
         "feature_views": 4,
@@ -305,7 +305,11 @@ PRESETS.add(
             "train": [
                 "tuxpaint:train::0.252",
                 "emoji:train::0.448",
-                {"source": "prototypes", "weight": 0.3, "options": {"placement": "norm"}},
+                {
+                    "source": "prototypes",
+                    "weight": 0.3,
+                    "options": {"placement": "norm", "classnames": "imagenet-1k-both"},
+                },
             ],
             "batch_size": 256,
             "workers": 2,
