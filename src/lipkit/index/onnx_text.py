@@ -2,8 +2,8 @@
 
 A search server encodes short queries in small batches. There, a transformer's time in PyTorch's eager mode
 goes as much to dispatching its hundreds of small operations as to arithmetic; ONNX Runtime runs the same
-graph from C++ with fused kernels, about twice as fast on CPU for 1 to 16 queries
-(``benchmarks/search_server.py --text-runtime``, docs/benchmarks.md).
+graph from C++ with fused kernels. On the 2-core dev machine the search server answered 2.4x as many text
+queries with it (``benchmarks/search_server.py`` against ``--text-runtime torch``, docs/benchmarks.md).
 
 The export is cached per model fingerprint and PyTorch version under ``cache_root()/onnx``, written
 atomically. Before a session is used, it encodes a few probe texts of different lengths and is compared

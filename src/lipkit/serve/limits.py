@@ -21,7 +21,7 @@ class Limits:
         max_key_chars: Longest item key.
         max_pixels: Largest decoded image (width times height), against decompression bombs.
         batch_size: Most queries the encoder and the index take in one batch.
-        batch_wait: Seconds a batch waits for more queries after its first. None by default: a batch is
+        batch_wait: Seconds a batch waits for more queries after its first. Zero by default: a batch is
             what queued while the previous one ran, so an idle server answers at once and a busy one
             batches by itself; a wait only pays where a batch costs the same whatever its size
             (docs/benchmarks.md, the search server).
