@@ -103,3 +103,22 @@ def test_unknown_runtime_is_refused(micro):
 
 def test_the_cache_folder_follows_lipkit_cache_dir(cache):
     assert cache_root_onnx() == cache
+
+
+def test_a_changed_checkpoint_is_refused_before_any_export(cache, micro, tmp_path):
+    from lipkit.config import to_dict
+    from lipkit.index.encoder import ModelChangedError, encoder_for_record, load_encoder
+    from lipkit.train.checkpoint import save_checkpoint
+
+    path = tmp_path / "step_00000001.pt"
+    save_checkpoint(path, {"model": micro.state_dict(), "step": 1, "model_config": to_dict(micro.cfg)})
+    record = load_encoder(path, device="cpu").record
+    reloaded = encoder_for_record(record, "cpu", text_runtime="onnx")
+    assert reloaded.text_runtime == "onnx" and reloaded.record == record
+    (exported,) = cache.glob("text-*.onnx")
+    exported.unlink()
+    changed = create_model("micro", embed_dim=64)
+    save_checkpoint(path, {"model": changed.state_dict(), "step": 1, "model_config": to_dict(changed.cfg)})
+    with pytest.raises(ModelChangedError, match="changed"):
+        encoder_for_record(record, "cpu", text_runtime="onnx")
+    assert not list(cache.glob("text-*.onnx"))  # refused before the new weights were exported

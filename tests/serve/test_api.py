@@ -131,7 +131,16 @@ def test_metrics_count_requests_and_batches(live):
     text = client.get("/metrics").text
     assert 'lipkit_http_requests_total{method="GET",route="/api/indexes/{index}/search",status="200"}' in text
     assert 'lipkit_batch_size_count{index="corpus",kind="text"}' in text
+    assert 'lipkit_batch_size_count{index="corpus",kind="search"}' in text  # text searches encode and search at once
     assert "lipkit_http_request_seconds_bucket" in text
+
+
+def test_the_spec_lists_the_search_parameters_the_route_reads(live):
+    client, _ = live
+    operation = client.get("/openapi.json").json()["paths"]["/api/indexes/{index}/search"]["get"]
+    params = {p["name"]: p for p in operation["parameters"]}
+    assert set(params) == {"index", "q", "k", "offset", "where", "collapse"}
+    assert params["q"]["required"] and params["k"]["schema"]["maximum"] == 500
 
 
 BAD_REQUESTS = [
@@ -148,6 +157,16 @@ BAD_REQUESTS = [
     ("get", "/api/indexes/corpus/search", {"params": {"q": "x", "k": 501}}, 422, "invalid_request"),
     ("get", "/api/indexes/corpus/search", {"params": {"q": "x", "k": "ten"}}, 422, "invalid_request"),
     ("get", "/api/indexes/corpus/search", {"params": {"q": "x", "offset": -1}}, 422, "invalid_request"),
+    ("get", "/api/indexes/corpus/search", {"params": {"k": "3"}}, 422, "invalid_request"),
+    ("get", "/api/indexes/corpus/search", {"params": {"q": "x", "collapse": "nan"}}, 422, "invalid_request"),
+    ("get", "/api/indexes/corpus/similar", {"params": {"key": "x", "k": "0"}}, 422, "invalid_request"),
+    (
+        "post",
+        "/api/indexes/corpus/search/image?collapse=2",
+        {"files": {"file": ("a.png", b"", "image/png")}},
+        422,
+        "invalid_request",
+    ),
     ("get", "/api/indexes/corpus/search", {"params": {"q": "x", "where": "colour = red"}}, 400, "bad_filter"),
     ("get", "/api/indexes/corpus/search", {"params": {"q": "x", "where": "source ="}}, 400, "bad_filter"),
     (

@@ -90,6 +90,15 @@ class QueryEncoder:
         self._checkpoint = weights
         self._onnx_text = self._text_runner(check_runtime(text_runtime))
 
+    def use_text_runtime(self, text_runtime: str) -> None:
+        """Switch what runs the text tower (``torch``, ``onnx`` or ``auto``, as the constructor's argument).
+
+        Raises:
+            ConfigError: An unknown runtime, or ``onnx`` for a model that is not on CPU.
+            OnnxTextError: ``onnx`` and the text tower cannot run on ONNX Runtime.
+        """
+        self._onnx_text = self._text_runner(check_runtime(text_runtime))
+
     def _text_runner(self, runtime: str) -> Any:
         if runtime == "torch" or (runtime == "auto" and self.device.type != "cpu"):
             return None
@@ -190,10 +199,12 @@ def encoder_for_record(
     """
     if record.checkpoint is None:
         raise ModelChangedError(f"model {record.fingerprint[:12]} was never saved: its record names no checkpoint")
-    encoder = load_encoder(record.checkpoint, record.config, device, text_runtime)
+    check_runtime(text_runtime)
+    encoder = load_encoder(record.checkpoint, record.config, device)  # checked before any export to ONNX
     found = encoder.record.fingerprint
     if found != record.fingerprint:
         raise ModelChangedError(
             f"the weights in {record.checkpoint} changed: fingerprint {found[:12]}, expected {record.fingerprint[:12]}"
         )
+    encoder.use_text_runtime(text_runtime)
     return encoder

@@ -36,6 +36,7 @@ from lipkit.serve.images import decode_base64_image, decode_image, thumbnail_jpe
 from lipkit.serve.limits import ApiError, Limits, error_responses
 from lipkit.serve.metrics import Metrics, MetricsMiddleware
 from lipkit.serve.middleware import BodyLimit
+from lipkit.serve.params import SearchParams
 from lipkit.serve.service import IndexService, NewItem, SearchOptions, Served, Term, thumbnail_url
 
 if TYPE_CHECKING:
@@ -145,14 +146,15 @@ def item_json(index: str, key: str, metadata: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def page(service: IndexService, vector: Any, options: SearchOptions) -> dict[str, Any]:
-    """Search one page; one result more than the page is asked for, to know whether another page follows.
+async def page(service: IndexService, query: Any, options: SearchOptions) -> dict[str, Any]:
+    """Search one page for ``query``, a text or a query vector; one result more than the page is asked for, to
+    know whether another page follows.
 
     The routes return the page as a ready response: it has the shape of :class:`schemas.SearchResults` (the spec
     says so), and skipping FastAPI's re-validation of every hit saves a good part of a query's time.
     """
     probe = SearchOptions(options.k + 1, options.offset, options.where, options.collapse)
-    hits = await service.search(vector, probe)
+    hits = await (service.search_text(query, probe) if isinstance(query, str) else service.search(query, probe))
     more = len(hits) > options.k and options.offset + options.k <= service.limits.max_offset
     return {
         "index": service.name,
@@ -163,60 +165,55 @@ async def page(service: IndexService, vector: Any, options: SearchOptions) -> di
     }
 
 
-def _search_options_dependency(limits: Limits) -> Any:
-    # async: a plain function dependency would run in FastAPI's thread pool, a thread hop on every query
-    async def search_options(
-        k: Annotated[int, Query(ge=1, le=limits.max_k, description="results per page")] = 10,
-        offset: Annotated[int, Query(ge=0, le=limits.max_offset, description="results to skip")] = 0,
-        where: Annotated[
-            str | None, Query(max_length=limits.max_text_chars, description="filter, e.g. `source = emoji`")
-        ] = None,
-        collapse: Annotated[
-            float | None, Query(gt=0, le=1, description="collapse results more similar than this")
-        ] = None,
-    ) -> SearchOptions:
-        return SearchOptions(k, offset, where or None, collapse)
-
-    return search_options
-
-
 SEARCH_ERRORS = error_responses(400, 404, 422)
 
 
 def _add_search_routes(app: FastAPI, served: Served) -> None:
     limits = served.limits
-    Options = Annotated[SearchOptions, Depends(_search_options_dependency(limits))]
-    Text = Annotated[str, Query(min_length=1, max_length=limits.max_text_chars, description="the text query")]
+    params = SearchParams(limits)  # the page, filter and text, read from the query string (see .params)
     Key = Annotated[str, Query(min_length=1, max_length=limits.max_key_chars, description="an indexed item's key")]
     models = schemas.request_models(limits)
     QueryBody = models.query
 
     @app.get(
-        "/api/indexes/{index}/search", response_model=schemas.SearchResults, responses=SEARCH_ERRORS, tags=["search"]
+        "/api/indexes/{index}/search",
+        response_model=schemas.SearchResults,
+        responses=SEARCH_ERRORS,
+        tags=["search"],
+        openapi_extra=params.openapi(with_text=True),
     )
-    async def search_text(index: str, q: Text, options: Options) -> JSONResponse:
-        """Search by text."""
+    async def search_text(index: str, request: Request) -> JSONResponse:
+        """Search by text (``q``)."""
         service = served.service(index)
-        return JSONResponse(await page(service, await service.text_vector(q), options))
+        query = request.query_params
+        text, options = params.query_text(query), params.search_options(query)
+        return JSONResponse(await page(service, text, options))
 
     @app.post(
         "/api/indexes/{index}/search/image",
         response_model=schemas.SearchResults,
         responses=error_responses(400, 404, 413, 415, 422),
         tags=["search"],
+        openapi_extra=params.openapi(),
     )
-    async def search_image(index: str, options: Options, file: Annotated[UploadFile, File()]) -> JSONResponse:
+    async def search_image(index: str, request: Request, file: Annotated[UploadFile, File()]) -> JSONResponse:
         """Search by an uploaded image (multipart field ``file``)."""
         service = served.service(index)
+        options = params.search_options(request.query_params)
         image = decode_image(await file.read(limits.max_upload_bytes + 1), limits)
         return JSONResponse(await page(service, await service.image_vector(image), options))
 
     @app.get(
-        "/api/indexes/{index}/similar", response_model=schemas.SearchResults, responses=SEARCH_ERRORS, tags=["search"]
+        "/api/indexes/{index}/similar",
+        response_model=schemas.SearchResults,
+        responses=SEARCH_ERRORS,
+        tags=["search"],
+        openapi_extra=params.openapi(),
     )
-    async def similar(index: str, key: Key, options: Options) -> JSONResponse:
+    async def similar(index: str, key: Key, request: Request) -> JSONResponse:
         """More like an indexed item (the item itself comes first)."""
         service = served.service(index)
+        options = params.search_options(request.query_params)
         return JSONResponse(await page(service, await service.key_vector(key), options))
 
     @app.post(
