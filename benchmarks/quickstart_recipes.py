@@ -215,6 +215,15 @@ VARIANTS: dict[str, list[str]] = {
         *ADOPTED,
         f"data.train={proto_mix(0.5, placement='norm', templates=GENERIC_TEMPLATES)}",
     ],
+    # 2026-12-03 (later): a larger share for the adopted proto-norm-both captions
+    "proto-norm-both-w0.4": [
+        *ADOPTED,
+        f"data.train={proto_mix(0.4, placement='norm', classnames='imagenet-1k-both')}",
+    ],
+    "proto-norm-both-w0.5": [
+        *ADOPTED,
+        f"data.train={proto_mix(0.5, placement='norm', classnames='imagenet-1k-both')}",
+    ],
     # the same on views4-grey0.5 (heads only, 256-d): training takes seconds instead of minutes
     "views4-grey0.5-proto-mean3": [*VIEWS, f"data.train={proto_mix(0.3)}"],
     "views4-grey0.5-proto-norm": [*VIEWS, f"data.train={proto_mix(0.3, placement='norm')}"],

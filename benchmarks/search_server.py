@@ -328,7 +328,7 @@ def measure_in_process(index: Any, encoder: Any, args: argparse.Namespace) -> fl
     async def caller(service: IndexService, part: list[str], stop_at: float, done: list[int]) -> None:
         i = 0
         while time.perf_counter() < stop_at:
-            await service.search_text(part[i % len(part)], SearchOptions(k=11))  # what the route calls
+            await service.search(await service.text_vector(part[i % len(part)]), SearchOptions(k=11))
             i += 1
             if time.perf_counter() > stop_at - args.seconds:
                 done[0] += 1

@@ -133,3 +133,15 @@ def test_eval_fewshot_rejects_too_many_shots(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "dog" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
+def test_the_cli_turns_on_huge_pages_for_large_tensors_unless_the_user_chose(monkeypatch, capsys):
+    import os
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert main(["models"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert main(["models"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

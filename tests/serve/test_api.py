@@ -131,7 +131,7 @@ def test_metrics_count_requests_and_batches(live):
     text = client.get("/metrics").text
     assert 'lipkit_http_requests_total{method="GET",route="/api/indexes/{index}/search",status="200"}' in text
     assert 'lipkit_batch_size_count{index="corpus",kind="text"}' in text
-    assert 'lipkit_batch_size_count{index="corpus",kind="search"}' in text  # text searches encode and search at once
+    assert 'lipkit_batch_size_count{index="corpus",kind="search"}' in text
     assert "lipkit_http_request_seconds_bucket" in text
 
 

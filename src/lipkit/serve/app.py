@@ -146,15 +146,14 @@ def item_json(index: str, key: str, metadata: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def page(service: IndexService, query: Any, options: SearchOptions) -> dict[str, Any]:
-    """Search one page for ``query``, a text or a query vector; one result more than the page is asked for, to
-    know whether another page follows.
+async def page(service: IndexService, vector: Any, options: SearchOptions) -> dict[str, Any]:
+    """Search one page; one result more than the page is asked for, to know whether another page follows.
 
     The routes return the page as a ready response: it has the shape of :class:`schemas.SearchResults` (the spec
     says so), and skipping FastAPI's re-validation of every hit saves a good part of a query's time.
     """
     probe = SearchOptions(options.k + 1, options.offset, options.where, options.collapse)
-    hits = await (service.search_text(query, probe) if isinstance(query, str) else service.search(query, probe))
+    hits = await service.search(vector, probe)
     more = len(hits) > options.k and options.offset + options.k <= service.limits.max_offset
     return {
         "index": service.name,
@@ -187,7 +186,7 @@ def _add_search_routes(app: FastAPI, served: Served) -> None:
         service = served.service(index)
         query = request.query_params
         text, options = params.query_text(query), params.search_options(query)
-        return JSONResponse(await page(service, text, options))
+        return JSONResponse(await page(service, await service.text_vector(text), options))
 
     @app.post(
         "/api/indexes/{index}/search/image",

@@ -1,9 +1,10 @@
 """One served index with its encoder: every query kind as an async method over :mod:`lipkit.index`.
 
 The route handlers call these methods and nothing below them: the FAISS index and the SQLite metadata
-stay behind :class:`lipkit.index.store.SearchIndex`. Text searches from concurrent requests are encoded and
-searched in batches, both steps in one call on the model's thread; the query vectors of other concurrent
-searches (images, keys, combinations) are searched in batches too (:mod:`.batching`).
+stay behind :class:`lipkit.index.store.SearchIndex`. Text queries from concurrent requests are encoded
+in batches, and the query vectors of concurrent searches are searched in batches (:mod:`.batching`): the
+two steps run on their own threads, so one batch is searched while the next is encoded (one call doing
+both answered fewer queries over HTTP: docs/benchmarks.md, the search server).
 """
 
 from __future__ import annotations
@@ -102,16 +103,6 @@ class IndexService:
             max_wait=limits.batch_wait,
             executor=self._model_thread,
             on_batch=lambda n: note("text", n),
-        )
-        # a text search is encoded and searched in one batch call: a second hand-over per batch, from the
-        # model's thread back to the event loop and on to the search thread, cost more than the overlap of
-        # the two steps saved (docs/benchmarks.md, the search server)
-        self._text_searches: DynamicBatcher[tuple[str, SearchOptions], list[Hit]] = DynamicBatcher(
-            self._text_search_batch,
-            max_batch=limits.batch_size,
-            max_wait=limits.batch_wait,
-            executor=self._model_thread,
-            on_batch=lambda n: (note("text", n), note("search", n)),
         )
         self._searches: DynamicBatcher[tuple[np.ndarray, SearchOptions], list[Hit]] = DynamicBatcher(
             self._search_batch,
@@ -222,21 +213,6 @@ class IndexService:
                 results[i] = hits
         return results
 
-    def _text_search_batch(self, requests: list[tuple[str, SearchOptions]]) -> list[list[Hit] | Exception]:
-        vectors = self.encoder.encode_texts([text for text, _ in requests])
-        return self._search_batch([(vector, options) for vector, (_, options) in zip(vectors, requests, strict=True)])
-
-    async def search_text(self, text: str, options: SearchOptions) -> list[Hit]:
-        """The nearest items to a text query (encoded and searched in a batch with concurrent ones).
-
-        Raises:
-            ApiError: 400 for a filter the index cannot parse, 404 for an unknown key in it.
-        """
-        try:
-            return await self._text_searches.submit((text, options))
-        except LipkitError as exc:
-            raise api_error(exc) from None
-
     async def search(self, vector: np.ndarray, options: SearchOptions) -> list[Hit]:
         """The nearest items to a query vector (batched with concurrent searches).
 
@@ -334,7 +310,6 @@ class IndexService:
     async def aclose(self) -> None:
         """Stop the batchers and the threads."""
         await self._texts.aclose()
-        await self._text_searches.aclose()
         await self._searches.aclose()
         self._model_thread.shutdown(wait=False, cancel_futures=True)
         self._search_thread.shutdown(wait=False, cancel_futures=True)
