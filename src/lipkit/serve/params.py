@@ -1,10 +1,11 @@
 """The query-string parameters of the search routes, read without FastAPI's per-field validation.
 
 A text search is the server's hottest route. FastAPI validates every declared query parameter through
-pydantic, which cost about a third of the route's own CPU time per request; the five parameters of a search
-are read here instead, from one table that also gives the OpenAPI spec its parameter entries (each route
-passes :func:`openapi_parameters` as ``openapi_extra``). Bad values answer 422 ``invalid_request`` with a
-line naming the parameter, as FastAPI's own validation errors do on the other routes.
+pydantic; reading the five parameters of a search here instead took the route's CPU time on the event loop
+from 283-334 us to 240-266 us per request (docs/benchmarks.md, the search server). One table gives both the
+parsing and the OpenAPI spec's parameter entries (each route passes :meth:`SearchParams.openapi` as
+``openapi_extra``). Bad values answer 422 ``invalid_request`` with a line naming the parameter, as FastAPI's
+own validation errors do on the other routes.
 """
 
 from __future__ import annotations
