@@ -63,6 +63,8 @@ SMOKE = {
         ["--n", "3000", "--exhaustive-n", "2000", "--dim", "32", "--topics", "50"],
         "ratio lipkit/exhaustive",
     ),
+    "search_route.py": (["--items", "200", "--requests", "20", "--rounds", "1"], "ratio fastapi/lipkit"),
+    "huge_pages.py": (["--argv", "models"], "lipkit models"),
     "caption_speed.py": (
         ["--layers", "1", "--batch-size", "2", "--length", "8", "--rounds", "1"],
         "captions identical: True (2, 8)",

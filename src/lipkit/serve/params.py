@@ -1,8 +1,8 @@
 """The query-string parameters of the search routes, read without FastAPI's per-field validation.
 
 A text search is the server's hottest route. FastAPI validates every declared query parameter through
-pydantic; reading the five parameters of a search here instead took the route's CPU time on the event loop
-from 283-334 us to 240-266 us per request (docs/benchmarks.md, the search server). One table gives both the
+pydantic; reading the five parameters of a search here instead saves about 30 us of the route's 270 us of
+event-loop CPU per request (``benchmarks/search_route.py``: 1.14x, docs/benchmarks.md). One table gives both the
 parsing and the OpenAPI spec's parameter entries (each route passes :meth:`SearchParams.openapi` as
 ``openapi_extra``). Bad values answer 422 ``invalid_request`` with a line naming the parameter, as FastAPI's
 own validation errors do on the other routes.
