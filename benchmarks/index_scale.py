@@ -10,7 +10,7 @@ a metadata row, the FAISS index, the tuned default search settings) in a tempora
 - recall@10 of the default search against exact brute force over all vectors, on the 1,000 queries,
 - queries/s of ``SearchIndex.search`` (batches of ``--batch-size`` queries, k=10, metadata included).
 
-The types: ``auto`` under the default memory budget (IVF-Flat above 20,000 vectors), ``auto`` under
+The types: ``auto`` under the default memory budget (IVF-Flat above 20,000 vectors), ``auto`` under each
 ``--small-budget`` (IVF-PQ re-ranked with the stored vectors), and any FAISS factory strings in ``--types``
 (``IDMap2,Flat`` is the exact baseline; ``HNSW32`` builds slowly on few cores).
 
@@ -19,10 +19,11 @@ million; 10,000,000 needs about 45 GB of memory and disk).
 
 ``--engine-only`` measures lipkit's FAISS engine alone where the whole index does not fit the machine: the
 vectors are written to a memory-mapped file (4 bytes x 512 per vector, in ``--tmp-dir``) in place of
-SQLite, the index type is the one ``auto`` picks under ``--small-budget``, trained and filled as
-:class:`SearchIndex` does (in chunks), its default search settings tuned by the same procedure, and the
-re-ranking reads the exact vectors from that file. ``--n 10000000 --engine-only`` needs about 21 GB of disk
-and a few GB of memory.
+SQLite, the index type is the one ``auto`` picks under each ``--small-budget`` (several may be given; the
+vectors are made once), trained and filled as :class:`SearchIndex` does (in chunks), its default search
+settings tuned by the same procedure, and the re-ranking reads the exact vectors from that file.
+``--n 10000000 --engine-only --small-budget 256MB 1GB`` needs about 21 GB of disk and a few GB of memory,
+and about 35 minutes on 2 cores (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -107,12 +108,9 @@ def measure(
     }  # fmt: skip
 
 
-def engine_only(args: argparse.Namespace) -> dict:
-    """Build and measure lipkit's FAISS engine over vectors in a memory-mapped file (see the module notes)."""
-    import faiss
-
-    from lipkit.index import store
-
+def engine_only(args: argparse.Namespace) -> list[dict]:
+    """Build and measure lipkit's FAISS engine over vectors in a memory-mapped file (see the module notes),
+    once per memory budget in ``--small-budget``, on the same vectors."""
     folder = Path(tempfile.mkdtemp(prefix="index_scale.", dir=args.tmp_dir))
     try:
         start = time.perf_counter()
@@ -123,41 +121,51 @@ def engine_only(args: argparse.Namespace) -> dict:
         vectors, queries = both[: args.n], np.ascontiguousarray(both[args.n :])
         kth = exact_kth(queries, vectors, chunk=200_000)
         print(f"{args.n:,} x {DIM} vectors on disk, ground truth in {time.perf_counter() - start:.1f} s", flush=True)
-
-        plan = store.choose_index(args.n, DIM, parse_bytes(args.small_budget))
-        start = time.perf_counter()
-        index = faiss.index_factory(DIM, plan.factory, faiss.METRIC_INNER_PRODUCT)
-        store._train(index, vectors, plan.factory)
-        for lo in range(0, args.n, 500_000):
-            chunk = np.ascontiguousarray(vectors[lo : lo + 500_000])
-            index.add_with_ids(chunk, np.arange(lo + 1, lo + len(chunk) + 1, dtype=np.int64))
-        engine = store._engine_of(index, mutable=True)
-        params = store._tune(engine, vectors)
-        build_s = time.perf_counter() - start
-
-        def search(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            refine = params.get("refine", 1)
-            search_params = faiss.SearchParametersIVF(nprobe=params["nprobe"]) if "nprobe" in params else None
-            scores, vids = store._search(index, batch, 10 * refine, search_params)
-            if refine > 1:
-                unique = np.unique(vids[vids >= 0])
-                scores, vids = store._rerank(batch, vids, unique, vectors[unique - 1], 10)
-            return scores, vids
-
-        _, vids = search(queries)  # recall from the exact scores of the ids found (PQ scores are estimates)
-        exact = np.einsum("qkd,qd->qk", vectors[np.clip(vids[:, :10], 1, None) - 1], queries)
-        recall = float(np.mean(np.sum((exact >= kth[:, None] - 1e-5) & (vids[:, :10] > 0), axis=1) / 10))
-        start = time.perf_counter()
-        for b in range(0, len(queries), args.batch_size):
-            search(queries[b : b + args.batch_size])
-        qps = len(queries) / (time.perf_counter() - start)
-        code = store._code_size(index) or 0
+        return [engine_row(budget, vectors, queries, kth, args) for budget in args.small_budget]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def engine_row(budget: str, vectors: np.ndarray, queries: np.ndarray, kth: np.ndarray, args) -> dict:
+    """The index ``auto`` picks under ``budget``: trained, filled in chunks and tuned as SearchIndex does."""
+    import faiss
+
+    from lipkit.index import store
+
+    plan = store.choose_index(args.n, DIM, parse_bytes(budget))
+    start = time.perf_counter()
+    index = faiss.index_factory(DIM, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    store._train(index, vectors, plan.factory)
+    print(f"{plan.factory}: trained in {time.perf_counter() - start:.1f} s", flush=True)
+    for lo in range(0, args.n, 500_000):
+        chunk = np.ascontiguousarray(vectors[lo : lo + 500_000])
+        index.add_with_ids(chunk, np.arange(lo + 1, lo + len(chunk) + 1, dtype=np.int64))
+    print(f"{args.n:,} vectors added at {time.perf_counter() - start:.1f} s", flush=True)
+    engine = store._engine_of(index, mutable=True)
+    params = store._tune(engine, vectors)
+    build_s = time.perf_counter() - start
+    print(f"tuned to {params} at {build_s:.1f} s", flush=True)
+
+    def search(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        refine = params.get("refine", 1)
+        search_params = faiss.SearchParametersIVF(nprobe=params["nprobe"]) if "nprobe" in params else None
+        scores, vids = store._search(index, batch, 10 * refine, search_params)
+        if refine > 1:
+            unique = np.unique(vids[vids >= 0])
+            scores, vids = store._rerank(batch, vids, unique, vectors[unique - 1], 10)
+        return scores, vids
+
+    _, vids = search(queries)  # recall from the exact scores of the ids found (PQ scores are estimates)
+    exact = np.einsum("qkd,qd->qk", vectors[np.clip(vids[:, :10], 1, None) - 1], queries)
+    recall = float(np.mean(np.sum((exact >= kth[:, None] - 1e-5) & (vids[:, :10] > 0), axis=1) / 10))
+    start = time.perf_counter()
+    for b in range(0, len(queries), args.batch_size):
+        search(queries[b : b + args.batch_size])
+    qps = len(queries) / (time.perf_counter() - start)
     return {
-        "type": f"engine only, budget {args.small_budget}", "index_type": plan.factory, "search_params": params,
-        "build_s": round(build_s, 1), "bytes_per_vector": code, "folder_bytes_per_vector": None,
-        "recall_at_10": round(recall, 4), "queries_per_s": round(qps, 1),
+        "type": f"engine only, budget {budget}", "index_type": plan.factory, "search_params": params,
+        "build_s": round(build_s, 1), "bytes_per_vector": store._code_size(index) or 0,
+        "folder_bytes_per_vector": None, "recall_at_10": round(recall, 4), "queries_per_s": round(qps, 1),
     }  # fmt: skip
 
 
@@ -167,7 +175,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries (default 1000)")
     parser.add_argument("--clusters", type=int, default=1000, help="centres the vectors gather around")
     parser.add_argument("--batch-size", type=int, default=100, help="queries per search call (default 100)")
-    parser.add_argument("--small-budget", default="256MB", help="memory budget of the second auto index")
+    parser.add_argument(
+        "--small-budget", nargs="+", default=["256MB"], help="memory budgets of the compressed auto indexes"
+    )
     parser.add_argument("--types", nargs="*", default=[], metavar="FACTORY", help="more FAISS factory strings")
     parser.add_argument("--no-default", action="store_true", help="skip auto under the default memory budget")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,14 +188,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.engine_only:
-        row = engine_only(args)
-        print(
-            f"{row['type']:<22} {row['index_type']:<20} build {row['build_s']:8.1f} s  {row['bytes_per_vector']} "
-            f"B/vector code  recall@10 {row['recall_at_10']:.3f}  {row['queries_per_s']:9.1f} queries/s  "
-            f"{row['search_params']}",
-            flush=True,
-        )
-        append_result(args.json, "index_scale", {"n": args.n, "dim": DIM, "cpus": os.cpu_count(), "results": [row]})
+        rows = engine_only(args)
+        for row in rows:
+            print(
+                f"{row['type']:<22} {row['index_type']:<20} build {row['build_s']:8.1f} s  {row['bytes_per_vector']} "
+                f"B/vector code  recall@10 {row['recall_at_10']:.3f}  {row['queries_per_s']:9.1f} queries/s  "
+                f"{row['search_params']}",
+                flush=True,
+            )
+        append_result(args.json, "index_scale", {"n": args.n, "dim": DIM, "cpus": os.cpu_count(), "results": rows})
         return
 
     start = time.perf_counter()
@@ -193,9 +204,8 @@ def main() -> None:
     vectors, queries = both[: args.n], np.ascontiguousarray(both[args.n :])
     kth = exact_kth(queries, vectors)
     print(f"{args.n:,} x {DIM} vectors, {args.queries} queries, ground truth in {time.perf_counter() - start:.1f} s")
-    small = parse_bytes(args.small_budget)
     runs = [] if args.no_default else [("auto", "auto", None)]
-    runs += [(f"auto, budget {args.small_budget}", "auto", small)]
+    runs += [(f"auto, budget {budget}", "auto", parse_bytes(budget)) for budget in args.small_budget]
     runs += [(factory, factory, None) for factory in args.types]
     rows = []
     for kind, factory, budget in runs:

@@ -405,8 +405,11 @@ def test_choose_index_follows_size_and_memory_budget():
     assert nlist_for(1_000_000) == 4096 and nlist_for(100_000) == 1024 and nlist_for(20_000) == 512
     assert choose_index(1_000_000, 512, 8 * 2**30) == IndexPlan("IVF4096,Flat")
     assert choose_index(1_000_000, 512, 1 * 2**30) == IndexPlan("IVF4096,PQ64x8np")
-    assert choose_index(10_000_000, 512, 2**29) == IndexPlan("IVF16384,PQ32x8np")
-    assert choose_index(10_000_000, 512, 2**20) == IndexPlan("IVF16384,PQ64x8np", mmap=True)
+    # above a million vectors the cells grow as the square root: 4,096 at 10M, 8,192 at 100M, 32,768 at 1B
+    assert [nlist_for(n) for n in (2_000_000, 10_000_000, 100_000_000, 10**9)] == [4096, 4096, 8192, 32768]
+    assert choose_index(10_000_000, 512, 2**29) == IndexPlan("IVF4096,PQ32x8np")
+    assert choose_index(10_000_000, 512, 2**28) == IndexPlan("IVF4096,PQ16x8np")
+    assert choose_index(10_000_000, 512, 2**20) == IndexPlan("IVF4096,PQ64x8np", mmap=True)
     assert parse_bytes("2GB") == 2 * 2**30 and parse_bytes("512MiB") == 2**29 and parse_bytes("1000") == 1000
 
 
@@ -432,3 +435,25 @@ def test_tuning_counts_a_compressed_index_hit_by_its_exact_score():
     expected = np.mean(np.clip(np.sum(exact >= kth - 1e-5, axis=1) - 1, 0, k) / k)
     assert store._recall(index, queries, x, kth, k, {"nprobe": 4}) == pytest.approx(expected)
     assert store._recall_leaving_self_out(pq_scores, kth, k) > expected + 0.05  # what the estimates claimed
+
+
+def test_tuning_that_cannot_reach_the_goal_says_so_and_keeps_the_widest_search(monkeypatch):
+    # 10,000,000 synthetic vectors under a 256 MB budget (IVF4096,PQ16) reached 0.714 at best: the user is told
+    import faiss
+
+    x = unit(np.random.default_rng(6), 2000, clusters=20)
+    index = faiss.index_factory(x.shape[1], "IVF4,PQ4x4np", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add_with_ids(x, np.arange(1, 2001, dtype=np.int64))
+    tried = []
+
+    def recall(main, queries, vectors, kth, k, params):
+        tried.append(params)
+        return 0.25 + len(tried) / 100  # never the goal; the best is the last one tried
+
+    monkeypatch.setattr(store, "_recall", recall)
+    with pytest.warns(UserWarning, match=r"reaches recall@10 0.95 .*best 0\.\d+.*memory budget") as caught:
+        params = store._tune(store._engine_of(index, mutable=True), x)
+    assert params == {"nprobe": 4, "refine": store.REFINE_DEPTHS[-1]} == tried[-1]
+    assert len(tried) == 3 * len(store.REFINE_DEPTHS)  # nprobe 1, 2, 4 at every re-ranking depth
+    assert f"best {0.25 + len(tried) / 100:.3f}" in str(caught[0].message)
