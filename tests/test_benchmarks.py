@@ -38,6 +38,8 @@ SMOKE = {
             "2000",
             "--seconds",
             "1",
+            "--rounds",
+            "1",
             "--warmup",
             "0.5",
             "--model",

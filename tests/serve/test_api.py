@@ -276,3 +276,49 @@ def test_several_indexes_side_by_side_and_a_foreign_model_refused(corpus, tmp_pa
             body = {"terms": [{"vector": vector.tolist()}], "k": 1}
             answer = client.post(f"/api/indexes/{name}/query", json=body).json()
             assert answer["index"] == name and answer["results"][0]["key"] == corpus.keys[6 if name == "first" else 2]
+
+
+def test_the_text_search_fast_path_answers_as_the_fastapi_route(corpus, tmp_path, monkeypatch):
+    # GET .../search is answered by a middleware in front of FastAPI's routing; the same app without it
+    # (the request then reaches the FastAPI route) must give the same status and body, CORS and metrics included
+    from fastapi.testclient import TestClient
+
+    from lipkit.serve.app import TextSearchFastPath, create_app
+
+    index = build_index(corpus, tmp_path / "ix")
+    origin = "http://example.org"
+    fast = create_app({"corpus": (index, corpus.encoder)}, cors_origins=[origin])
+    plain = create_app({"corpus": (index, corpus.encoder)}, cors_origins=[origin])
+    plain.user_middleware = [m for m in plain.user_middleware if m.cls is not TextSearchFastPath]
+    taken: list[str | None] = []
+    index_of = TextSearchFastPath._index
+
+    def index_seen(self, scope):
+        if scope["type"] == "http":
+            taken.append(index_of(self, scope))
+        return index_of(self, scope)
+
+    monkeypatch.setattr(TextSearchFastPath, "_index", index_seen)
+    cases = [
+        ("/api/indexes/corpus/search", {"q": corpus.captions[2], "k": 3}),
+        ("/api/indexes/corpus/search", [("q", "first"), ("q", corpus.captions[5]), ("k", "2")]),  # the last q
+        ("/api/indexes/corpus/search", {"q": "ünïcödé ☃", "where": "source = emoji", "offset": 1}),
+        ("/api/indexes/corpus/search", {"q": "x", "k": "0"}),
+        ("/api/indexes/corpus/search", {"q": ""}),
+        ("/api/indexes/corpus/search", {"q": "x", "where": "nonsense ==="}),
+        ("/api/indexes/nowhere/search", {"q": "x"}),
+        ("/api/indexes/a%2Fb/search", {"q": "x"}),
+    ]
+    with TestClient(fast) as a, TestClient(plain) as b:
+        for path, params in cases:
+            ra = a.get(path, params=params, headers={"Origin": origin})
+            rb = b.get(path, params=params, headers={"Origin": origin})
+            assert (ra.status_code, ra.json()) == (rb.status_code, rb.json()), path
+            assert ra.headers["access-control-allow-origin"] == origin
+            assert ra.headers["content-type"] == rb.headers["content-type"] == "application/json"
+        # the fast app took every request but the one whose index name holds a slash; the plain app none
+        assert taken == ["corpus"] * 6 + ["nowhere", None]
+        statuses = {r.status_code for r in (a.get(p, params=q) for p, q in cases)}
+        assert statuses == {200, 400, 404, 422}
+        assert 'route="/api/indexes/{index}/search",status="422"' in a.get("/metrics").text
+    index.close()

@@ -24,6 +24,17 @@ def fake_encode(calls: list[int]):
     return encode
 
 
+def echo_taking(seconds: float, calls: list[int]):
+    """A batch function that records its batch sizes, takes ``seconds`` and returns its items."""
+
+    def run(xs: list[int]) -> list[int]:
+        calls.append(len(xs))
+        time.sleep(seconds)
+        return xs
+
+    return run
+
+
 def test_concurrent_requests_share_encoder_calls_and_get_their_own_vectors():
     calls: list[int] = []
     sizes: list[int] = []
@@ -57,12 +68,7 @@ def test_a_lone_request_waits_at_most_max_wait():
 def test_without_a_wait_the_queries_that_arrive_during_a_batch_form_the_next():
     calls: list[int] = []
     executor = ThreadPoolExecutor(1)
-
-    def run(xs: list[int]) -> list[int]:
-        calls.append(len(xs))
-        time.sleep(0.05)
-        return xs
-
+    run = echo_taking(0.05, calls)
     batcher = DynamicBatcher(run, max_batch=64, max_wait=0.0, executor=executor)  # the server's default
 
     async def main():
@@ -74,6 +80,58 @@ def test_without_a_wait_the_queries_that_arrive_during_a_batch_form_the_next():
     assert asyncio.run(main()) == list(range(8))
     executor.shutdown()
     assert calls == [1, 7]
+
+
+def closed_loop(regroup: float, rounds: int = 8, run_s: float = 0.04, think_s: float = 0.002) -> list[int]:
+    """Batch sizes for 8 callers that each wait for an answer, think ``think_s``, and ask again (as HTTP
+    clients do); half of them start while the first batch runs, which splits them into two groups."""
+    calls: list[int] = []
+    executor = ThreadPoolExecutor(1)
+    run = echo_taking(run_s, calls)
+    batcher = DynamicBatcher(run, max_batch=64, max_wait=0.0, executor=executor, regroup=regroup)
+
+    async def caller(c: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        for i in range(rounds):
+            assert await batcher.submit(c * 100 + i) == c * 100 + i
+            await asyncio.sleep(think_s)
+
+    async def main():
+        await asyncio.gather(*(caller(c, 0.0 if c < 4 else run_s / 4) for c in range(8)))
+
+    asyncio.run(main())
+    executor.shutdown()
+    return calls
+
+
+def test_callers_that_take_turns_are_regrouped_into_full_batches():
+    # without regrouping the two groups of 4 keep taking turns: every batch half full
+    assert closed_loop(regroup=0.0) == [4] * 16
+    # with it, the second batch waits (at most half a batch's run time) for the first group's next queries
+    # (the first group's last query waits in the final full batch; the late group's last one is alone)
+    assert closed_loop(regroup=0.5) == [4] + [8] * 7 + [4]
+
+
+def test_regrouping_waits_once_for_callers_that_left_and_never_for_a_lone_caller():
+    calls: list[int] = []
+    executor = ThreadPoolExecutor(1)
+    run = echo_taking(0.02, calls)
+    batcher = DynamicBatcher(run, max_batch=64, max_wait=0.0, executor=executor, regroup=10.0)
+
+    async def main() -> list[float]:
+        await asyncio.gather(*(batcher.submit(i) for i in range(8)))  # a round of 8
+        took = []
+        for i in range(3):  # then one caller alone: only its first query waits for the 7 that left
+            start = time.perf_counter()
+            await batcher.submit(i)
+            took.append(time.perf_counter() - start)
+        return took
+
+    took = asyncio.run(main())
+    executor.shutdown()
+    assert calls == [8, 1, 1, 1]
+    assert took[0] >= 0.2  # waited 10 x the last run (20 ms) for the rest of the round
+    assert max(took[1:]) < 0.15  # then the round is 1: no wait
 
 
 def test_errors_reach_only_their_callers():

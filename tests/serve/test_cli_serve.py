@@ -83,3 +83,12 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").write_text("")
     assert main(["serve", "--index", str(tmp_path / "nothing"), "--token-file", str(tmp_path / "empty")]) == 2
     assert "the token file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-0.5", "11", "nan"])
+def test_serve_refuses_a_batch_regroup_out_of_range(tmp_path, capsys, value):
+    from lipkit.cli.main import main
+
+    assert main(["serve", "--index", str(tmp_path / "nothing"), "--batch-regroup", value]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-regroup must be between 0 and 10" in err and "Traceback" not in err

@@ -47,6 +47,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB", help="largest image upload (default: 10)")
     p.add_argument(
+        "--batch-regroup",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="a text batch smaller than the previous round waits at most this fraction of the last batch's "
+        "encoding time for the rest, so that clients which wait for each answer share full batches instead of "
+        "taking turns in half-full ones; 0 never waits (default: 0.5)",
+    )
+    p.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -101,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_upload_mb <= 0:
         raise LipkitError("--max-upload-mb must be positive")
+    if not 0 <= args.batch_regroup <= 10:
+        raise LipkitError("--batch-regroup must be between 0 and 10")
     token = read_token(args.token_file)
-    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), batch_regroup=args.batch_regroup)
     indexes = load_indexes(args.index, args.device, args.text_runtime)
     try:
         app = create_app(indexes, token=token, limits=limits, cors_origins=args.cors_origin)

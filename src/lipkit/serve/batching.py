@@ -34,6 +34,10 @@ class DynamicBatcher(Generic[T, R]):
         executor: Where ``run_batch`` runs; one thread serialises the calls (needed for an encoder that
             takes calls from one thread at a time). None uses the event loop's default executor.
         on_batch: Called with the size of every batch (metrics).
+        regroup: Where a batch holds fewer items than the previous round (the last batch plus what
+            arrived while it ran), wait at most this fraction of the last batch's run time for the rest.
+            Clients that each wait for their answer before asking again otherwise settle into groups that
+            take turns, each batch half full; 0 never waits for them.
     """
 
     def __init__(
@@ -44,14 +48,18 @@ class DynamicBatcher(Generic[T, R]):
         max_wait: float = 0.002,
         executor: Executor | None = None,
         on_batch: Callable[[int], None] | None = None,
+        regroup: float = 0.0,
     ) -> None:
-        if max_batch < 1 or max_wait < 0:
-            raise ValueError("max_batch must be at least 1 and max_wait not negative")
+        if max_batch < 1 or max_wait < 0 or regroup < 0:
+            raise ValueError("max_batch must be at least 1, max_wait and regroup not negative")
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.executor = executor
         self.on_batch = on_batch
+        self.regroup = regroup
+        self._round = 0  # items in the last batch plus those that arrived while it ran
+        self._last_run = 0.0  # seconds the last batch took
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,12 +90,13 @@ class DynamicBatcher(Generic[T, R]):
         """Wait for one item, then gather more until the batch is full or ``max_wait`` has passed."""
         batch = [await queue.get()]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
+        start = loop.time()
+        deadline, regroup_until = start + self.max_wait, start + self.regroup * self._last_run
         while len(batch) < self.max_batch:
             if not queue.empty():
                 batch.append(queue.get_nowait())
                 continue
-            remaining = deadline - loop.time()
+            remaining = (max(deadline, regroup_until) if len(batch) < self._round else deadline) - loop.time()
             if remaining <= 0:
                 break
             try:
@@ -104,8 +113,10 @@ class DynamicBatcher(Generic[T, R]):
         if self.on_batch is not None:
             self.on_batch(len(live))
         items = [item for item, _ in live]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, items)
+            results = await loop.run_in_executor(self.executor, self.run_batch, items)
             if len(results) != len(items):
                 raise RuntimeError(f"the batch function returned {len(results)} results for {len(items)} items")
         except Exception as exc:
@@ -113,6 +124,9 @@ class DynamicBatcher(Generic[T, R]):
                 if not future.done():
                     future.set_exception(exc)
             return
+        finally:
+            self._last_run = loop.time() - start
+            self._round = min(self.max_batch, len(live) + (self._queue.qsize() if self._queue is not None else 0))
         for (_, future), result in zip(live, results, strict=True):
             if future.done():
                 continue

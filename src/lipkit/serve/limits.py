@@ -25,6 +25,8 @@ class Limits:
             what queued while the previous one ran, so an idle server answers at once and a busy one
             batches by itself; a wait only pays where a batch costs the same whatever its size
             (docs/benchmarks.md, the search server).
+        batch_regroup: Where a text batch holds fewer queries than the previous round, it waits at most this
+            fraction of the last batch's encoding time for the rest (:class:`DynamicBatcher`'s ``regroup``).
     """
 
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -37,6 +39,7 @@ class Limits:
     max_pixels: int = 64_000_000
     batch_size: int = 64
     batch_wait: float = 0.0
+    batch_regroup: float = 0.5
 
     @property
     def max_body_bytes(self) -> int:

@@ -103,6 +103,7 @@ class IndexService:
             max_wait=limits.batch_wait,
             executor=self._model_thread,
             on_batch=lambda n: note("text", n),
+            regroup=limits.batch_regroup,
         )
         self._searches: DynamicBatcher[tuple[np.ndarray, SearchOptions], list[Hit]] = DynamicBatcher(
             self._search_batch,
