@@ -224,6 +224,12 @@ VARIANTS: dict[str, list[str]] = {
         *ADOPTED,
         f"data.train={proto_mix(0.5, placement='norm', classnames='imagenet-1k-both')}",
     ],
+    # 2026-12-03 (fourth session): the adopted recipe with two text layers unlocked instead of one
+    "proto-norm-both-unlock2": [
+        *ADOPTED,
+        f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
+        "model_overrides.unlock_text_layers=2",
+    ],
     # the same on views4-grey0.5 (heads only, 256-d): training takes seconds instead of minutes
     "views4-grey0.5-proto-mean3": [*VIEWS, f"data.train={proto_mix(0.3)}"],
     "views4-grey0.5-proto-norm": [*VIEWS, f"data.train={proto_mix(0.3, placement='norm')}"],
