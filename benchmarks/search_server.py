@@ -459,7 +459,10 @@ def main() -> int:
                 row = soak(server.port, index, args, token, len(index))
             else:
                 row = alternate(server.port, index, encoder, args)
-        report_soak(row, args) if args.soak else report(row, args)
+        if args.soak:
+            report_soak(row, args)
+        else:
+            report(row, args)
         index.close()
     row |= {"items": args.items, "clients": args.clients, "model": model_note, "index_type": index.index_type}
     row["text_runtime"] = encoder.text_runtime

@@ -87,7 +87,8 @@ class DynamicBatcher(Generic[T, R]):
             await self._run(batch)
 
     async def _collect(self, queue: asyncio.Queue[tuple[T, asyncio.Future[R]]]) -> list[tuple[T, asyncio.Future[R]]]:
-        """Wait for one item, then gather more until the batch is full or ``max_wait`` has passed."""
+        """Wait for one item, then gather more until the batch is full or ``max_wait`` has passed (while it holds
+        fewer than the previous round, until ``regroup`` times the last run has passed, if that is later)."""
         batch = [await queue.get()]
         loop = asyncio.get_running_loop()
         start = loop.time()
