@@ -230,6 +230,20 @@ VARIANTS: dict[str, list[str]] = {
         f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
         "model_overrides.unlock_text_layers=2",
     ],
+    # 2026-12-03 (fifth session): a class bridge (the tower's classifier probabilities weight the text
+    # embeddings of its class names, added to each image embedding), with and without the prototypes
+    "proto-norm-both-bridge": [
+        *ADOPTED,
+        f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
+        "model_overrides.class_bridge=imagenet-1k-both",
+    ],
+    "bridge": [*ADOPTED, "model_overrides.class_bridge=imagenet-1k-both"],
+    "views4-grey0.5-bridge": [*VIEWS, "model_overrides.class_bridge=imagenet-1k-both"],
+    "views4-grey0.5-proto-norm-bridge": [
+        *VIEWS,
+        f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
+        "model_overrides.class_bridge=imagenet-1k-both",
+    ],
     # the same on views4-grey0.5 (heads only, 256-d): training takes seconds instead of minutes
     "views4-grey0.5-proto-mean3": [*VIEWS, f"data.train={proto_mix(0.3)}"],
     "views4-grey0.5-proto-norm": [*VIEWS, f"data.train={proto_mix(0.3, placement='norm')}"],

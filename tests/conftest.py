@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from importlib import resources
 
 import pytest
 import torch
@@ -46,3 +48,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     that under pytest-xdist the long tests start early and the workers finish together."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
+
+
+@pytest.fixture
+def headed_model(tmp_path):
+    """A tiny locked model whose timm image tower ships a 3-class classifier."""
+    timm = pytest.importorskip("timm")
+    trunk = timm.create_model("test_efficientnet", num_classes=3)
+    weights = tmp_path / "w.pth"
+    torch.save(trunk.state_dict(), weights)
+    micro = json.loads((resources.files("lipkit.models") / "configs" / "micro.json").read_text())
+    config = {
+        "embed_dim": 32,
+        "vision": {
+            "type": "timm",
+            "name": "test_efficientnet",
+            "image_size": 32,
+            "pretrained": str(tmp_path / "w.pth"),
+        },
+        "text": micro["text"],
+        "lock_image": True,
+        "lock_text": True,
+    }
+    (tmp_path / "model.json").write_text(json.dumps(config))
+    return str(tmp_path / "model.json"), trunk.classifier.weight.detach()

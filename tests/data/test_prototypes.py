@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 import pytest
 import torch
 
@@ -90,29 +87,6 @@ def test_the_source_mixes_with_others_at_its_weight(classnames):
     sampler = ResumableBatchSampler(mixture.layout(), batch_size=64, seed=0, num_steps=4, epoch_samples=256)
     drawn = [i for batch in sampler for i, _ in batch]
     assert sum(i >= len(synthetic) for i in drawn) == 64  # a quarter of the 256 samples of the epoch
-
-
-@pytest.fixture
-def headed_model(tmp_path):
-    """A tiny locked model whose timm image tower ships a 3-class classifier."""
-    trunk = timm.create_model("test_efficientnet", num_classes=3)
-    weights = tmp_path / "w.pth"
-    torch.save(trunk.state_dict(), weights)
-    micro = json.loads((resources.files("lipkit.models") / "configs" / "micro.json").read_text())
-    config = {
-        "embed_dim": 32,
-        "vision": {
-            "type": "timm",
-            "name": "test_efficientnet",
-            "image_size": 32,
-            "pretrained": str(tmp_path / "w.pth"),
-        },
-        "text": micro["text"],
-        "lock_image": True,
-        "lock_text": True,
-    }
-    (tmp_path / "model.json").write_text(json.dumps(config))
-    return str(tmp_path / "model.json"), trunk.classifier.weight.detach()
 
 
 @pytest.mark.parametrize("views", [1, 2])

@@ -50,6 +50,20 @@ class DualEncoder(nn.Module):
         bias = cfg.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.context_length = self.text.context_length
+        self.register_buffer("bridge_head", None)  # class bridge: the classifier rows (C, F)
+        self.register_buffer("bridge_text", None)  # and the class names' unit text embeddings (C, D)
+        self._bridge_states: tuple[TextCache, torch.Tensor] | None = None  # the class names' cached text states
+        if cfg.class_bridge:
+            if not hasattr(self.visual, "classifier_head"):
+                raise ConfigError(
+                    f"class_bridge needs an image tower that ships its classifier (a pretrained timm tower), "
+                    f"not {type(self.visual).__name__}"
+                )
+            head = self.visual.classifier_head()
+            self.register_buffer("bridge_head", head.detach().clone().float())
+            # the class names' text embeddings; zero (no effect) until :meth:`refresh_bridge` runs
+            self.register_buffer("bridge_text", torch.zeros(head.shape[0], cfg.embed_dim))
+            self.bridge_weight = nn.Parameter(torch.tensor(float(cfg.class_bridge_weight)))
         if cfg.lock_image:
             _lock(self.visual)
         if cfg.lock_text:
@@ -99,10 +113,62 @@ class DualEncoder(nn.Module):
         are given as trunk features (classifier prototypes): the trunk runs on the other rows only.
         """
         if isinstance(images, MixedImages):
-            x = self.visual.proj(trunk_features(self.visual.features, images))
+            features = trunk_features(self.visual.features, images)
+        elif self.bridge_text is not None:
+            features = self.visual.features(images)
         else:
             x = self.visual(images)
+            return F.normalize(x, dim=-1) if normalize else x
+        x = self.bridge(features, self.visual.proj(features))
         return F.normalize(x, dim=-1) if normalize else x
+
+    def bridge(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The image head's output ``x`` (B, D) plus the class bridge (``class_bridge``), if the model has one.
+
+        The frozen tower's classifier reads the trunk ``features`` (B, F); its softmax over the classes
+        (temperature ``class_bridge_temperature``) weights the class names' unit text embeddings
+        (:attr:`bridge_text`); the sum, scaled by ``|x|`` and the learned weight, is added to ``x``.
+        """
+        if self.bridge_text is None or self.bridge_head is None:
+            return x
+        logits = features.float() @ self.bridge_head.T / self.cfg.class_bridge_temperature
+        names = logits.softmax(dim=-1) @ self.bridge_text
+        return x + (self.bridge_weight * x.float().norm(dim=-1, keepdim=True) * names).to(x.dtype)
+
+    @torch.no_grad()
+    def refresh_bridge(self, tokens: Tokens, classes: torch.Tensor) -> None:
+        """Recompute :attr:`bridge_text`, the class names' text embeddings, from the current text tower.
+
+        Each class's embedding is the normalised mean of its captions' unit embeddings. With a locked
+        (or partly unlocked) text tower, the locked layers' output for the captions is computed once and
+        kept: a refresh then runs only the trainable top.
+
+        Args:
+            tokens: The tokenised captions of every class name (``"a photo of a {name}."``).
+            classes: The class (classifier row) of each caption (N,).
+        """
+        if self.bridge_text is None:
+            raise ConfigError("refresh_bridge: the model has no class bridge (class_bridge is empty)")
+        was_training = self.training
+        self.eval()
+        try:
+            if not self.cfg.lock_text:
+                emb = self.encode_text(tokens, normalize=True)
+            else:
+                if self._bridge_states is None or self._bridge_states[1] is not classes:
+                    layer = self.text_cache_layer()
+                    states = (
+                        TextCache(self.text.features(tokens))
+                        if layer is None
+                        else self.text.trim(self.text.hidden(tokens, layer))
+                    )
+                    self._bridge_states = (states, classes)
+                emb = F.normalize(self.text.proj(self.text_from_cache(self._bridge_states[0])), dim=-1)
+        finally:
+            self.train(was_training)
+        classes = classes.to(emb.device)
+        total = torch.zeros_like(self.bridge_text).index_add_(0, classes, emb.float())
+        self.bridge_text.copy_(F.normalize(total, dim=-1))
 
     def encode_text(self, tokens: Tokens, normalize: bool = False) -> torch.Tensor:
         """Embed tokenised text into (B, D); L2-normalised if ``normalize``.
@@ -134,8 +200,9 @@ class DualEncoder(nn.Module):
             text: The text trunk's cached output: pooled features or, with ``unlock_text_layers``, the
                 token states entering the first unlocked layer (:meth:`text_cache_layer`).
         """
+        image = self.bridge(image_features, self.visual.proj(image_features))
         return DualEncoderOutput(
-            image_features=F.normalize(self.visual.proj(image_features), dim=-1),
+            image_features=F.normalize(image, dim=-1),
             text_features=F.normalize(self.text.proj(self.text_from_cache(text)), dim=-1),
             logit_scale=self.scale(),
             logit_bias=self.logit_bias,

@@ -345,6 +345,12 @@ class ModelConfig:
             (and the final norm that follows them, if any) trainable: LiT's partly unlocked text tower.
         decoder: A captioning decoder (:class:`DecoderConfig`): the model is a CoCa
             (:class:`lipkit.models.coca.CoCa`), trained with the ``coca`` loss, that also writes captions.
+        class_bridge: The class names of the image tower's own classifier (a set such as
+            ``imagenet-1k-both`` or a file, as :func:`lipkit.data.prototypes.read_classnames` reads them):
+            each image embedding then adds the text embeddings of those names, weighted by the
+            classifier's probabilities (:meth:`DualEncoder.bridge`). Empty: off.
+        class_bridge_weight: Initial weight of that term (learned), relative to the image head's output.
+        class_bridge_temperature: Temperature of the classifier's softmax over its logits.
     """
 
     embed_dim: int = 512
@@ -365,6 +371,9 @@ class ModelConfig:
     lock_text: bool = False
     unlock_text_layers: int = 0
     decoder: dict[str, Any] | None = None
+    class_bridge: str = ""
+    class_bridge_weight: float = 1.0
+    class_bridge_temperature: float = 1.0
 
     def validate(self) -> None:
         self.vision_config()
@@ -377,6 +386,15 @@ class ModelConfig:
         layers = getattr(text, "layers", None)
         if layers is not None and self.unlock_text_layers > layers:
             raise ConfigError(f"unlock_text_layers={self.unlock_text_layers} but the text tower has {layers} layers")
+        if self.class_bridge and not self.lock_image:
+            raise ConfigError(
+                "class_bridge reads the frozen image tower's own classifier: set lock_image=true "
+                "(a trained trunk moves away from the classifier's feature space)"
+            )
+        if self.class_bridge and self.decoder is not None:
+            raise ConfigError("class_bridge applies to dual encoders, not to a captioning (CoCa) model")
+        if not self.class_bridge_temperature > 0:
+            raise ConfigError(f"class_bridge_temperature must be > 0, got {self.class_bridge_temperature}")
         _check_choice("tokenizer", self.tokenizer, ("clip", "hf"))
         _check_choice("tokenizer_clean", self.tokenizer_clean, ("whitespace", "lower", "canonicalize"))
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lipkit.errors import CheckpointError
+from lipkit.errors import CheckpointError, LipkitError
 from lipkit.models.clip import DualEncoder
 from lipkit.utils import atomic_write
 
@@ -443,7 +443,15 @@ def export_openclip(model: DualEncoder, path: str | Path) -> None:
     Args:
         model: The model to export.
         path: Destination file (``torch.save`` format).
+
+    Raises:
+        LipkitError: The model has a class bridge (``class_bridge``), which OpenCLIP cannot hold.
     """
+    if getattr(model, "bridge_text", None) is not None:
+        raise LipkitError(
+            "this model has a class bridge (class_bridge): OpenCLIP has no such part, and its image "
+            "embeddings would differ; use the lipkit checkpoint"
+        )
     layout, text_layout = layouts(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     state = lipkit_to_openclip(

@@ -145,6 +145,9 @@ class TrainConfig:
             ``model_overrides.preprocess.train_grayscale``), each seeded by (sample, view); every step
             uses one view per sample, chosen by the sample's seed. Each view is its own cache entry,
             so raising the number reuses the views already cached.
+        bridge_every: With a class bridge (``model_overrides.class_bridge``), recompute the class names'
+            text embeddings every this many steps (and at every checkpoint), from the text tower as it
+            trains.
         compile: Compile the forward pass with ``torch.compile`` using this backend. ``auto`` (the
             default) compiles with ``inductor`` on CUDA devices, where it pays off, and runs eagerly
             elsewhere (on CPUs compiling takes long and the step gets slower: docs/benchmarks.md); under
@@ -189,6 +192,7 @@ class TrainConfig:
     cache_features: bool = False
     feature_cache_dir: str | None = None
     feature_views: int = 1
+    bridge_every: int = 10
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -198,7 +202,7 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32, bf16 or bf16-pure, got {self.precision!r}")
         if self.feature_views != 1 and not self.cache_features:
             raise ConfigError("feature_views applies to cached features: set cache_features=true")
-        for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "feature_views"):
+        for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "feature_views", "bridge_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lipkit.config import save_yaml, to_dict
 from lipkit.data.loader import make_train_loader
-from lipkit.data.prototypes import check_images
+from lipkit.data.prototypes import check_images, read_classnames
 from lipkit.data.spec import Mixture, open_mixture
 from lipkit.errors import ConfigError, FolderInUseError, LipkitError, TrainingDivergedError
 from lipkit.losses import LOSSES, create_loss
@@ -76,6 +76,7 @@ class TrainState:
     window: list[torch.Tensor] | None = None
     window_start: float = 0.0
     last_loss: float = float("nan")
+    bridge: tuple[Any, torch.Tensor] | None = None  # class bridge: the class names' tokens and classes
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +155,32 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
 
             dynamo.config.suppress_errors = True
         net = torch.compile(net, backend=backend)
-    return TrainState(model, loss_fn, optimizer, env, net, cfg.cache_features, replicated)
+    state = TrainState(model, loss_fn, optimizer, env, net, cfg.cache_features, replicated)
+    if model.cfg.class_bridge:
+        if cfg.fsdp:
+            raise ConfigError("a class bridge (model_overrides.class_bridge) runs with DDP, not fsdp=true")
+        state.bridge = bridge_inputs(model, device)
+    return state
+
+
+def bridge_inputs(model: DualEncoder, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """The tokenised captions (``"a photo of a {name}."``) of every class name of the model's class bridge,
+    and each caption's class."""
+    names = read_classnames(model.cfg.class_bridge)
+    if len(names) != model.bridge_head.shape[0]:
+        raise ConfigError(
+            f"class_bridge {model.cfg.class_bridge!r} names {len(names)} classes, the image tower's classifier "
+            f"has {model.bridge_head.shape[0]}"
+        )
+    captions = [(c, f"a photo of a {name}.") for c, synonyms in enumerate(names) for name in synonyms]
+    tokens = batch_tokenizer(model.cfg)([text for _, text in captions])
+    return tokens.to(device), torch.tensor([c for c, _ in captions], device=device)
+
+
+def refresh_bridge(state: TrainState) -> None:
+    """Recompute the class bridge's text embeddings from the text tower's current weights."""
+    if state.bridge is not None:
+        state.model.refresh_bridge(*state.bridge)
 
 
 def check_captioning(cfg: TrainConfig, model: DualEncoder, loss_fn: nn.Module) -> None:
@@ -571,6 +597,8 @@ def run_one(
     callbacks: Sequence[Callback],
 ) -> Path | None:
     """One step plus its bookkeeping (records, checkpoints, callbacks); returns a new checkpoint path."""
+    if state.step % cfg.bridge_every == 0:
+        refresh_bridge(state)
     state.window.append(train_step(state, cfg, images, tokens))
     bar.update(1)
     last = state.step == cfg.steps
@@ -579,6 +607,7 @@ def run_one(
     if state.step % cfg.checkpoint_every == 0 or last:
         if state.window:
             check_window(state)
+        refresh_bridge(state)  # the checkpoint's class embeddings match its text tower (and a resumed run's)
         path = save(state, cfg, run_dir)
         distributed.barrier(state.env)
     if cfg.eval.every and (state.step % cfg.eval.every == 0 or last) and (cfg.eval.zeroshot or cfg.eval.retrieval):
