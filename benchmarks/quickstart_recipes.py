@@ -237,6 +237,12 @@ VARIANTS: dict[str, list[str]] = {
         f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
         "model_overrides.class_bridge=imagenet-1k-both",
     ],
+    "proto-norm-both-bridge50": [
+        *ADOPTED,
+        f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
+        "model_overrides.class_bridge=imagenet-1k-both",
+        "bridge_every=50",
+    ],
     "bridge": [*ADOPTED, "model_overrides.class_bridge=imagenet-1k-both"],
     "views4-grey0.5-bridge": [*VIEWS, "model_overrides.class_bridge=imagenet-1k-both"],
     "views4-grey0.5-proto-norm-bridge": [

@@ -55,7 +55,8 @@ def test_image_embedding_adds_the_class_names_weighted_by_the_classifier(bridged
             *(f"a photo of a {c}." for c in ("blue", "azure", "navy")),
         ]
         classes = torch.tensor([0, 0, 1, 2, 2, 2])
-        model.refresh_bridge(lipkit.get_tokenizer(model.cfg)(captions), classes)
+        tokenize = lipkit.get_tokenizer(model.cfg)
+        model.refresh_bridge([tokenize(captions[:2]), tokenize(captions[2:])], classes)
         names = class_embeddings(model, captions, classes)
         assert torch.allclose(model.bridge_text, names, atol=1e-6)
         probs = (model.visual.features(images) @ head.T / 2.0).softmax(-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ class DualEncoder(nn.Module):
         self.context_length = self.text.context_length
         self.register_buffer("bridge_head", None)  # class bridge: the classifier rows (C, F)
         self.register_buffer("bridge_text", None)  # and the class names' unit text embeddings (C, D)
-        self._bridge_states: tuple[TextCache, torch.Tensor] | None = None  # the class names' cached text states
+        self._bridge_states: tuple[list[TextCache], torch.Tensor] | None = None  # the class names' cached text states
         if cfg.class_bridge:
             if not hasattr(self.visual, "classifier_head"):
                 raise ConfigError(
@@ -136,7 +137,7 @@ class DualEncoder(nn.Module):
         return x + (self.bridge_weight * x.float().norm(dim=-1, keepdim=True) * names).to(x.dtype)
 
     @torch.no_grad()
-    def refresh_bridge(self, tokens: Tokens, classes: torch.Tensor) -> None:
+    def refresh_bridge(self, chunks: Sequence[Tokens], classes: torch.Tensor) -> None:
         """Recompute :attr:`bridge_text`, the class names' text embeddings, from the current text tower.
 
         Each class's embedding is the normalised mean of its captions' unit embeddings. With a locked
@@ -144,8 +145,9 @@ class DualEncoder(nn.Module):
         kept: a refresh then runs only the trainable top.
 
         Args:
-            tokens: The tokenised captions of every class name (``"a photo of a {name}."``).
-            classes: The class (classifier row) of each caption (N,).
+            chunks: The tokenised captions of every class name (``"a photo of a {name}."``), in batches
+                (captions of similar length together keep the padding short).
+            classes: The class (classifier row) of each caption, in the batches' order (N,).
         """
         if self.bridge_text is None:
             raise ConfigError("refresh_bridge: the model has no class bridge (class_bridge is empty)")
@@ -153,22 +155,24 @@ class DualEncoder(nn.Module):
         self.eval()
         try:
             if not self.cfg.lock_text:
-                emb = self.encode_text(tokens, normalize=True)
+                emb = torch.cat([self.encode_text(tokens, normalize=True) for tokens in chunks])
             else:
                 if self._bridge_states is None or self._bridge_states[1] is not classes:
-                    layer = self.text_cache_layer()
-                    states = (
-                        TextCache(self.text.features(tokens))
-                        if layer is None
-                        else self.text.trim(self.text.hidden(tokens, layer))
-                    )
-                    self._bridge_states = (states, classes)
-                emb = F.normalize(self.text.proj(self.text_from_cache(self._bridge_states[0])), dim=-1)
+                    self._bridge_states = ([self._locked_text(tokens) for tokens in chunks], classes)
+                finish = self.text_from_cache
+                emb = torch.cat([F.normalize(self.text.proj(finish(s)), dim=-1) for s in self._bridge_states[0]])
         finally:
             self.train(was_training)
         classes = classes.to(emb.device)
         total = torch.zeros_like(self.bridge_text).index_add_(0, classes, emb.float())
         self.bridge_text.copy_(F.normalize(total, dim=-1))
+
+    def _locked_text(self, tokens: Tokens) -> TextCache:
+        """The locked text layers' output for ``tokens``, where :meth:`text_from_cache` starts."""
+        layer = self.text_cache_layer()
+        return (
+            TextCache(self.text.features(tokens)) if layer is None else self.text.trim(self.text.hidden(tokens, layer))
+        )
 
     def encode_text(self, tokens: Tokens, normalize: bool = False) -> torch.Tensor:
         """Embed tokenised text into (B, D); L2-normalised if ``normalize``.

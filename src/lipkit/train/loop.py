@@ -76,7 +76,7 @@ class TrainState:
     window: list[torch.Tensor] | None = None
     window_start: float = 0.0
     last_loss: float = float("nan")
-    bridge: tuple[Any, torch.Tensor] | None = None  # class bridge: the class names' tokens and classes
+    bridge: tuple[list[Any], torch.Tensor] | None = None  # class bridge: the class names' tokens and classes
 
     @property
     def device(self) -> torch.device:
@@ -163,18 +163,25 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
     return state
 
 
-def bridge_inputs(model: DualEncoder, device: torch.device) -> tuple[Any, torch.Tensor]:
-    """The tokenised captions (``"a photo of a {name}."``) of every class name of the model's class bridge,
-    and each caption's class."""
+def bridge_inputs(model: DualEncoder, device: torch.device, batch_size: int = 256) -> tuple[list[Any], torch.Tensor]:
+    """The captions (``"a photo of a {name}."``) of every class name of the model's class bridge, tokenised
+    in batches of similar length, and each caption's class in the same order."""
     names = read_classnames(model.cfg.class_bridge)
     if len(names) != model.bridge_head.shape[0]:
         raise ConfigError(
             f"class_bridge {model.cfg.class_bridge!r} names {len(names)} classes, the image tower's classifier "
             f"has {model.bridge_head.shape[0]}"
         )
-    captions = [(c, f"a photo of a {name}.") for c, synonyms in enumerate(names) for name in synonyms]
-    tokens = batch_tokenizer(model.cfg)([text for _, text in captions])
-    return tokens.to(device), torch.tensor([c for c, _ in captions], device=device)
+    captions = sorted(
+        ((c, f"a photo of a {name}.") for c, synonyms in enumerate(names) for name in synonyms),
+        key=lambda pair: len(pair[1]),
+    )
+    tokenize = batch_tokenizer(model.cfg)  # trims each batch's shared padding
+    chunks = [
+        tokenize([text for _, text in captions[i : i + batch_size]]).to(device)
+        for i in range(0, len(captions), batch_size)
+    ]
+    return chunks, torch.tensor([c for c, _ in captions], device=device)
 
 
 def refresh_bridge(state: TrainState) -> None:
