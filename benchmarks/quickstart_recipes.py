@@ -69,13 +69,15 @@ EMOJI_TEMPLATE = "an emoji of {c}."
 
 # Every variant starts from the preset as the study began (heads only on one cached view, text tower
 # locked, 256-d, Tux Paint and emoji only); the preset has since taken the winners,
-# views4-grey0.5-unlock1-embed512 and then proto-norm, so these undo them.
+# views4-grey0.5-unlock1-embed512, then proto-norm(-both), then the class bridge, so these undo them.
 BASE = [
     "data.train=tuxpaint:train,emoji:train",
     "feature_views=1",
     "model_overrides.unlock_text_layers=0",
     "model_overrides.preprocess.train_grayscale=0.0",
     "model_overrides.embed_dim=256",
+    "model_overrides.class_bridge=",
+    "bridge_every=10",
 ]
 
 # the recipe adopted on 2026-12-01 (the preset's, as overrides on BASE)

@@ -297,10 +297,18 @@ PRESETS.add(
         # cached text states, 3 augmented views per training image (half of them greyed) are cached, the
         # shared space is 512-d, and 30% of each batch are the image tower's ImageNet classifier rows as
         # pairs (classifier prototypes, scaled to the mean feature norm, captioned with CLIP's class name
-        # and every WordNet synonym), Tux Paint and emoji keeping their 36:64 ratio
-        "model_overrides": {"embed_dim": 512, "unlock_text_layers": 1, "preprocess": {"train_grayscale": 0.5}},
+        # and every WordNet synonym), Tux Paint and emoji keeping their 36:64 ratio; each image embedding
+        # adds the text embeddings of the ImageNet classes the tower's classifier sees in it (class
+        # bridge, the names' embeddings recomputed every 50 steps)
+        "model_overrides": {
+            "embed_dim": 512,
+            "unlock_text_layers": 1,
+            "preprocess": {"train_grayscale": 0.5},
+            "class_bridge": "imagenet-1k-both",
+        },
         "cache_features": True,
         "feature_views": 4,
+        "bridge_every": 50,
         "steps": 150,
         "log_every": 10,
         "checkpoint_every": 150,
