@@ -99,6 +99,9 @@ def proto_mix(weight: float, **options: str) -> str:
     return f"[tuxpaint:train::{0.36 * rest:.3g}, emoji:train::{0.64 * rest:.3g}, {proto}]"
 
 
+# the prototypes as the preset mixes them since 2026-12-03 (proto-norm-both)
+PROTO_BOTH = f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}"
+
 # lipkit's generic zero-shot templates (lipkit.eval.templates, "generic"), as a YAML flow list for the
 # prototype captions: six pairs per class name instead of one, none of them Fashion-MNIST's own templates
 GENERIC_TEMPLATES = (
@@ -212,7 +215,7 @@ VARIANTS: dict[str, list[str]] = {
     # 2026-12-03: more captions per class (lipkit's generic templates) and a larger prototype share
     "proto-norm-tpl6": [*ADOPTED, f"data.train={proto_mix(0.3, placement='norm', templates=GENERIC_TEMPLATES)}"],
     "proto-norm-w0.5": [*ADOPTED, f"data.train={proto_mix(0.5, placement='norm')}"],
-    "proto-norm-both": [*ADOPTED, f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}"],
+    "proto-norm-both": [*ADOPTED, PROTO_BOTH],
     "proto-norm-tpl6-w0.5": [
         *ADOPTED,
         f"data.train={proto_mix(0.5, placement='norm', templates=GENERIC_TEMPLATES)}",
@@ -229,27 +232,26 @@ VARIANTS: dict[str, list[str]] = {
     # 2026-12-03 (fourth session): the adopted recipe with two text layers unlocked instead of one
     "proto-norm-both-unlock2": [
         *ADOPTED,
-        f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
+        PROTO_BOTH,
         "model_overrides.unlock_text_layers=2",
     ],
     # 2026-12-03 (fifth session): a class bridge (the tower's classifier probabilities weight the text
     # embeddings of its class names, added to each image embedding), with and without the prototypes
     "proto-norm-both-bridge": [
         *ADOPTED,
-        f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
+        PROTO_BOTH,
         "model_overrides.class_bridge=imagenet-1k-both",
     ],
     "proto-norm-both-bridge50": [
         *ADOPTED,
-        f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
+        PROTO_BOTH,
         "model_overrides.class_bridge=imagenet-1k-both",
         "bridge_every=50",
     ],
-    "bridge": [*ADOPTED, "model_overrides.class_bridge=imagenet-1k-both"],
     "views4-grey0.5-bridge": [*VIEWS, "model_overrides.class_bridge=imagenet-1k-both"],
     "views4-grey0.5-proto-norm-bridge": [
         *VIEWS,
-        f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}",
+        PROTO_BOTH,
         "model_overrides.class_bridge=imagenet-1k-both",
     ],
     # the same on views4-grey0.5 (heads only, 256-d): training takes seconds instead of minutes

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lipkit.config import save_yaml, to_dict
 from lipkit.data.loader import make_train_loader
-from lipkit.data.prototypes import check_images, read_classnames
+from lipkit.data.prototypes import DEFAULT_TEMPLATES, check_images, read_classnames
 from lipkit.data.spec import Mixture, open_mixture
 from lipkit.errors import ConfigError, FolderInUseError, LipkitError, TrainingDivergedError
 from lipkit.losses import LOSSES, create_loss
@@ -135,6 +135,8 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
     check_captioning(cfg, model, loss_fn)
     if cfg.cache_features and cfg.fsdp:
         raise ConfigError("cache_features trains only the small heads: use DDP (fsdp=false) across processes")
+    if model.cfg.class_bridge and cfg.fsdp:
+        raise ConfigError("a class bridge (model_overrides.class_bridge) runs with DDP, not fsdp=true")
     if cfg.cache_features and cfg.accum_micro_batch is not None:
         raise ConfigError("accum_micro_batch does not apply to cache_features: the heads need no micro-batches")
     if cfg.fsdp and not env.distributed:
@@ -157,15 +159,14 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
         net = torch.compile(net, backend=backend)
     state = TrainState(model, loss_fn, optimizer, env, net, cfg.cache_features, replicated)
     if model.cfg.class_bridge:
-        if cfg.fsdp:
-            raise ConfigError("a class bridge (model_overrides.class_bridge) runs with DDP, not fsdp=true")
         state.bridge = bridge_inputs(model, device)
     return state
 
 
 def bridge_inputs(model: DualEncoder, device: torch.device, batch_size: int = 256) -> tuple[list[Any], torch.Tensor]:
-    """The captions (``"a photo of a {name}."``) of every class name of the model's class bridge, tokenised
-    in batches of similar length, and each caption's class in the same order."""
+    """The captions of every class name of the model's class bridge (the prototypes' templates,
+    ``"a photo of a {name}."``), tokenised in batches of similar length, and each caption's class in the
+    same order."""
     names = read_classnames(model.cfg.class_bridge)
     if len(names) != model.bridge_head.shape[0]:
         raise ConfigError(
@@ -173,7 +174,7 @@ def bridge_inputs(model: DualEncoder, device: torch.device, batch_size: int = 25
             f"has {model.bridge_head.shape[0]}"
         )
     captions = sorted(
-        ((c, f"a photo of a {name}.") for c, synonyms in enumerate(names) for name in synonyms),
+        ((c, t.format(c=name)) for c, synonyms in enumerate(names) for name in synonyms for t in DEFAULT_TEMPLATES),
         key=lambda pair: len(pair[1]),
     )
     tokenize = batch_tokenizer(model.cfg)  # trims each batch's shared padding
@@ -557,6 +558,8 @@ def run_steps(
     path = ckpt.checkpoint_path(run_dir, state.step)
     state.window, state.window_start = [], time.perf_counter()
     loader = make_loader(cfg, mixture, state.model, state.step, state.env)
+    if state.step == 0:  # a resumed run has its checkpoint's class embeddings, refreshed when it was saved
+        refresh_bridge(state)
     for images, tokens in loader:  # the step moves them to the device (see backward)
         images = MixedImages.from_batch(images)  # a batch with classifier prototypes
         path = run_one(state, cfg, run_dir, logger, bar, images, tokens, callbacks) or path
@@ -604,8 +607,6 @@ def run_one(
     callbacks: Sequence[Callback],
 ) -> Path | None:
     """One step plus its bookkeeping (records, checkpoints, callbacks); returns a new checkpoint path."""
-    if state.step % cfg.bridge_every == 0:
-        refresh_bridge(state)
     state.window.append(train_step(state, cfg, images, tokens))
     bar.update(1)
     last = state.step == cfg.steps
@@ -617,6 +618,8 @@ def run_one(
         refresh_bridge(state)  # the checkpoint's class embeddings match its text tower (and a resumed run's)
         path = save(state, cfg, run_dir)
         distributed.barrier(state.env)
+    elif state.step % cfg.bridge_every == 0:
+        refresh_bridge(state)  # for the next steps
     if cfg.eval.every and (state.step % cfg.eval.every == 0 or last) and (cfg.eval.zeroshot or cfg.eval.retrieval):
         device = next(state.model.parameters()).device
         scalars = evaluate_now(state.model, cfg.eval, state.step, run_dir, state.env, device)
