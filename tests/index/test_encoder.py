@@ -89,6 +89,17 @@ def test_fingerprint_is_stable_and_follows_one_weight():
     assert model_fingerprint(create_model("micro", embed_dim=32)) != first
 
 
+def test_fingerprint_follows_a_config_change_without_a_weight_change():
+    net = create_model("micro")
+    first = model_fingerprint(net)
+    net.cfg.max_logit_scale = net.cfg.max_logit_scale * 2  # changes what the model computes, no tensor touched
+    changed = model_fingerprint(net)
+    assert changed != first
+    fresh = create_model("micro", max_logit_scale=net.cfg.max_logit_scale)  # hashed anew, never cached
+    fresh.load_state_dict(net.state_dict())
+    assert model_fingerprint(fresh) == changed
+
+
 def test_record_round_trips_through_json(model):
     record = QueryEncoder(model).record
     assert record.embed_dim == 64 and record.checkpoint is None
