@@ -8,8 +8,10 @@ noise hits all alike; medians over rounds are printed with the ratio to the peer
 Variants:
   peer              efficientnet-lite-pytorch's ``extract_features`` + average pooling (what the issue's
                     feasibility run used), fp32, default memory layout
-  lipkit-nchw       lipkit's timm tower with ``channels_last=false``, fp32
-  lipkit            lipkit's tower as configured (channels-last input), fp32: what caching and evaluation run
+  lipkit-nchw       lipkit's timm tower with ``channels_last=false`` and ``fold_batchnorm=false``, fp32
+  lipkit-nofold     lipkit's tower with channels-last input, ``fold_batchnorm=false``, fp32
+  lipkit            lipkit's tower as configured (channels-last input, BatchNorm folded into the
+                    convolutions), fp32: what caching and evaluation run
   lipkit-bf16       the same under bf16 autocast (only where the CPU has bf16 instructions; not the default)
 
     python benchmarks/tower_features.py                          # batch 32, 5 rounds, 2 batches per round
@@ -46,8 +48,9 @@ def peer_tower() -> Callable[[torch.Tensor], torch.Tensor]:
     return features
 
 
-def lipkit_tower(channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    model = lipkit.create_model("lit-effnet-minilm", vision={"channels_last": channels_last}).eval()
+def lipkit_tower(channels_last: bool, fold: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    vision = {"channels_last": channels_last, "fold_batchnorm": fold}
+    model = lipkit.create_model("lit-effnet-minilm", vision=vision).eval()
     return model.visual.features
 
 
@@ -73,8 +76,9 @@ def main() -> None:
     peer = peer_tower()
     variants = {
         "peer": (peer, False),
-        "lipkit-nchw": (lipkit_tower(channels_last=False), False),
-        "lipkit": (lipkit_tower(channels_last=True), False),
+        "lipkit-nchw": (lipkit_tower(channels_last=False, fold=False), False),
+        "lipkit-nofold": (lipkit_tower(channels_last=True, fold=False), False),
+        "lipkit": (lipkit_tower(channels_last=True, fold=True), False),
     }
     if not args.no_bf16 and torch.backends.mkldnn.is_available():
         variants["lipkit-bf16"] = (variants["lipkit"][0], True)
@@ -85,7 +89,7 @@ def main() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 got = fn(images).float()
             err = ((got - want).norm(dim=1) / want.norm(dim=1)).max().item()
-            print(f"{name:12s} features vs peer: max relative error {err:.2e}")
+            print(f"{name:13s} features vs peer: max relative error {err:.2e}")
             if not bf16 and err > 1e-4:
                 raise SystemExit(f"{name} does not compute the peer's features (relative error {err:.2e})")
 
@@ -102,7 +106,8 @@ def main() -> None:
         f"threads {torch.get_num_threads()}, {args.rounds} rounds x {args.batches} batches, median"
     )
     for name, value in med.items():
-        print(f"{name:12s} {value:8.1f} images/s   {value / med['peer']:5.2f}x peer")
+        print(f"{name:13s} {value:8.1f} images/s   {value / med['peer']:5.2f}x peer")
+    print(f"folding BatchNorm (lipkit / lipkit-nofold): {med['lipkit'] / med['lipkit-nofold']:.2f}x")
 
 
 if __name__ == "__main__":
