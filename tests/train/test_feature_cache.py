@@ -72,6 +72,28 @@ def test_cache_key_changes_with_data_and_weights():
     assert a != feature_cache.cache_key(model, SyntheticPairs(size=8))
 
 
+
+def test_cache_key_ignores_how_a_timm_trunk_runs():
+    import lipkit
+    from lipkit.data.corpora import SyntheticPairs
+
+    pytest.importorskip("timm")
+    keys = []
+    for fold, pool in ((True, "avg"), (False, "avg"), (True, "max")):
+        torch.manual_seed(0)
+        model = lipkit.create_model(
+            "timm/test_efficientnet",
+            embed_dim=16,
+            text={"layers": 1, "width": 32, "heads": 2},
+            vision={"fold_batchnorm": fold, "pool": pool},
+            lock_image=True,
+            lock_text=True,
+        )
+        keys.append(feature_cache.cache_key(model, SyntheticPairs(size=8)))
+    assert keys[0] == keys[1]  # folded BatchNorm or not: the same features to rounding
+    assert keys[0] != keys[2]  # another pooling: other features
+
+
 def test_feature_caching_needs_locked_towers(run_overrides):
     with pytest.raises(ConfigError, match="lock_image=true"):
         loop.train(resolve_config("tiny-synthetic", overrides=[*run_overrides, "cache_features=true"]))

@@ -63,6 +63,7 @@ def check_lockable(model: DualEncoder) -> None:
 
 
 HEAD_KEYS = ("proj", "proj_bias")  # the projection heads train; cached trunk features do not depend on them
+RUN_KEYS = ("fold_batchnorm",)  # how a trunk runs, not what it computes (equal to rounding): not in the key
 
 TRAIN_ONLY = ("train_scale", "train_ratio", "train_grayscale")  # preprocessing that only augmented views use
 
@@ -75,7 +76,7 @@ def cache_key(model: DualEncoder, source: PairSource, view: int = 0) -> str:
     """
     h = hashlib.sha256()
     cfg = to_dict(model.cfg)
-    towers = [{k: v for k, v in cfg[t].items() if k not in HEAD_KEYS} for t in ("vision", "text")]
+    towers = [{k: v for k, v in cfg[t].items() if k not in HEAD_KEYS + RUN_KEYS} for t in ("vision", "text")]
     if view == 0:
         preprocess = {k: v for k, v in cfg["preprocess"].items() if k not in TRAIN_ONLY}
         parts = [*towers, preprocess, cfg["tokenizer"], model.text_cache_layer()]
@@ -187,7 +188,7 @@ def text_cache_key(model: DualEncoder, source: PairSource) -> str:
     """A digest of what the text trunk's outputs for ``source``'s captions depend on."""
     h = hashlib.sha256()
     cfg = to_dict(model.cfg)
-    text = {k: v for k, v in cfg["text"].items() if k not in HEAD_KEYS}
+    text = {k: v for k, v in cfg["text"].items() if k not in HEAD_KEYS + RUN_KEYS}
     h.update(json.dumps(["text-only", text, cfg["tokenizer"], model.text_cache_layer()], sort_keys=True).encode())
     update_digest(h, model.text, skip_prefix="proj.")
     for i in range(len(source)):
