@@ -69,8 +69,7 @@ EMOJI_TEMPLATE = "an emoji of {c}."
 
 # Every variant starts from the preset as the study began (heads only on one cached view, text tower
 # locked, 256-d, Tux Paint and emoji only); the preset has since taken the winners,
-# views4-grey0.5-unlock1-embed512, then proto-norm(-both), then the class bridge (and its text side),
-# so these undo them.
+# views4-grey0.5-unlock1-embed512, then proto-norm(-both), then the class bridge, so these undo them.
 BASE = [
     "data.train=tuxpaint:train,emoji:train",
     "feature_views=1",
@@ -78,7 +77,6 @@ BASE = [
     "model_overrides.preprocess.train_grayscale=0.0",
     "model_overrides.embed_dim=256",
     "model_overrides.class_bridge=",
-    "model_overrides.class_bridge_text_weight=0",
     "bridge_every=10",
 ]
 
@@ -103,7 +101,6 @@ def proto_mix(weight: float, **options: str) -> str:
 
 # the prototypes as the preset mixes them since 2026-12-03 (proto-norm-both)
 PROTO_BOTH = f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}"
-BRIDGE50 = ["model_overrides.class_bridge=imagenet-1k-both", "bridge_every=50"]  # the adopted class bridge
 
 # lipkit's generic zero-shot templates (lipkit.eval.templates, "generic"), as a YAML flow list for the
 # prototype captions: six pairs per class name instead of one, none of them Fashion-MNIST's own templates
@@ -245,16 +242,11 @@ VARIANTS: dict[str, list[str]] = {
         PROTO_BOTH,
         "model_overrides.class_bridge=imagenet-1k-both",
     ],
-    "proto-norm-both-bridge50": [*ADOPTED, PROTO_BOTH, *BRIDGE50],
-    # 2026-12-03 (sixth session): the bridge on the text side too (each text adds the class names'
-    # embeddings, weighted by a softmax over its similarity to the names in the text trunk's features)
-    "bridge50-text": [*ADOPTED, PROTO_BOTH, *BRIDGE50, "model_overrides.class_bridge_text_weight=0.5"],
-    "bridge50-text-t0.02": [
+    "proto-norm-both-bridge50": [
         *ADOPTED,
         PROTO_BOTH,
-        *BRIDGE50,
-        "model_overrides.class_bridge_text_weight=0.5",
-        "model_overrides.class_bridge_text_temperature=0.02",
+        "model_overrides.class_bridge=imagenet-1k-both",
+        "bridge_every=50",
     ],
     "views4-grey0.5-bridge": [*VIEWS, "model_overrides.class_bridge=imagenet-1k-both"],
     "views4-grey0.5-proto-norm-bridge": [

@@ -1,5 +1,4 @@
-"""The class bridge: the frozen tower's classifier weights the text embeddings of its class names (and,
-on the text side, the names' similarity to the text does)."""
+"""The class bridge: the frozen tower's classifier weights the text embeddings of its class names."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 
 import lipkit
 from lipkit.errors import ConfigError, LipkitError
-from lipkit.eval.coop import text_transformer
 from lipkit.models.convert import export_openclip
 from lipkit.train import checkpoint as ckpt
 from lipkit.train import loop
@@ -36,24 +34,11 @@ def bridged(headed_model, tmp_path):
     return str(tmp_path / "bridged.json"), head
 
 
-CAPTIONS = [f"a photo of a {c}." for c in ("red", "crimson", "green", "blue", "azure", "navy")]
-CAPTION_CLASSES = torch.tensor([0, 0, 1, 2, 2, 2])
-
-
 def class_embeddings(model, captions, classes):
-    """What the bridge's class embeddings must be: each class's normalised mean of its unit caption
-    embeddings from the text head alone (no text bridge)."""
+    """What the bridge's class embeddings must be: each class's normalised mean of its unit caption embeddings."""
     with torch.no_grad():
-        emb = F.normalize(model.text(lipkit.get_tokenizer(model.cfg)(captions)), dim=-1)
+        emb = model.encode_text(lipkit.get_tokenizer(model.cfg)(captions), normalize=True)
     return torch.stack([F.normalize(emb[classes == c].mean(0), dim=0) for c in range(3)])
-
-
-def name_features(model, captions, classes):
-    """What the text side's name features must be: each class's normalised mean of its captions' unit
-    pooled text-trunk features."""
-    with torch.no_grad():
-        pooled = F.normalize(model.text.features(lipkit.get_tokenizer(model.cfg)(captions)), dim=-1)
-    return torch.stack([F.normalize(pooled[classes == c].mean(0), dim=0) for c in range(3)])
 
 
 def test_image_embedding_adds_the_class_names_weighted_by_the_classifier(bridged):
@@ -80,37 +65,10 @@ def test_image_embedding_adds_the_class_names_weighted_by_the_classifier(bridged
         assert not torch.allclose(want, plain, atol=1e-3)
 
 
-def test_text_embedding_adds_the_class_names_weighted_by_their_similarity(bridged):
-    path, _ = bridged
-    model = lipkit.create_model(path, class_bridge_text_weight=0.6, class_bridge_text_temperature=0.1)
-    tokens = lipkit.get_tokenizer(model.cfg)(["a crimson square", "something navy", "x"])
-    with torch.no_grad():
-        plain = model.text(tokens)
-        assert torch.equal(model.encode_text(tokens), plain)  # no names yet: the bridge adds nothing
-        tokenize = lipkit.get_tokenizer(model.cfg)
-        model.refresh_bridge([tokenize(CAPTIONS[:4]), tokenize(CAPTIONS[4:])], CAPTION_CLASSES)
-        names = class_embeddings(model, CAPTIONS, CAPTION_CLASSES)  # the head alone, as without the text side
-        assert torch.allclose(model.bridge_text, names, atol=1e-6)
-        assert torch.allclose(model.bridge_names, name_features(model, CAPTIONS, CAPTION_CLASSES), atol=1e-6)
-        weights = (F.normalize(model.text.features(tokens), dim=-1) @ model.bridge_names.T / 0.1).softmax(-1)
-        want = plain + 0.6 * plain.norm(dim=-1, keepdim=True) * (weights @ names)
-        assert torch.allclose(model.encode_text(tokens), want, atol=1e-5)
-        assert not torch.allclose(want, plain, atol=1e-3)
-        # the image side is unchanged by the text side
-        images = torch.randn(2, 3, 32, 32)
-        probs = (model.visual.features(images) @ model.bridge_head.T / 2.0).softmax(-1)
-        image = model.visual(images)
-        assert torch.allclose(
-            model.encode_image(images), image + 0.7 * image.norm(dim=-1, keepdim=True) * (probs @ names), atol=1e-5
-        )
-
-
-@pytest.mark.parametrize(("unlock", "text_side"), [(0, 0.0), (1, 0.0), (1, 0.5)])
-def test_training_refreshes_the_names_and_checkpoints_match_the_text_tower(
-    bridged, run_overrides, tmp_path, unlock, text_side
-):
-    """Cached training (with the top text layer trained or not, with the text side or not) learns the
-    bridge weights, and the checkpoint's class embeddings are those its own text tower gives."""
+@pytest.mark.parametrize("unlock", [0, 1])
+def test_training_refreshes_the_names_and_checkpoints_match_the_text_tower(bridged, run_overrides, tmp_path, unlock):
+    """Cached training (with the top text layer trained or not) learns the bridge weight, and the
+    checkpoint's class embeddings are those its own text tower gives."""
     path, _ = bridged
     overrides = [
         *run_overrides,
@@ -122,28 +80,20 @@ def test_training_refreshes_the_names_and_checkpoints_match_the_text_tower(
         "log_every=1",
         "bridge_every=2",
         f"model_overrides.unlock_text_layers={unlock}",
-        f"model_overrides.class_bridge_text_weight={text_side}",
     ]
     result = loop.train(resolve_config("tiny-synthetic", overrides=overrides))
-    model = lipkit.create_model(
-        path, pretrained=str(result.checkpoint), unlock_text_layers=unlock, class_bridge_text_weight=text_side
-    )
+    model = lipkit.create_model(path, pretrained=str(result.checkpoint), unlock_text_layers=unlock)
     saved = model.bridge_text.clone()
     assert float(model.bridge_weight.detach()) != pytest.approx(0.7)  # the weight is learned
-    assert torch.allclose(saved, class_embeddings(model, CAPTIONS, CAPTION_CLASSES), atol=1e-5)
+    captions = [f"a photo of a {c}." for c in ("red", "crimson", "green", "blue", "azure", "navy")]
+    classes = torch.tensor([0, 0, 1, 2, 2, 2])
+    assert torch.allclose(saved, class_embeddings(model, captions, classes), atol=1e-5)
     assert saved.norm(dim=-1) == pytest.approx(torch.ones(3), abs=1e-5)
-    if text_side:
-        assert float(model.bridge_text_weight.detach()) != pytest.approx(0.5)
-        assert torch.allclose(model.bridge_names, name_features(model, CAPTIONS, CAPTION_CLASSES), atol=1e-5)
-    else:
-        assert model.bridge_names is None and "bridge_names" not in model.state_dict()
 
 
-@pytest.mark.parametrize("text_side", [0.0, 0.5])
-def test_full_training_equals_cached_training_and_resumes_exactly(bridged, run_overrides, tmp_path, text_side):
+def test_full_training_equals_cached_training_and_resumes_exactly(bridged, run_overrides, tmp_path):
     path, _ = bridged
     common = [
-        f"model_overrides.class_bridge_text_weight={text_side}",
         *run_overrides,
         f"model={path}",
         "data.train=synthetic:val",
@@ -175,8 +125,6 @@ def test_full_training_equals_cached_training_and_resumes_exactly(bridged, run_o
     assert again == pytest.approx(want, rel=1e-5)
     a, b = ckpt.load_checkpoint(cached.checkpoint)["model"], ckpt.load_checkpoint(resumed.checkpoint)["model"]
     assert torch.allclose(a["bridge_text"], b["bridge_text"], atol=1e-6)
-    if text_side:
-        assert torch.allclose(a["bridge_names"], b["bridge_names"], atol=1e-6)
 
 
 def test_clear_errors(bridged, headed_model, run_overrides, tmp_path):
@@ -185,15 +133,6 @@ def test_clear_errors(bridged, headed_model, run_overrides, tmp_path):
         lipkit.create_model(path, lock_image=False)
     with pytest.raises(ConfigError, match="class_bridge_temperature must be > 0"):
         lipkit.create_model(path, class_bridge_temperature=0.0)
-    with pytest.raises(ConfigError, match="class_bridge_text_weight must be >= 0"):
-        lipkit.create_model(path, class_bridge_text_weight=-0.1)
-    with pytest.raises(ConfigError, match="class_bridge_text_temperature must be > 0"):
-        lipkit.create_model(path, class_bridge_text_weight=0.5, class_bridge_text_temperature=0.0)
-    with pytest.raises(ConfigError, match="bridges to the class names of class_bridge"):
-        lipkit.create_model(headed_model[0], class_bridge_text_weight=0.5)
-    assert text_transformer(lipkit.create_model(path)) is not None  # CoOp takes the image side alone
-    with pytest.raises(LipkitError, match="CoOp does not apply"):
-        text_transformer(lipkit.create_model(path, class_bridge_text_weight=0.5))
     with pytest.raises(ConfigError, match="ships its classifier"):
         lipkit.create_model("micro", lock_image=True, class_bridge="imagenet-1k")
     with pytest.raises(LipkitError, match="OpenCLIP has no such part"):

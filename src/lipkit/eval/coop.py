@@ -72,11 +72,6 @@ def text_transformer(model: DualEncoder) -> TextTransformer:
             f"{type(model.text).__name__}, whose token embeddings CoOp cannot reach (Hugging Face text towers are "
             "not supported)"
         )
-    if getattr(model, "bridge_names", None) is not None:
-        raise LipkitError(
-            "CoOp learns class embeddings through the text tower alone; this model's text embeddings also "
-            "take a class bridge (class_bridge_text_weight > 0), which CoOp does not apply"
-        )
     return model.text
 
 

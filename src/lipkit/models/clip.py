@@ -53,7 +53,6 @@ class DualEncoder(nn.Module):
         self.context_length = self.text.context_length
         self.register_buffer("bridge_head", None)  # class bridge: the classifier rows (C, F)
         self.register_buffer("bridge_text", None)  # and the class names' unit text embeddings (C, D)
-        self.register_buffer("bridge_names", None)  # text side: the class names' unit pooled text features (C, F)
         self._bridge_states: tuple[list[TextCache], torch.Tensor] | None = None  # the class names' cached text states
         if cfg.class_bridge:
             if not hasattr(self.visual, "classifier_head"):
@@ -66,9 +65,6 @@ class DualEncoder(nn.Module):
             # the class names' text embeddings; zero (no effect) until :meth:`refresh_bridge` runs
             self.register_buffer("bridge_text", torch.zeros(head.shape[0], cfg.embed_dim))
             self.bridge_weight = nn.Parameter(torch.tensor(float(cfg.class_bridge_weight)))
-            if cfg.class_bridge_text_weight:  # the text side: the class names' pooled text-trunk features (C, F)
-                self.register_buffer("bridge_names", torch.zeros(head.shape[0], self.text.feature_dim))
-                self.bridge_text_weight = nn.Parameter(torch.tensor(float(cfg.class_bridge_text_weight)))
         if cfg.lock_image:
             _lock(self.visual)
         if cfg.lock_text:
@@ -140,32 +136,11 @@ class DualEncoder(nn.Module):
         names = logits.softmax(dim=-1) @ self.bridge_text
         return x + (self.bridge_weight * x.float().norm(dim=-1, keepdim=True) * names).to(x.dtype)
 
-    def text_bridge(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The text head's output ``x`` (B, D) plus the text side of the class bridge, if the model has one.
-
-        The cosine similarities of the pooled text-trunk ``features`` (B, F) to the class names' own
-        (:attr:`bridge_names`), through a softmax (temperature ``class_bridge_text_temperature``), weight
-        the class names' unit text embeddings (:attr:`bridge_text`, as the image side does); the sum,
-        scaled by ``|x|`` and the learned weight, is added to ``x``. Before the first refresh the
-        similarities are all zero and the class embeddings zero: it adds nothing.
-        """
-        if self.bridge_names is None or self.bridge_text is None:
-            return x
-        similarity = F.normalize(features.float(), dim=-1) @ self.bridge_names.T
-        names = (similarity / self.cfg.class_bridge_text_temperature).softmax(dim=-1) @ self.bridge_text
-        return x + (self.bridge_text_weight * x.float().norm(dim=-1, keepdim=True) * names).to(x.dtype)
-
-    def _text_head(self, features: torch.Tensor) -> torch.Tensor:
-        """The text embedding (B, D) from the text trunk's pooled features: the head, then any text bridge."""
-        return self.text_bridge(features, self.text.proj(features))
-
     @torch.no_grad()
     def refresh_bridge(self, chunks: Sequence[Tokens], classes: torch.Tensor) -> None:
         """Recompute :attr:`bridge_text`, the class names' text embeddings, from the current text tower.
 
-        Each class's embedding is the normalised mean of its captions' unit embeddings (the text head's,
-        without the text bridge); with a text bridge, :attr:`bridge_names` likewise from the captions'
-        unit pooled features. With a locked
+        Each class's embedding is the normalised mean of its captions' unit embeddings. With a locked
         (or partly unlocked) text tower, the locked layers' output for the captions is computed once and
         kept: a refresh then runs only the trainable top.
 
@@ -180,20 +155,17 @@ class DualEncoder(nn.Module):
         self.eval()
         try:
             if not self.cfg.lock_text:
-                pooled = torch.cat([self.text.features(tokens) for tokens in chunks])
+                emb = torch.cat([self.encode_text(tokens, normalize=True) for tokens in chunks])
             else:
                 if self._bridge_states is None or self._bridge_states[1] is not classes:
                     self._bridge_states = ([self._locked_text(tokens) for tokens in chunks], classes)
-                pooled = torch.cat([self.text_from_cache(s) for s in self._bridge_states[0]])
-            emb = F.normalize(self.text.proj(pooled), dim=-1)  # the head alone: the names' own embeddings
+                finish = self.text_from_cache
+                emb = torch.cat([F.normalize(self.text.proj(finish(s)), dim=-1) for s in self._bridge_states[0]])
         finally:
             self.train(was_training)
         classes = classes.to(emb.device)
         total = torch.zeros_like(self.bridge_text).index_add_(0, classes, emb.float())
         self.bridge_text.copy_(F.normalize(total, dim=-1))
-        if self.bridge_names is not None:
-            total = torch.zeros_like(self.bridge_names).index_add_(0, classes, F.normalize(pooled.float(), dim=-1))
-            self.bridge_names.copy_(F.normalize(total, dim=-1))
 
     def _locked_text(self, tokens: Tokens) -> TextCache:
         """The locked text layers' output for ``tokens``, where :meth:`text_from_cache` starts."""
@@ -211,7 +183,7 @@ class DualEncoder(nn.Module):
                 Hugging Face text towers.
             normalize: L2-normalise the embeddings.
         """
-        x = self.text(tokens) if self.bridge_names is None else self._text_head(self.text.features(tokens))
+        x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
     def scale(self) -> torch.Tensor:
@@ -235,7 +207,7 @@ class DualEncoder(nn.Module):
         image = self.bridge(image_features, self.visual.proj(image_features))
         return DualEncoderOutput(
             image_features=F.normalize(image, dim=-1),
-            text_features=F.normalize(self._text_head(self.text_from_cache(text)), dim=-1),
+            text_features=F.normalize(self.text.proj(self.text_from_cache(text)), dim=-1),
             logit_scale=self.scale(),
             logit_bias=self.logit_bias,
         )

@@ -355,12 +355,6 @@ class ModelConfig:
             classifier's probabilities (:meth:`DualEncoder.bridge`). Empty: off.
         class_bridge_weight: Initial weight of that term (learned), relative to the image head's output.
         class_bridge_temperature: Temperature of the classifier's softmax over its logits.
-        class_bridge_text_weight: Bridge the text side too, with this initial (learned) weight; 0: off.
-            Each text embedding then adds the same class-name embeddings, weighted by a softmax over
-            the cosine similarities of its pooled text-trunk features to those of the class names
-            (:meth:`DualEncoder.text_bridge`), so a name the classifier does not use ("pullover")
-            meets the images through the names it does ("sweatshirt").
-        class_bridge_text_temperature: Temperature of that softmax over cosine similarities.
     """
 
     embed_dim: int = 512
@@ -384,8 +378,6 @@ class ModelConfig:
     class_bridge: str = ""
     class_bridge_weight: float = 1.0
     class_bridge_temperature: float = 1.0
-    class_bridge_text_weight: float = 0.0
-    class_bridge_text_temperature: float = 0.05
 
     def validate(self) -> None:
         self.vision_config()
@@ -407,12 +399,6 @@ class ModelConfig:
             raise ConfigError("class_bridge applies to dual encoders, not to a captioning (CoCa) model")
         if not self.class_bridge_temperature > 0:
             raise ConfigError(f"class_bridge_temperature must be > 0, got {self.class_bridge_temperature}")
-        if not self.class_bridge_text_weight >= 0:
-            raise ConfigError(f"class_bridge_text_weight must be >= 0 (0: off), got {self.class_bridge_text_weight}")
-        if self.class_bridge_text_weight and not self.class_bridge:
-            raise ConfigError("class_bridge_text_weight bridges to the class names of class_bridge: set class_bridge")
-        if not self.class_bridge_text_temperature > 0:
-            raise ConfigError(f"class_bridge_text_temperature must be > 0, got {self.class_bridge_text_temperature}")
         _check_choice("tokenizer", self.tokenizer, ("clip", "hf"))
         _check_choice("tokenizer_clean", self.tokenizer_clean, ("whitespace", "lower", "canonicalize"))
 

@@ -78,7 +78,6 @@ class TextTransformer(nn.Module):
             raise ConfigError(f"text.proj is false but width {cfg.width} != embed_dim {embed_dim}")
         self.proj = nn.Linear(cfg.width, embed_dim, bias=cfg.proj_bias) if cfg.proj else nn.Identity()
         self.output_dim = embed_dim
-        self.feature_dim = cfg.width  # of the pooled features that enter the head
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
         if self.cls_emb is not None:
@@ -239,7 +238,6 @@ class HFTextEncoder(nn.Module):
         width = self.encoder.config.hidden_size
         self.proj = make_head(width, embed_dim, cfg.proj, cfg.proj_bias, mlp_bias=cfg.mlp_bias)
         self.output_dim = embed_dim
-        self.feature_dim = width  # of the pooled features that enter the head
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass to save memory."""
