@@ -72,7 +72,6 @@ def test_cache_key_changes_with_data_and_weights():
     assert a != feature_cache.cache_key(model, SyntheticPairs(size=8))
 
 
-
 def test_cache_key_ignores_how_a_timm_trunk_runs():
     import lipkit
     from lipkit.data.corpora import SyntheticPairs

@@ -138,10 +138,15 @@ class TimmTower(nn.Module):
         return self.trunk(images)
 
     def _may_fold(self) -> bool:
-        """Whether the trunk runs with frozen BatchNorm statistics and no gradient into its weights."""
+        """Whether the trunk runs with frozen BatchNorm statistics and no gradient into its weights (and is
+        not sharded: FSDP's parameters are DTensors, which are never folded)."""
         if self.trunk.training or torch.compiler.is_compiling():
             return False
-        return not torch.is_grad_enabled() or not any(p.requires_grad for p in self.trunk.parameters())
+        params = list(self.trunk.parameters())
+        if any(type(p.data) is not torch.Tensor for p in params):
+            self.folded = 0
+            return False
+        return not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed images (B, 3, H, W) into (B, embed_dim), not normalised."""
