@@ -23,13 +23,7 @@ def tower(name: str, fold: bool, seed: int = 0) -> nn.Module:
         text={"layers": 1, "width": 32, "heads": 2},
         vision={"image_size": 64, "fold_batchnorm": fold},
     )
-    bns = [m for m in model.visual.trunk.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():  # statistics and affine maps far from the identity, so a skipped BatchNorm shows
-        for bn in bns:
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
+    randomise_batchnorm(model.visual.trunk)  # far from the identity, so a skipped BatchNorm shows
     return model.visual.eval()
 
 
@@ -49,6 +43,31 @@ def test_folded_trunk_computes_the_same_features_and_keeps_its_state(name):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert folded.state_dict().keys() == state.keys()
     assert all(torch.equal(folded.state_dict()[k], v) for k, v in state.items())
+
+
+def randomise_batchnorm(module: nn.Module) -> None:
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+
+
+def test_clip_resnet_tower_folds_too():
+    small = {"layers": [1, 2, 1, 1], "width": 16, "head_width": 16, "image_size": 64}
+    towers = []
+    for fold in (False, True):
+        torch.manual_seed(0)
+        model = lipkit.create_model("RN50", embed_dim=32, vision={**small, "fold_batchnorm": fold}, lock_image=True)
+        randomise_batchnorm(model.visual)
+        towers.append(model.visual.eval())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = (t.features(images) for t in towers)
+    assert towers[0].folded is None
+    assert towers[1].folded == sum(isinstance(m, nn.BatchNorm2d) for m in towers[1].modules())
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_folded_weights_follow_new_weights_and_gradients_flow_unfolded():

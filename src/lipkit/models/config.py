@@ -115,12 +115,18 @@ class ResNetConfig:
         width: Channels after the stem; stage ``i`` has ``width * 2**i`` bottleneck channels, four times
             that at its output, so the final map has ``width * 32`` channels.
         head_width: Channels per head of the attention pool (its heads: ``width * 32 // head_width``).
+        channels_last: Feed images to the convolutions in channels-last memory format (faster on CPUs;
+            ``benchmarks/resnet_tower.py``); the values agree with the default layout to rounding.
+        fold_batchnorm: Run each eval-mode BatchNorm folded into the convolution before it whenever
+            no gradient flows into them (:mod:`lipkit.models.folding`), as timm towers do.
     """
 
     image_size: int = 224
     layers: tuple[int, int, int, int] = (3, 4, 6, 3)
     width: int = 64
     head_width: int = 64
+    channels_last: bool = True
+    fold_batchnorm: bool = True
 
     tower: ClassVar[str] = "lipkit.models.resnet:ModifiedResNet"
     openclip_layout: ClassVar[str] = "resnet"

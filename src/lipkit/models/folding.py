@@ -18,7 +18,7 @@ storage and device), as after ``load_state_dict`` or ``.to()``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -122,8 +122,8 @@ if Conv2dSame is not None:
 UNFOLDED = {folded: plain for plain, folded in FOLDED.items()}
 
 
-def _pairs(module: nn.Module, run: Callable[[], torch.Tensor]) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-    """The (convolution, BatchNorm) pairs of ``module`` in which the BatchNorm takes exactly the
+def _pairs(modules: Sequence[nn.Module], run: Callable[[], torch.Tensor]) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """The (convolution, BatchNorm) pairs of ``modules`` in which the BatchNorm takes exactly the
     convolution's output, each called once in ``run()``; only the layer classes :data:`FOLDED` knows."""
     outputs: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     calls: dict[nn.Module, int] = {}
@@ -140,7 +140,7 @@ def _pairs(module: nn.Module, run: Callable[[], torch.Tensor]) -> list[tuple[nn.
             pairs[bn] = found[0]
 
     handles = []
-    for m in module.modules():
+    for m in (m for root in modules for m in root.modules()):
         if type(m) in (nn.Conv2d, Conv2dSame) and m.padding_mode == "zeros":
             handles.append(m.register_forward_hook(after_conv))
         elif type(m) in (nn.BatchNorm2d, BatchNormAct2d) and m.running_mean is not None:
@@ -170,18 +170,20 @@ def _set_classes(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], fold: bool) -> N
                 m.__dict__.pop(name, None)
 
 
-def fold_batchnorm(module: nn.Module, run: Callable[[], torch.Tensor], rtol: float = 1e-4) -> int:
-    """Fold ``module``'s eval-mode BatchNorm layers into the convolutions before them; the number folded.
+def fold_batchnorm(
+    modules: nn.Module | Sequence[nn.Module], run: Callable[[], torch.Tensor], rtol: float = 1e-4
+) -> int:
+    """Fold the eval-mode BatchNorm layers of ``modules`` into the convolutions before them; the number folded.
 
     Args:
-        module: The trunk, in eval mode.
+        modules: The trunk (or its parts), in eval mode.
         run: Runs ``module`` on a sample input (e.g. one image) and returns its output; called twice.
         rtol: How close the folded output must be to the unfolded one, relative to its largest value;
             if it is not, nothing is folded (0 is returned).
     """
     with torch.no_grad():
         want = run()
-    pairs = _pairs(module, run)
+    pairs = _pairs([modules] if isinstance(modules, nn.Module) else modules, run)
     if not pairs:
         return 0
     _set_classes(pairs, fold=True)
@@ -191,3 +193,24 @@ def fold_batchnorm(module: nn.Module, run: Callable[[], torch.Tensor], rtol: flo
         _set_classes(pairs, fold=False)
         return 0
     return len(pairs)
+
+
+def fold_when_frozen(
+    modules: Sequence[nn.Module], images: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]
+) -> int | None:
+    """Fold the BatchNorm layers of a trunk's ``modules`` (:func:`fold_batchnorm`) if it now runs frozen.
+
+    For a tower's first forward passes: returns ``None`` (try again next time) while the trunk trains
+    (a module in training mode, gradients into its weights, ``torch.compile`` tracing), ``0`` for a
+    trunk that never folds (sharded by FSDP: its parameters are DTensors), else the number of pairs
+    folded, with ``run(images[:1])`` as the sample.
+    """
+    if not len(images) or images.is_meta or any(m.training for m in modules) or torch.compiler.is_compiling():
+        return None
+    params = [p for m in modules for p in m.parameters()]
+    if any(type(p.data) is not torch.Tensor for p in params):
+        return 0
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return None
+    sample = images[:1]
+    return fold_batchnorm(modules, lambda: run(sample))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkit.models.config import ResNetConfig
+from lipkit.models.folding import fold_when_frozen
 
 EXPANSION = 4  # a bottleneck's output has four times its inner channels
 
@@ -126,6 +127,7 @@ class ModifiedResNet(nn.Module):
         self.proj = nn.Linear(channels, embed_dim)
         self.output_dim = embed_dim
         self.grad_checkpointing = False
+        self.folded: int | None = None  # BatchNorm layers folded (fold_batchnorm), None until first tried
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -143,6 +145,13 @@ class ModifiedResNet(nn.Module):
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """The last stage's output (B, width * 32, H/32, W/32)."""
+        if self.cfg.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.folded is None and self.cfg.fold_batchnorm:
+            self.folded = fold_when_frozen([self.stem, self.stages], images, self._convolutions)
+        return self._convolutions(images)
+
+    def _convolutions(self, images: torch.Tensor) -> torch.Tensor:
         x = self.stem(images)
         for stage in self.stages:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

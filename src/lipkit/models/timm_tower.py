@@ -9,7 +9,7 @@ from torch import nn
 
 from lipkit.errors import CheckpointError, LipkitError
 from lipkit.models.config import TimmConfig
-from lipkit.models.folding import fold_batchnorm
+from lipkit.models.folding import fold_when_frozen
 from lipkit.models.text import make_head, resolve_local_path
 
 CLASSIFIER_NAMES = ("classifier", "fc", "head", "_fc", "head.fc")  # where weight files keep the classifier
@@ -132,21 +132,9 @@ class TimmTower(nn.Module):
         """The pooled backbone feature before the projection head: (B, num_features)."""
         if self.cfg.channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.folded is None and self.cfg.fold_batchnorm and len(images) and not images.is_meta and self._may_fold():
-            sample = images[:1]
-            self.folded = fold_batchnorm(self.trunk, lambda: self.trunk(sample))
+        if self.folded is None and self.cfg.fold_batchnorm:
+            self.folded = fold_when_frozen([self.trunk], images, self.trunk)
         return self.trunk(images)
-
-    def _may_fold(self) -> bool:
-        """Whether the trunk runs with frozen BatchNorm statistics and no gradient into its weights (and is
-        not sharded: FSDP's parameters are DTensors, which are never folded)."""
-        if self.trunk.training or torch.compiler.is_compiling():
-            return False
-        params = list(self.trunk.parameters())
-        if any(type(p.data) is not torch.Tensor for p in params):
-            self.folded = 0
-            return False
-        return not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embed images (B, 3, H, W) into (B, embed_dim), not normalised."""
