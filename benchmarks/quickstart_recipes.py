@@ -78,6 +78,7 @@ BASE = [
     "model_overrides.embed_dim=256",
     "model_overrides.class_bridge=",
     "bridge_every=10",
+    "model_overrides.preprocess.train_lowres=0.0",
 ]
 
 # the recipe adopted on 2026-12-01 (the preset's, as overrides on BASE)
@@ -247,6 +248,15 @@ VARIANTS: dict[str, list[str]] = {
         PROTO_BOTH,
         "model_overrides.class_bridge=imagenet-1k-both",
         "bridge_every=50",
+    ],
+    # 2026-12-03 (sixth session): low-resolution views (a 28-px round trip) beside the grey ones
+    "views4-grey0.5-lowres0.3": [*VIEWS, "model_overrides.preprocess.train_lowres=0.3"],
+    "proto-norm-both-bridge50-lowres0.3": [
+        *ADOPTED,
+        PROTO_BOTH,
+        "model_overrides.class_bridge=imagenet-1k-both",
+        "bridge_every=50",
+        "model_overrides.preprocess.train_lowres=0.3",
     ],
     "views4-grey0.5-bridge": [*VIEWS, "model_overrides.class_bridge=imagenet-1k-both"],
     "views4-grey0.5-proto-norm-bridge": [

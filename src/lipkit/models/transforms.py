@@ -56,6 +56,10 @@ class PreprocessConfig:
         fill_alpha: RGB colour that transparent images are composited onto.
         train_grayscale: Probability that the training transform turns an image grey (all three channels
             equal); 0 turns it off. Helps transfer to greyscale evaluation sets such as (Fashion-)MNIST.
+        train_lowres: Probability that the training transform shows an image at low resolution: shrunk
+            to ``train_lowres_size`` pixels a side, then enlarged back (:class:`LowResolution`); 0 turns
+            it off. For evaluation sets of small images, such as (Fashion-)MNIST's 28 px.
+        train_lowres_size: The side, in pixels, that ``train_lowres`` shrinks images to.
     """
 
     image_size: int = 224
@@ -67,6 +71,8 @@ class PreprocessConfig:
     train_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     fill_alpha: tuple[int, int, int] = (255, 255, 255)
     train_grayscale: float = 0.0
+    train_lowres: float = 0.0
+    train_lowres_size: int = 28
 
     def validate(self) -> None:
         """Check every field.
@@ -87,9 +93,16 @@ class PreprocessConfig:
         _check_triple("fill_alpha", self.fill_alpha)
         if not all(isinstance(c, int) and 0 <= c <= 255 for c in self.fill_alpha):
             raise ConfigError(f"preprocess fill_alpha must be three integers in [0, 255], got {self.fill_alpha!r}")
-        g = self.train_grayscale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
-            raise ConfigError(f"preprocess train_grayscale must be a probability in [0, 1], got {g!r}")
+        for name in ("train_grayscale", "train_lowres"):
+            g = getattr(self, name)
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
+                raise ConfigError(f"preprocess {name} must be a probability in [0, 1], got {g!r}")
+        side = self.train_lowres_size
+        if isinstance(side, bool) or not isinstance(side, int) or not 0 < side <= self.image_size:
+            raise ConfigError(
+                f"preprocess train_lowres_size must be a positive integer up to image_size ({self.image_size}), "
+                f"got {side!r}"
+            )
 
 
 def _check_choice(field: str, value: object, choices: list[str]) -> None:
@@ -138,6 +151,25 @@ class ToRGB:
         return f"{type(self).__name__}(fill={self.fill})"
 
 
+class LowResolution:
+    """With probability ``p``, shrink an image to ``side`` pixels a side (averaging the pixels it merges),
+    then enlarge it back to its size with ``interpolation``: what a small image looks like at the input
+    size. The draw comes from torch's generator, as torchvision's random transforms take theirs.
+    """
+
+    def __init__(self, p: float, side: int, interpolation: InterpolationMode) -> None:
+        self.p, self.side, self.interpolation = float(p), int(side), interpolation
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if torch.rand(1).item() >= self.p:
+            return image
+        small = image.resize((self.side, self.side), Image.Resampling.BOX)
+        return T.functional.resize(small, [image.height, image.width], self.interpolation, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, side={self.side})"
+
+
 def image_transform(cfg: PreprocessConfig, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """Build the transform from a PIL image to a normalised (3, S, S) float tensor, S = ``cfg.image_size``.
 
@@ -156,6 +188,8 @@ def image_transform(cfg: PreprocessConfig, train: bool = False) -> Callable[[Ima
     size = cfg.image_size
     if train:
         geometry = [T.RandomResizedCrop(size, cfg.train_scale, cfg.train_ratio, interpolation, antialias=True)]
+        if cfg.train_lowres > 0:
+            geometry.append(LowResolution(cfg.train_lowres, cfg.train_lowres_size, interpolation))
         if cfg.train_grayscale > 0:
             geometry.append(T.RandomGrayscale(cfg.train_grayscale))
     elif cfg.resize_mode == "squash":

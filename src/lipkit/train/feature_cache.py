@@ -65,7 +65,8 @@ def check_lockable(model: DualEncoder) -> None:
 HEAD_KEYS = ("proj", "proj_bias")  # the projection heads train; cached trunk features do not depend on them
 RUN_KEYS = ("fold_batchnorm",)  # how a trunk runs, not what it computes (equal to rounding): not in the key
 
-TRAIN_ONLY = ("train_scale", "train_ratio", "train_grayscale")  # preprocessing that only augmented views use
+# preprocessing that only augmented views use
+TRAIN_ONLY = ("train_scale", "train_ratio", "train_grayscale", "train_lowres", "train_lowres_size")
 
 
 def cache_key(model: DualEncoder, source: PairSource, view: int = 0) -> str:
