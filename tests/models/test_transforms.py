@@ -229,17 +229,18 @@ def test_training_low_resolution_views():
     stripes = PILImage.new("L", (64, 64))
     stripes.putdata([255 * (x % 2) for _ in range(64) for x in range(64)])  # one-pixel stripes
     plain = dict(image_size=64, mean=(0, 0, 0), std=(1, 1, 1), train_scale=(1.0, 1.0), train_ratio=(1.0, 1.0))
-    sharp = image_transform(PreprocessConfig(**plain), True)(stripes.convert("RGB"))
-    low = image_transform(PreprocessConfig(**plain, train_lowres=1.0, train_lowres_size=8), True)(stripes.convert("RGB"))
+    rgb = stripes.convert("RGB")
+    sharp = image_transform(PreprocessConfig(**plain), True)(rgb)
+    low = image_transform(PreprocessConfig(**plain, train_lowres=1.0, train_lowres_size=8), True)(rgb)
     assert sharp.shape == low.shape == (3, 64, 64)
     assert float(sharp.std()) > 0.45  # the stripes, intact
     assert float(low.std()) < 0.05 and abs(float(low.mean()) - 0.5) < 0.05  # 8 px a side averages them away
     torch.manual_seed(0)
     half = image_transform(PreprocessConfig(**plain, train_lowres=0.5, train_lowres_size=8), True)
-    stds = [float(half(stripes.convert("RGB")).std()) for _ in range(40)]
+    stds = [float(half(rgb).std()) for _ in range(40)]
     assert 5 <= sum(s < 0.05 for s in stds) <= 35 and all(s < 0.05 or s > 0.45 for s in stds)
     evaluation = image_transform(PreprocessConfig(**plain, train_lowres=1.0, train_lowres_size=8), train=False)
-    assert float(evaluation(stripes.convert("RGB")).std()) > 0.45  # evaluation never shrinks
+    assert float(evaluation(rgb).std()) > 0.45  # evaluation never shrinks
     with pytest.raises(ConfigError, match="train_lowres must be a probability"):
         image_transform(PreprocessConfig(train_lowres=2.0))
     with pytest.raises(ConfigError, match="train_lowres_size must be a positive integer up to image_size"):
