@@ -116,7 +116,8 @@ class ResNetConfig:
             that at its output, so the final map has ``width * 32`` channels.
         head_width: Channels per head of the attention pool (its heads: ``width * 32 // head_width``).
         channels_last: Feed images to the convolutions in channels-last memory format (faster on CPUs;
-            ``benchmarks/resnet_tower.py``); the values agree with the default layout to rounding.
+            ``benchmarks/tower_features.py --tower rn50``); the values agree with the default layout to
+            rounding.
         fold_batchnorm: Run each eval-mode BatchNorm folded into the convolution before it whenever
             no gradient flows into them (:mod:`lipkit.models.folding`), as timm towers do.
     """
@@ -163,7 +164,8 @@ class TimmConfig:
             layout to rounding.
         fold_batchnorm: Run each eval-mode BatchNorm folded into the convolution before it
             (:mod:`lipkit.models.folding`) whenever no gradient flows into them (a frozen trunk, or
-            evaluation): ~10% faster on CPU for EfficientNet; the values agree to rounding.
+            evaluation): 1.36x as fast for EfficientNet-Lite0 on a 2-core CPU (docs/benchmarks.md); the
+            values agree to rounding.
     """
 
     name: str = "resnet18"
