@@ -313,6 +313,59 @@ def test_missing_or_damaged_files_say_which_and_what_to_do(tmp_path, small):
         SearchIndex.build(index.path, ["a"], x[:1], [{}], record=RECORD)
 
 
+class _PausingCount:
+    """A connection whose item count, once taken, waits for ``go`` before handing the number back."""
+
+    def __init__(self, conn, counted: threading.Event, go: threading.Event) -> None:
+        self.conn, self.counted, self.go = conn, counted, go
+
+    def execute(self, sql, *args):
+        cursor = self.conn.execute(sql, *args)
+        if "COUNT(*) FROM items" in sql:
+            rows = cursor.fetchall()
+            self.counted.set()
+            self.go.wait(5)
+            return _Rows(rows)
+        return cursor
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+class _Rows:
+    def __init__(self, rows) -> None:
+        self.rows = rows
+
+    def fetchone(self):
+        return self.rows[0]
+
+    def fetchall(self):
+        return self.rows
+
+
+def test_a_count_taken_before_a_concurrent_delete_is_not_kept_after_it(small, monkeypatch):
+    """``len`` counts lazily; a delete that lands between that count and its storing must not leave the
+    pre-delete number behind (the delete waits for the count, then applies its change to it)."""
+    index, _ = small
+    counted, go = threading.Event(), threading.Event()
+    monkeypatch.setattr(index, "_db", _PausingCount(index._db, counted, go))
+    reader = index._reader
+    monkeypatch.setattr(index, "_reader", lambda: _PausingCount(reader(), counted, go))
+    assert index._count is None
+    counter = threading.Thread(target=len, args=(index,))
+    counter.start()
+    assert counted.wait(5)
+    deleter = threading.Thread(target=index.delete, args=(keys(4),))
+    deleter.start()
+    deleter.join(0.5)  # a delete that does not wait for the count finishes here, before the count is stored
+    go.set()
+    counter.join(5)
+    deleter.join(5)
+    assert not counter.is_alive() and not deleter.is_alive()
+    assert len(index) == 296
+    assert int(index._read("SELECT COUNT(*) FROM items")[0][0]) == 296
+
+
 def test_several_threads_search_while_others_add_and_delete(small):
     index, x = small
     rng = np.random.default_rng(12)

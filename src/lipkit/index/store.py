@@ -408,9 +408,15 @@ class SearchIndex:
         return self.path.resolve().name
 
     def __len__(self) -> int:
-        if self._count is None:
-            self._count = int(self._read("SELECT COUNT(*) FROM items")[0][0])
-        return self._count
+        count = self._count
+        if count is None:
+            # counted and stored under the mutex that writers hold from their commit to their count update,
+            # so a count taken before a concurrent write is never kept after it
+            with self._db_mutex:
+                if self._count is None:
+                    self._count = int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+                count = self._count
+        return count
 
     def __repr__(self) -> str:
         return f"SearchIndex({str(self.path)!r}, {len(self)} items, {self.index_type})"
@@ -642,10 +648,10 @@ class SearchIndex:
         with self._lock.write():
             with self._db_mutex:
                 old, new, seq = _upsert(self._db, keys, vectors, metadata)
+                self._count = None if self._count is None else self._count + len(new) - len(old)
             self._engine.remove(old)
             self._engine.add(new, vectors)
             self._changed(seq, len(old) + len(new))
-            self._count = None if self._count is None else self._count + len(new) - len(old)
         self._maybe_save()
         return len(keys)
 
@@ -660,9 +666,9 @@ class SearchIndex:
         with self._lock.write():
             with self._db_mutex:
                 removed, seq = _delete(self._db, list(dict.fromkeys(keys)))
+                self._count = None if self._count is None else self._count - len(removed)
             self._engine.remove(removed)
             self._changed(seq, len(removed))
-            self._count = None if self._count is None else self._count - len(removed)
         self._maybe_save()
         return len(removed)
 
@@ -762,7 +768,8 @@ class SearchIndex:
         self._engine.add(vids, self._vectors_by_vid(vids))
         if log:
             self._changed(log[-1][0], len(log))
-            self._count = None
+            with self._db_mutex:
+                self._count = None
 
     def _find_tombstones(self) -> None:
         """Vectors in an ID-mapped main index that no live item owns (an HNSW snapshot's deleted vectors)."""
