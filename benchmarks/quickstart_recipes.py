@@ -103,6 +103,9 @@ def proto_mix(weight: float, **options: str) -> str:
 # the prototypes as the preset mixes them since 2026-12-03 (proto-norm-both)
 PROTO_BOTH = f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both')}"
 
+# the same with a further pair per class captioned with its WordNet definition
+PROTO_DEFS = f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both', definitions='true')}"
+
 # lipkit's generic zero-shot templates (lipkit.eval.templates, "generic"), as a YAML flow list for the
 # prototype captions: six pairs per class name instead of one, none of them Fashion-MNIST's own templates
 GENERIC_TEMPLATES = (
@@ -257,6 +260,40 @@ VARIANTS: dict[str, list[str]] = {
         "model_overrides.class_bridge=imagenet-1k-both",
         "bridge_every=50",
         "model_overrides.preprocess.train_lowres=0.3",
+    ],
+    # 2026-12-03 (seventh session): the prototypes with a further pair per class captioned with its
+    # WordNet definition, heads only and on the adopted recipe
+    "views4-grey0.5-proto-norm-both": [*VIEWS, PROTO_BOTH],
+    "views4-grey0.5-proto-norm-both-defs": [*VIEWS, PROTO_DEFS],
+    "proto-norm-both-bridge50-defs": [
+        *ADOPTED,
+        PROTO_DEFS,
+        "model_overrides.class_bridge=imagenet-1k-both",
+        "bridge_every=50",
+    ],
+    # the class bridge's embeddings with each class's definition beside its names
+    "proto-norm-both-bridge50-bdefs": [
+        *ADOPTED,
+        PROTO_BOTH,
+        "model_overrides.class_bridge=imagenet-1k-both",
+        "model_overrides.class_bridge_definitions=true",
+        "bridge_every=50",
+    ],
+    # both: the prototypes' definition pairs and the bridge's definitions
+    "proto-norm-both-bridge50-defs-bdefs": [
+        *ADOPTED,
+        PROTO_DEFS,
+        "model_overrides.class_bridge=imagenet-1k-both",
+        "model_overrides.class_bridge_definitions=true",
+        "bridge_every=50",
+    ],
+    # 2026-12-03 (seventh session): a smaller share of low-resolution views on the adopted recipe
+    "proto-norm-both-bridge50-lowres0.1": [
+        *ADOPTED,
+        PROTO_BOTH,
+        "model_overrides.class_bridge=imagenet-1k-both",
+        "bridge_every=50",
+        "model_overrides.preprocess.train_lowres=0.1",
     ],
     "views4-grey0.5-bridge": [*VIEWS, "model_overrides.class_bridge=imagenet-1k-both"],
     "views4-grey0.5-proto-norm-bridge": [

@@ -7,7 +7,16 @@ import torch
 
 import lipkit
 from lipkit.data.loader import ResumableBatchSampler, stack_images
-from lipkit.data.prototypes import FeaturePoint, Placement, PrototypePairs, place, read_classnames, tower_head
+from lipkit.data.prototypes import (
+    FeaturePoint,
+    Placement,
+    PrototypePairs,
+    open_prototypes,
+    place,
+    read_classnames,
+    read_definitions,
+    tower_head,
+)
 from lipkit.data.spec import open_mixture
 from lipkit.errors import ConfigError, LipkitError
 from lipkit.models.image_inputs import MixedImages
@@ -69,6 +78,43 @@ def test_builtin_imagenet_class_names_have_their_synonyms():
     assert len(wordnet) == 1000 and wordnet[608] == ["jean", "blue jean", "denim"]
     assert read_classnames("imagenet-1k-clip")[608] == ["jeans"]
     assert read_classnames("imagenet-1k-both")[608] == ["jeans", "jean", "blue jean", "denim"]
+
+
+def test_definitions_add_a_pair_per_class_captioned_with_its_first_name_and_gloss():
+    names = [["jean", "blue jean"], ["sandal"], ["thing"]]
+    glosses = ["close-fitting trousers of heavy denim.", "a shoe fastened by straps", ""]
+    source = PrototypePairs(names, ["a photo of a {c}.", "a {c}"], definitions=glosses)
+    assert [source.caption(i) for i in range(len(source))][-4:] == [
+        "a photo of a jean, close-fitting trousers of heavy denim.",
+        "a jean, close-fitting trousers of heavy denim",
+        "a photo of a sandal, a shoe fastened by straps.",
+        "a sandal, a shoe fastened by straps",
+    ]
+    assert len(source) == 4 * 2 + 2 * 2  # a class without a definition gets no further pair
+    assert source.classes()[-4:] == [0, 0, 1, 1]
+    with pytest.raises(ConfigError, match="2 given for 3 classes"):
+        PrototypePairs(names, definitions=glosses[:2])
+
+
+def test_imagenet_definitions_are_wordnet_glosses_in_head_row_order():
+    glosses = read_definitions("imagenet-1k-both")
+    assert len(glosses) == 1000 and all(glosses)
+    assert glosses[608] == "(usually plural) close-fitting trousers of heavy denim for manual work or casual wear"
+    assert glosses[841] == "cotton knit pullover with long sleeves worn during athletic activity"
+    source = open_prototypes(classnames="imagenet-1k", definitions=True)
+    assert len(source) == len(open_prototypes(classnames="imagenet-1k")) + 1000
+    assert (
+        source.caption(len(source) - 1) == "a photo of a toilet tissue, a soft thin absorbent paper for use in toilets."
+    )
+
+
+def test_definitions_are_refused_where_none_exist(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    with pytest.raises(ConfigError, match="have none"):
+        open_prototypes(classnames=str(names), definitions=True)
+    with pytest.raises(ConfigError, match="true or false"):
+        open_prototypes(definitions="yes")
 
 
 @pytest.fixture

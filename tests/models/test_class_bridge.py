@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -145,3 +147,27 @@ def test_clear_errors(bridged, headed_model, run_overrides, tmp_path):
         loop.train(resolve_config("tiny-synthetic", overrides=[*overrides, "steps=1"]))
     with pytest.raises(ConfigError, match="bridge_every must be at least 1"):
         resolve_config("tiny-synthetic", overrides=[*overrides, "bridge_every=0"])
+
+
+def test_definitions_join_each_imagenet_class_s_bridge_captions(bridged):
+    """With ``class_bridge_definitions`` every ImageNet class gets one more bridge caption, its definition."""
+    path, _ = bridged
+    real = lipkit.create_model(path)
+    counts = {}
+    for definitions in (False, True):
+        cfg = dataclasses.replace(real.cfg, class_bridge="imagenet-1k", class_bridge_definitions=definitions)
+        stub = SimpleNamespace(cfg=cfg, bridge_head=torch.zeros(1000, 1))
+        chunks, classes = loop.bridge_inputs(stub, torch.device("cpu"))
+        assert sum(len(chunk) for chunk in chunks) == len(classes)
+        counts[definitions] = torch.bincount(classes, minlength=1000)
+    assert counts[False][608] == 3 and counts[False][841] == 1  # jean, blue jean, denim; sweatshirt
+    assert torch.equal(counts[True], counts[False] + 1)
+
+
+def test_definitions_need_an_imagenet_bridge(bridged, run_overrides):
+    path, _ = bridged
+    with pytest.raises(ConfigError, match="needs a class bridge"):
+        lipkit.create_model(path, class_bridge="", class_bridge_definitions=True)
+    overrides = [*run_overrides, f"model={path}", "model_overrides.class_bridge_definitions=true"]
+    with pytest.raises(ConfigError, match="have none"):
+        loop.train(resolve_config("tiny-synthetic", overrides=[*overrides, "data.train=synthetic:val", "steps=1"]))

@@ -51,6 +51,8 @@ REFERENCE_IMAGES = 4096  # training images whose features place the rows, in ful
 CAPTIONS = ("each", "first")  # one pair per synonym, or per class (its first name)
 
 LABEL_SETS: Registry[Callable[[], list[list[str]]]] = Registry("class name set")
+# the registered sets whose classes are ImageNet-1k's, in its order (they share WordNet's definitions)
+IMAGENET_SETS = ("imagenet-1k", "imagenet-1k-clip", "imagenet-1k-both")
 
 
 def _timm_label_set(subset: str) -> list[list[str]]:
@@ -85,6 +87,42 @@ def _imagenet_both() -> list[list[str]]:
                 names.append(name)
         merged.append(names)
     return merged
+
+
+def imagenet_definitions() -> list[str]:
+    """WordNet's definition (gloss) of each ImageNet-1k class, in head-row order, from timm's offline files:
+    ``"sweatshirt"`` -> ``"cotton knit pullover with long sleeves worn during athletic activity"``."""
+    from timm.data import ImageNetInfo
+
+    detailed = ImageNetInfo("imagenet-1k").label_descriptions(detailed=True)  # "lemmas: definition"
+    return [line.split(": ", 1)[1].strip() if ": " in line else "" for line in detailed]
+
+
+def read_definitions(spec: str) -> list[str]:
+    """The definitions of a registered ImageNet class name set (see :func:`imagenet_definitions`).
+
+    Raises:
+        ConfigError: A set without definitions (a class name file, or a set not of ImageNet-1k).
+    """
+    if spec not in IMAGENET_SETS:
+        raise ConfigError(
+            f"prototype definitions: class names {spec!r} have none; definitions come with "
+            f"{', '.join(IMAGENET_SETS)} (WordNet's, from timm)"
+        )
+    return imagenet_definitions()
+
+
+def definition_captions(
+    classnames: Sequence[Sequence[str]], definitions: Sequence[str], templates: Sequence[str]
+) -> list[tuple[int, str]]:
+    """(class, caption) for every class with a definition and every template: the template filled with
+    the class's first name and its definition, ``"a photo of a {name}, {definition}."``."""
+    return [
+        (c, t.format(c=f"{classnames[c][0]}, {gloss.strip().rstrip('.')}"))
+        for c, gloss in enumerate(definitions)
+        if gloss.strip()
+        for t in templates
+    ]
 
 
 def split_synonyms(line: str) -> list[str]:
@@ -192,9 +230,15 @@ class PrototypePairs(PairSource):
         captions: ``each`` (a pair per synonym) or ``first`` (only the first name).
         placement: ``norm`` or ``mean+Kstd`` (see :func:`place`).
         label_set: The name of the class names, for the keys.
+        definitions: Each class's definition (``""``: none), in head-row order. Every class that has one
+            gets a further pair per template, captioned with its first name and the definition
+            (``"a photo of a sweatshirt, cotton knit pullover with long sleeves worn during athletic
+            activity."``): the text side learns what the name means from words the evaluation's
+            class names may share.
 
     Raises:
-        ConfigError: An unknown ``captions`` choice or placement, or a template without ``{c}``.
+        ConfigError: An unknown ``captions`` choice or placement, a template without ``{c}``, or
+            definitions for another number of classes.
     """
 
     def __init__(
@@ -204,6 +248,7 @@ class PrototypePairs(PairSource):
         captions: str = "each",
         placement: str = "mean+3std",
         label_set: str = "classes",
+        definitions: Sequence[str] | None = None,
     ) -> None:
         if captions not in CAPTIONS:
             raise ConfigError(f"prototype captions {captions!r}: use one of {', '.join(CAPTIONS)}")
@@ -214,12 +259,17 @@ class PrototypePairs(PairSource):
         self.placed: torch.Tensor | None = None  # every pair's image side, once :meth:`place_rows` ran
         self.num_classes = len(classnames)
         self.label_set = label_set
+        if definitions is not None and len(definitions) != len(classnames):
+            raise ConfigError(
+                f"prototype definitions: {len(definitions)} given for {len(classnames)} classes ({label_set!r})"
+            )
         self.rows: list[tuple[int, str]] = [
             (c, t.format(c=name))
             for c, names in enumerate(classnames)
             for name in (names if captions == "each" else names[:1])
             for t in templates
         ]
+        self.rows += definition_captions(classnames, definitions or (), templates)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -274,8 +324,10 @@ def open_prototypes(
     templates: Sequence[str] | None = None,
     captions: str = "each",
     placement: str = "mean+3std",
+    definitions: bool = False,
 ) -> PrototypePairs:
-    """The ``prototypes`` data source (options as :class:`PrototypePairs` and :func:`read_classnames` take).
+    """The ``prototypes`` data source (options as :class:`PrototypePairs` and :func:`read_classnames` take;
+    ``definitions: true`` adds a pair per class captioned with its WordNet definition, :func:`read_definitions`).
 
     Raises:
         LipkitError: A ``val`` or ``test`` split (prototypes are for training), or bad options.
@@ -283,7 +335,10 @@ def open_prototypes(
     if split not in ("train", "all"):
         raise LipkitError(f"prototypes:{split}: prototypes have no held-out split; use prototypes (training only)")
     given = [t if "{c}" in t else t.replace("{}", "{c}") for t in templates] if templates else DEFAULT_TEMPLATES
-    return PrototypePairs(read_classnames(classnames), given, captions, placement, classnames)
+    if not isinstance(definitions, bool):
+        raise ConfigError(f"prototype option definitions must be true or false, got {definitions!r}")
+    glosses = read_definitions(classnames) if definitions else None
+    return PrototypePairs(read_classnames(classnames), given, captions, placement, classnames, glosses)
 
 
 def check_images(sources: Sequence[PairSource], lock_image: bool) -> None:

@@ -363,6 +363,10 @@ class ModelConfig:
             classifier's probabilities (:meth:`DualEncoder.bridge`). Empty: off.
         class_bridge_weight: Initial weight of that term (learned), relative to the image head's output.
         class_bridge_temperature: Temperature of the classifier's softmax over its logits.
+        class_bridge_definitions: Also embed each class's WordNet definition with its first name
+            (``"a photo of a sweatshirt, cotton knit pullover with long sleeves worn during athletic
+            activity."``) into its bridge embedding (ImageNet-1k class name sets only, see
+            :func:`lipkit.data.prototypes.read_definitions`).
     """
 
     embed_dim: int = 512
@@ -386,6 +390,7 @@ class ModelConfig:
     class_bridge: str = ""
     class_bridge_weight: float = 1.0
     class_bridge_temperature: float = 1.0
+    class_bridge_definitions: bool = False
 
     def validate(self) -> None:
         self.vision_config()
@@ -405,6 +410,8 @@ class ModelConfig:
             )
         if self.class_bridge and self.decoder is not None:
             raise ConfigError("class_bridge applies to dual encoders, not to a captioning (CoCa) model")
+        if self.class_bridge_definitions and not self.class_bridge:
+            raise ConfigError("class_bridge_definitions needs a class bridge: set class_bridge (e.g. imagenet-1k-both)")
         if not self.class_bridge_temperature > 0:
             raise ConfigError(f"class_bridge_temperature must be > 0, got {self.class_bridge_temperature}")
         _check_choice("tokenizer", self.tokenizer, ("clip", "hf"))

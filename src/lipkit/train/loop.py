@@ -18,7 +18,13 @@ from tqdm.auto import tqdm
 
 from lipkit.config import save_yaml, to_dict
 from lipkit.data.loader import make_train_loader
-from lipkit.data.prototypes import DEFAULT_TEMPLATES, check_images, read_classnames
+from lipkit.data.prototypes import (
+    DEFAULT_TEMPLATES,
+    check_images,
+    definition_captions,
+    read_classnames,
+    read_definitions,
+)
 from lipkit.data.spec import Mixture, open_mixture
 from lipkit.errors import ConfigError, FolderInUseError, LipkitError, TrainingDivergedError
 from lipkit.losses import LOSSES, create_loss
@@ -165,18 +171,18 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
 
 def bridge_inputs(model: DualEncoder, device: torch.device, batch_size: int = 256) -> tuple[list[Any], torch.Tensor]:
     """The captions of every class name of the model's class bridge (the prototypes' templates,
-    ``"a photo of a {name}."``), tokenised in batches of similar length, and each caption's class in the
-    same order."""
+    ``"a photo of a {name}."``, and with ``class_bridge_definitions`` each class's definition), tokenised
+    in batches of similar length, and each caption's class in the same order."""
     names = read_classnames(model.cfg.class_bridge)
     if len(names) != model.bridge_head.shape[0]:
         raise ConfigError(
             f"class_bridge {model.cfg.class_bridge!r} names {len(names)} classes, the image tower's classifier "
             f"has {model.bridge_head.shape[0]}"
         )
-    captions = sorted(
-        ((c, t.format(c=name)) for c, synonyms in enumerate(names) for name in synonyms for t in DEFAULT_TEMPLATES),
-        key=lambda pair: len(pair[1]),
-    )
+    pairs = [(c, t.format(c=name)) for c, synonyms in enumerate(names) for name in synonyms for t in DEFAULT_TEMPLATES]
+    if model.cfg.class_bridge_definitions:  # "a photo of a {first name}, {definition}." beside the names
+        pairs += definition_captions(names, read_definitions(model.cfg.class_bridge), DEFAULT_TEMPLATES)
+    captions = sorted(pairs, key=lambda pair: len(pair[1]))
     tokenize = batch_tokenizer(model.cfg)  # trims each batch's shared padding
     chunks = [
         tokenize([text for _, text in captions[i : i + batch_size]]).to(device)
