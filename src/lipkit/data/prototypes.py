@@ -106,18 +106,28 @@ def read_definitions(spec: str) -> list[str]:
     """
     if spec not in IMAGENET_SETS:
         raise ConfigError(
-            f"prototype definitions: class names {spec!r} have none; definitions come with "
+            f"definitions: class names {spec!r} have none; definitions come with "
             f"{', '.join(IMAGENET_SETS)} (WordNet's, from timm)"
         )
     return imagenet_definitions()
 
 
-def definition_captions(
-    classnames: Sequence[Sequence[str]], definitions: Sequence[str], templates: Sequence[str]
+def class_captions(
+    classnames: Sequence[Sequence[str]],
+    templates: Sequence[str],
+    captions: str = "each",
+    definitions: Sequence[str] = (),
 ) -> list[tuple[int, str]]:
-    """(class, caption) for every class with a definition and every template: the template filled with
-    the class's first name and its definition, ``"a photo of a {name}, {definition}."``."""
-    return [
+    """(class, caption) pairs: every template filled with each of a class's names (``each``) or its first
+    (``first``); then, for every class with a definition, every template filled with its first name and
+    the definition (``"a photo of a {name}, {definition}."``)."""
+    named = [
+        (c, t.format(c=name))
+        for c, names in enumerate(classnames)
+        for name in (names if captions == "each" else names[:1])
+        for t in templates
+    ]
+    return named + [
         (c, t.format(c=f"{classnames[c][0]}, {gloss.strip().rstrip('.')}"))
         for c, gloss in enumerate(definitions)
         if gloss.strip()
@@ -263,13 +273,7 @@ class PrototypePairs(PairSource):
             raise ConfigError(
                 f"prototype definitions: {len(definitions)} given for {len(classnames)} classes ({label_set!r})"
             )
-        self.rows: list[tuple[int, str]] = [
-            (c, t.format(c=name))
-            for c, names in enumerate(classnames)
-            for name in (names if captions == "each" else names[:1])
-            for t in templates
-        ]
-        self.rows += definition_captions(classnames, definitions or (), templates)
+        self.rows = class_captions(classnames, templates, captions, definitions or ())
 
     def __len__(self) -> int:
         return len(self.rows)

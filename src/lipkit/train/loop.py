@@ -21,7 +21,7 @@ from lipkit.data.loader import make_train_loader
 from lipkit.data.prototypes import (
     DEFAULT_TEMPLATES,
     check_images,
-    definition_captions,
+    class_captions,
     read_classnames,
     read_definitions,
 )
@@ -179,10 +179,8 @@ def bridge_inputs(model: DualEncoder, device: torch.device, batch_size: int = 25
             f"class_bridge {model.cfg.class_bridge!r} names {len(names)} classes, the image tower's classifier "
             f"has {model.bridge_head.shape[0]}"
         )
-    pairs = [(c, t.format(c=name)) for c, synonyms in enumerate(names) for name in synonyms for t in DEFAULT_TEMPLATES]
-    if model.cfg.class_bridge_definitions:  # "a photo of a {first name}, {definition}." beside the names
-        pairs += definition_captions(names, read_definitions(model.cfg.class_bridge), DEFAULT_TEMPLATES)
-    captions = sorted(pairs, key=lambda pair: len(pair[1]))
+    glosses = read_definitions(model.cfg.class_bridge) if model.cfg.class_bridge_definitions else ()
+    captions = sorted(class_captions(names, DEFAULT_TEMPLATES, definitions=glosses), key=lambda pair: len(pair[1]))
     tokenize = batch_tokenizer(model.cfg)  # trims each batch's shared padding
     chunks = [
         tokenize([text for _, text in captions[i : i + batch_size]]).to(device)
