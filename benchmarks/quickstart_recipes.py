@@ -79,6 +79,7 @@ BASE = [
     "model_overrides.class_bridge=",
     "bridge_every=10",
     "model_overrides.preprocess.train_lowres=0.0",
+    "model_overrides.preprocess.train_invert=0.0",
 ]
 
 # the recipe adopted on 2026-12-01 (the preset's, as overrides on BASE)
@@ -105,6 +106,13 @@ PROTO_BOTH = f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet
 
 # the same with a further pair per class captioned with its WordNet definition
 PROTO_DEFS = f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both', definitions='true')}"
+
+# the same with a further pair per WordNet hypernym of each class ("a photo of a trouser." for jean; "kind":
+# "a photo of a jean, a kind of trouser.")
+PROTO_HYP = {
+    form: f"data.train={proto_mix(0.3, placement='norm', classnames='imagenet-1k-both', hypernyms=form)}"
+    for form in ("name", "kind")
+}
 
 # lipkit's generic zero-shot templates (lipkit.eval.templates, "generic"), as a YAML flow list for the
 # prototype captions: six pairs per class name instead of one, none of them Fashion-MNIST's own templates
@@ -295,6 +303,33 @@ VARIANTS: dict[str, list[str]] = {
         "bridge_every=50",
         "model_overrides.preprocess.train_lowres=0.1",
     ],
+    # 2026-12-03 (eighth session): negated views (Fashion-MNIST's garments and MNIST's digits are light
+    # on black: negatives of objects on white, as Tux Paint and emoji are drawn)
+    "views4-grey0.5-proto-norm-both-invert0.3": [*VIEWS, PROTO_BOTH, "model_overrides.preprocess.train_invert=0.3"],
+    "views4-grey0.5-proto-norm-both-invert0.5": [*VIEWS, PROTO_BOTH, "model_overrides.preprocess.train_invert=0.5"],
+    "proto-norm-both-bridge50-invert0.3": [
+        *ADOPTED,
+        PROTO_BOTH,
+        "model_overrides.class_bridge=imagenet-1k-both",
+        "bridge_every=50",
+        "model_overrides.preprocess.train_invert=0.3",
+    ],
+    # 2026-12-03 (eighth session): WordNet hypernyms, for the prototypes (hyp-name, hyp-kind) and the
+    # class bridge (bhyp-name, bhyp-kind)
+    "views4-grey0.5-proto-norm-both-hyp-name": [*VIEWS, PROTO_HYP["name"]],
+    "views4-grey0.5-proto-norm-both-hyp-kind": [*VIEWS, PROTO_HYP["kind"]],
+    **{
+        f"proto-norm-both-bridge50{proto}{bridge}": [
+            *ADOPTED,
+            PROTO_HYP[proto.removeprefix("-hyp-")] if proto else PROTO_BOTH,
+            "model_overrides.class_bridge=imagenet-1k-both",
+            "bridge_every=50",
+            *([f"model_overrides.class_bridge_hypernyms={bridge.removeprefix('-bhyp-')}"] if bridge else []),
+        ]
+        for proto in ("", "-hyp-name", "-hyp-kind")
+        for bridge in ("", "-bhyp-name", "-bhyp-kind")
+        if proto or bridge
+    },
     "views4-grey0.5-bridge": [*VIEWS, "model_overrides.class_bridge=imagenet-1k-both"],
     "views4-grey0.5-proto-norm-bridge": [
         *VIEWS,

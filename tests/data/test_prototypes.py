@@ -15,6 +15,7 @@ from lipkit.data.prototypes import (
     place,
     read_classnames,
     read_definitions,
+    read_hypernyms,
     tower_head,
 )
 from lipkit.data.spec import open_mixture
@@ -115,6 +116,47 @@ def test_definitions_are_refused_where_none_exist(tmp_path):
         open_prototypes(classnames=str(names), definitions=True)
     with pytest.raises(ConfigError, match="true or false"):
         open_prototypes(definitions="yes")
+
+
+def test_hypernyms_add_a_pair_per_broader_name_in_either_form():
+    names = [["jean", "blue jean"], ["sandal"], ["thing"]]
+    broader = [["trouser", "workwear"], ["shoe"], []]
+    named = PrototypePairs(names, ["a photo of a {c}."], hypernyms=broader, hypernym_form="name")
+    assert [named.caption(i) for i in range(len(named))][-3:] == [
+        "a photo of a trouser.",
+        "a photo of a workwear.",
+        "a photo of a shoe.",
+    ]
+    assert len(named) == 4 + 3 and named.classes()[-3:] == [0, 0, 1]  # a class without hypernyms adds none
+    kind = PrototypePairs(names, ["a photo of a {c}.", "a {c}"], hypernyms=broader, hypernym_form="kind")
+    assert [kind.caption(i) for i in range(len(kind))][-2:] == [
+        "a photo of a sandal, a kind of shoe.",
+        "a sandal, a kind of shoe",
+    ]
+    assert len(kind) == 4 * 2 + 3 * 2
+    with pytest.raises(ConfigError, match="2 given for 3 classes"):
+        PrototypePairs(names, hypernyms=broader[:2])
+    with pytest.raises(ConfigError, match="must be one of name, kind"):
+        PrototypePairs(names, hypernyms=broader, hypernym_form="sort")
+
+
+def test_imagenet_hypernyms_come_from_wordnet_in_head_row_order(tmp_path):
+    broader = read_hypernyms("imagenet-1k-both")
+    assert len(broader) == 1000 and all(broader)  # every ImageNet class has a hypernym
+    assert broader[608] == ["trouser", "workwear"] and broader[841] == ["pullover"] and broader[774] == ["shoe"]
+    plain = open_prototypes(classnames="imagenet-1k")
+    source = open_prototypes(classnames="imagenet-1k", hypernyms="name")
+    assert len(source) == len(plain) + sum(len(b) for b in broader)
+    assert source.caption(len(source) - 1) == "a photo of a tissue."  # toilet tissue, the last class
+    kind = open_prototypes(classnames="imagenet-1k", hypernyms="kind")
+    assert kind.caption(len(kind) - 1) == "a photo of a toilet tissue, a kind of tissue."
+    assert len(open_prototypes(classnames="imagenet-1k", hypernyms=False)) == len(plain)
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    with pytest.raises(ConfigError, match="no WordNet synsets"):
+        open_prototypes(classnames=str(names), hypernyms="name")
+    with pytest.raises(ConfigError, match="prototype option hypernyms must be one of name, kind"):
+        open_prototypes(hypernyms=True)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import lipkit
+from lipkit.data.prototypes import read_hypernyms
 from lipkit.errors import ConfigError, LipkitError
 from lipkit.models.convert import export_openclip
 from lipkit.train import checkpoint as ckpt
@@ -162,6 +163,26 @@ def test_definitions_join_each_imagenet_class_s_bridge_captions(bridged):
         counts[definitions] = torch.bincount(classes, minlength=1000)
     assert counts[False][608] == 3 and counts[False][841] == 1  # jean, blue jean, denim; sweatshirt
     assert torch.equal(counts[True], counts[False] + 1)
+
+
+def test_hypernyms_join_each_imagenet_class_s_bridge_captions(bridged):
+    """With ``class_bridge_hypernyms`` every ImageNet class gets a bridge caption per WordNet hypernym."""
+    path, _ = bridged
+    real = lipkit.create_model(path)
+    counts = {}
+    for form in ("", "name", "kind"):
+        cfg = dataclasses.replace(real.cfg, class_bridge="imagenet-1k", class_bridge_hypernyms=form)
+        stub = SimpleNamespace(cfg=cfg, bridge_head=torch.zeros(1000, 1))
+        chunks, classes = loop.bridge_inputs(stub, torch.device("cpu"))
+        counts[form] = torch.bincount(classes, minlength=1000)
+        assert sum(len(chunk) for chunk in chunks) == len(classes)
+    more = torch.tensor([len(h) for h in read_hypernyms("imagenet-1k")])
+    assert more[608] == 2 and more[841] == 1  # jean: trouser, workwear; sweatshirt: pullover
+    assert torch.equal(counts["name"], counts[""] + more) and torch.equal(counts["kind"], counts[""] + more)
+    with pytest.raises(ConfigError, match="needs a class bridge"):
+        lipkit.create_model(path, class_bridge="", class_bridge_hypernyms="name")
+    with pytest.raises(ConfigError, match="must be name or kind"):
+        lipkit.create_model(path, class_bridge_hypernyms="yes")
 
 
 def test_definitions_need_an_imagenet_bridge(bridged, run_overrides):

@@ -245,3 +245,29 @@ def test_training_low_resolution_views():
         image_transform(PreprocessConfig(train_lowres=2.0))
     with pytest.raises(ConfigError, match="train_lowres_size must be a positive integer up to image_size"):
         image_transform(PreprocessConfig(image_size=32, train_lowres=0.5, train_lowres_size=64))
+
+
+def test_training_negated_views():
+    from PIL import Image as PILImage
+
+    from lipkit.errors import ConfigError
+    from lipkit.models.transforms import PreprocessConfig, image_transform
+
+    plain = dict(image_size=32, mean=(0, 0, 0), std=(1, 1, 1), train_scale=(1.0, 1.0), train_ratio=(1.0, 1.0))
+    image = PILImage.new("RGB", (32, 32), (200, 30, 90))
+    kept = image_transform(PreprocessConfig(**plain), True)(image)
+    negated = image_transform(PreprocessConfig(**plain, train_invert=1.0), True)(image)
+    torch.testing.assert_close(negated, 1.0 - kept)  # every channel c -> 255 - c
+    torch.testing.assert_close(negated[:, 0, 0], torch.tensor([55, 225, 165]) / 255.0)
+    # with greying too, the grey of the negative is the negative of the grey
+    both = image_transform(PreprocessConfig(**plain, train_invert=1.0, train_grayscale=1.0), True)(image)
+    grey = image_transform(PreprocessConfig(**plain, train_grayscale=1.0), True)(image)
+    torch.testing.assert_close(both, 1.0 - grey, atol=1 / 255, rtol=0)
+    torch.manual_seed(0)
+    half = image_transform(PreprocessConfig(**plain, train_invert=0.5), True)
+    flips = [bool(torch.allclose(half(image), negated)) for _ in range(40)]
+    assert 5 <= sum(flips) <= 35
+    evaluation = image_transform(PreprocessConfig(**plain, train_invert=1.0), train=False)
+    torch.testing.assert_close(evaluation(image), kept)  # evaluation never negates
+    with pytest.raises(ConfigError, match="train_invert must be a probability"):
+        image_transform(PreprocessConfig(train_invert=-0.1))

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 REFERENCE_IMAGES = 4096  # training images whose features place the rows, in full (not cached) training
 CAPTIONS = ("each", "first")  # one pair per synonym, or per class (its first name)
+# how a class's WordNet hypernyms caption its further pairs: "a photo of a {hypernym}." or
+# "a photo of a {name}, a kind of {hypernym}."
+HYPERNYM_FORMS = ("name", "kind")
 
 LABEL_SETS: Registry[Callable[[], list[list[str]]]] = Registry("class name set")
 # the registered sets whose classes are ImageNet-1k's, in its order (they share WordNet's definitions)
@@ -98,6 +101,45 @@ def imagenet_definitions() -> list[str]:
     return [line.split(": ", 1)[1].strip() if ": " in line else "" for line in detailed]
 
 
+def imagenet_hypernyms() -> list[list[str]]:
+    """WordNet's direct hypernyms of each ImageNet-1k class, in head-row order, by their first lemma
+    (``"jean"`` -> ``["trouser", "workwear"]``, ``"sweatshirt"`` -> ``["pullover"]``). The synset ids come
+    from timm's offline files, the hierarchy from WordNet's (Debian ``wordnet-base``)."""
+    from timm.data import ImageNetInfo
+
+    from lipkit.data.wordnet import noun_hypernyms
+
+    info = ImageNetInfo("imagenet-1k")
+    return noun_hypernyms([info.index_to_label_name(i) for i in range(info.num_classes())])
+
+
+def read_hypernyms(spec: str) -> list[list[str]]:
+    """The hypernyms of a registered ImageNet class name set (see :func:`imagenet_hypernyms`).
+
+    Raises:
+        ConfigError: A set without WordNet synsets (a class name file, or a set not of ImageNet-1k).
+        LipkitError: WordNet is not installed.
+    """
+    if spec not in IMAGENET_SETS:
+        raise ConfigError(
+            f"hypernyms: class names {spec!r} have no WordNet synsets; hypernyms come with {', '.join(IMAGENET_SETS)}"
+        )
+    return imagenet_hypernyms()
+
+
+def check_hypernym_form(form: object, what: str) -> str:
+    """``form`` if it is ``""`` (off) or one of :data:`HYPERNYM_FORMS`; ``what`` names the setting.
+
+    Raises:
+        ConfigError: Any other value.
+    """
+    if form is False or form == "":
+        return ""
+    if form not in HYPERNYM_FORMS:
+        raise ConfigError(f"{what} must be one of {', '.join(HYPERNYM_FORMS)} (or empty: off), got {form!r}")
+    return str(form)
+
+
 def read_definitions(spec: str) -> list[str]:
     """The definitions of a registered ImageNet class name set (see :func:`imagenet_definitions`).
 
@@ -117,22 +159,35 @@ def class_captions(
     templates: Sequence[str],
     captions: str = "each",
     definitions: Sequence[str] = (),
+    hypernyms: Sequence[Sequence[str]] = (),
+    hypernym_form: str = "kind",
 ) -> list[tuple[int, str]]:
     """(class, caption) pairs: every template filled with each of a class's names (``each``) or its first
     (``first``); then, for every class with a definition, every template filled with its first name and
-    the definition (``"a photo of a {name}, {definition}."``)."""
+    the definition (``"a photo of a {name}, {definition}."``); then, for each hypernym of a class, every
+    template filled with the hypernym (``name``: ``"a photo of a trouser."``) or with the first name and
+    the hypernym (``kind``: ``"a photo of a jean, a kind of trouser."``)."""
     named = [
         (c, t.format(c=name))
         for c, names in enumerate(classnames)
         for name in (names if captions == "each" else names[:1])
         for t in templates
     ]
-    return named + [
-        (c, t.format(c=f"{classnames[c][0]}, {gloss.strip().rstrip('.')}"))
-        for c, gloss in enumerate(definitions)
-        if gloss.strip()
-        for t in templates
-    ]
+    return (
+        named
+        + [
+            (c, t.format(c=f"{classnames[c][0]}, {gloss.strip().rstrip('.')}"))
+            for c, gloss in enumerate(definitions)
+            if gloss.strip()
+            for t in templates
+        ]
+        + [
+            (c, t.format(c=h if hypernym_form == "name" else f"{classnames[c][0]}, a kind of {h}"))
+            for c, names in enumerate(hypernyms)
+            for h in names
+            for t in templates
+        ]
+    )
 
 
 def split_synonyms(line: str) -> list[str]:
@@ -245,6 +300,11 @@ class PrototypePairs(PairSource):
             (``"a photo of a sweatshirt, cotton knit pullover with long sleeves worn during athletic
             activity."``): the text side learns what the name means from words the evaluation's
             class names may share.
+        hypernyms: Each class's hypernyms (``[]``: none), in head-row order; each gives a further pair
+            per template, captioned as ``hypernym_form`` says (see :func:`class_captions`): the text side
+            learns the broader names (trouser, shoe, bag) that the fine-grained classes (jean, running
+            shoe, purse) fall under.
+        hypernym_form: ``name`` or ``kind`` (:data:`HYPERNYM_FORMS`).
 
     Raises:
         ConfigError: An unknown ``captions`` choice or placement, a template without ``{c}``, or
@@ -259,6 +319,8 @@ class PrototypePairs(PairSource):
         placement: str = "mean+3std",
         label_set: str = "classes",
         definitions: Sequence[str] | None = None,
+        hypernyms: Sequence[Sequence[str]] | None = None,
+        hypernym_form: str = "kind",
     ) -> None:
         if captions not in CAPTIONS:
             raise ConfigError(f"prototype captions {captions!r}: use one of {', '.join(CAPTIONS)}")
@@ -273,7 +335,12 @@ class PrototypePairs(PairSource):
             raise ConfigError(
                 f"prototype definitions: {len(definitions)} given for {len(classnames)} classes ({label_set!r})"
             )
-        self.rows = class_captions(classnames, templates, captions, definitions or ())
+        if hypernyms is not None and len(hypernyms) != len(classnames):
+            raise ConfigError(
+                f"prototype hypernyms: {len(hypernyms)} given for {len(classnames)} classes ({label_set!r})"
+            )
+        form = check_hypernym_form(hypernym_form, "prototype hypernym form") or "kind"
+        self.rows = class_captions(classnames, templates, captions, definitions or (), hypernyms or (), form)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -329,9 +396,11 @@ def open_prototypes(
     captions: str = "each",
     placement: str = "mean+3std",
     definitions: bool = False,
+    hypernyms: str | bool = "",
 ) -> PrototypePairs:
     """The ``prototypes`` data source (options as :class:`PrototypePairs` and :func:`read_classnames` take;
-    ``definitions: true`` adds a pair per class captioned with its WordNet definition, :func:`read_definitions`).
+    ``definitions: true`` adds a pair per class captioned with its WordNet definition, :func:`read_definitions`;
+    ``hypernyms: name`` or ``kind`` a pair per WordNet hypernym, :func:`read_hypernyms`).
 
     Raises:
         LipkitError: A ``val`` or ``test`` split (prototypes are for training), or bad options.
@@ -342,7 +411,10 @@ def open_prototypes(
     if not isinstance(definitions, bool):
         raise ConfigError(f"prototype option definitions must be true or false, got {definitions!r}")
     glosses = read_definitions(classnames) if definitions else None
-    return PrototypePairs(read_classnames(classnames), given, captions, placement, classnames, glosses)
+    form = check_hypernym_form(hypernyms, "prototype option hypernyms")
+    broader = read_hypernyms(classnames) if form else None
+    names = read_classnames(classnames)
+    return PrototypePairs(names, given, captions, placement, classnames, glosses, broader, form or "kind")
 
 
 def check_images(sources: Sequence[PairSource], lock_image: bool) -> None:

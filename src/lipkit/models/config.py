@@ -367,6 +367,10 @@ class ModelConfig:
             (``"a photo of a sweatshirt, cotton knit pullover with long sleeves worn during athletic
             activity."``) into its bridge embedding (ImageNet-1k class name sets only, see
             :func:`lipkit.data.prototypes.read_definitions`).
+        class_bridge_hypernyms: Also embed each class's WordNet hypernyms into its bridge embedding:
+            ``name`` (``"a photo of a trouser."`` for the class jean) or ``kind`` (``"a photo of a jean, a
+            kind of trouser."``); empty: off (ImageNet-1k class name sets only, see
+            :func:`lipkit.data.prototypes.read_hypernyms`).
     """
 
     embed_dim: int = 512
@@ -391,6 +395,7 @@ class ModelConfig:
     class_bridge_weight: float = 1.0
     class_bridge_temperature: float = 1.0
     class_bridge_definitions: bool = False
+    class_bridge_hypernyms: str = ""
 
     def validate(self) -> None:
         self.vision_config()
@@ -412,6 +417,12 @@ class ModelConfig:
             raise ConfigError("class_bridge applies to dual encoders, not to a captioning (CoCa) model")
         if self.class_bridge_definitions and not self.class_bridge:
             raise ConfigError("class_bridge_definitions needs a class bridge: set class_bridge (e.g. imagenet-1k-both)")
+        if self.class_bridge_hypernyms not in ("", "name", "kind"):
+            raise ConfigError(
+                f"class_bridge_hypernyms must be name or kind (or empty: off), got {self.class_bridge_hypernyms!r}"
+            )
+        if self.class_bridge_hypernyms and not self.class_bridge:
+            raise ConfigError("class_bridge_hypernyms needs a class bridge: set class_bridge (e.g. imagenet-1k-both)")
         if not self.class_bridge_temperature > 0:
             raise ConfigError(f"class_bridge_temperature must be > 0, got {self.class_bridge_temperature}")
         _check_choice("tokenizer", self.tokenizer, ("clip", "hf"))

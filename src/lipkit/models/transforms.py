@@ -60,6 +60,9 @@ class PreprocessConfig:
             to ``train_lowres_size`` pixels a side, then enlarged back (:class:`LowResolution`); 0 turns
             it off. For evaluation sets of small images, such as (Fashion-)MNIST's 28 px.
         train_lowres_size: The side, in pixels, that ``train_lowres`` shrinks images to.
+        train_invert: Probability that the training transform negates an image (each channel ``c`` becomes
+            ``255 - c``); 0 turns it off. For evaluation sets of negatives, such as Fashion-MNIST (product
+            photos on white, negated: light garments on black) and MNIST (light strokes on black).
     """
 
     image_size: int = 224
@@ -73,6 +76,7 @@ class PreprocessConfig:
     train_grayscale: float = 0.0
     train_lowres: float = 0.0
     train_lowres_size: int = 28
+    train_invert: float = 0.0
 
     def validate(self) -> None:
         """Check every field.
@@ -93,7 +97,7 @@ class PreprocessConfig:
         _check_triple("fill_alpha", self.fill_alpha)
         if not all(isinstance(c, int) and 0 <= c <= 255 for c in self.fill_alpha):
             raise ConfigError(f"preprocess fill_alpha must be three integers in [0, 255], got {self.fill_alpha!r}")
-        for name in ("train_grayscale", "train_lowres"):
+        for name in ("train_grayscale", "train_lowres", "train_invert"):
             g = getattr(self, name)
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
                 raise ConfigError(f"preprocess {name} must be a probability in [0, 1], got {g!r}")
@@ -190,6 +194,8 @@ def image_transform(cfg: PreprocessConfig, train: bool = False) -> Callable[[Ima
         geometry = [T.RandomResizedCrop(size, cfg.train_scale, cfg.train_ratio, interpolation, antialias=True)]
         if cfg.train_lowres > 0:
             geometry.append(LowResolution(cfg.train_lowres, cfg.train_lowres_size, interpolation))
+        if cfg.train_invert > 0:
+            geometry.append(T.RandomInvert(cfg.train_invert))
         if cfg.train_grayscale > 0:
             geometry.append(T.RandomGrayscale(cfg.train_grayscale))
     elif cfg.resize_mode == "squash":

@@ -66,7 +66,7 @@ HEAD_KEYS = ("proj", "proj_bias")  # the projection heads train; cached trunk fe
 RUN_KEYS = ("fold_batchnorm",)  # how a trunk runs, not what it computes (equal to rounding): not in the key
 
 # preprocessing that only augmented views use
-TRAIN_ONLY = ("train_scale", "train_ratio", "train_grayscale", "train_lowres", "train_lowres_size")
+TRAIN_ONLY = ("train_scale", "train_ratio", "train_grayscale", "train_lowres", "train_lowres_size", "train_invert")
 
 
 def cache_key(model: DualEncoder, source: PairSource, view: int = 0) -> str:

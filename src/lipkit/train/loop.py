@@ -24,6 +24,7 @@ from lipkit.data.prototypes import (
     class_captions,
     read_classnames,
     read_definitions,
+    read_hypernyms,
 )
 from lipkit.data.spec import Mixture, open_mixture
 from lipkit.errors import ConfigError, FolderInUseError, LipkitError, TrainingDivergedError
@@ -171,7 +172,8 @@ def build_state(cfg: TrainConfig, env: DistEnv, device: torch.device) -> TrainSt
 
 def bridge_inputs(model: DualEncoder, device: torch.device, batch_size: int = 256) -> tuple[list[Any], torch.Tensor]:
     """The captions of every class name of the model's class bridge (the prototypes' templates,
-    ``"a photo of a {name}."``, and with ``class_bridge_definitions`` each class's definition), tokenised
+    ``"a photo of a {name}."``, and with ``class_bridge_definitions`` each class's definition, with
+    ``class_bridge_hypernyms`` its WordNet hypernyms), tokenised
     in batches of similar length, and each caption's class in the same order."""
     names = read_classnames(model.cfg.class_bridge)
     if len(names) != model.bridge_head.shape[0]:
@@ -180,7 +182,12 @@ def bridge_inputs(model: DualEncoder, device: torch.device, batch_size: int = 25
             f"has {model.bridge_head.shape[0]}"
         )
     glosses = read_definitions(model.cfg.class_bridge) if model.cfg.class_bridge_definitions else ()
-    captions = sorted(class_captions(names, DEFAULT_TEMPLATES, definitions=glosses), key=lambda pair: len(pair[1]))
+    form = model.cfg.class_bridge_hypernyms
+    broader = read_hypernyms(model.cfg.class_bridge) if form else ()
+    pairs = class_captions(
+        names, DEFAULT_TEMPLATES, definitions=glosses, hypernyms=broader, hypernym_form=form or "kind"
+    )
+    captions = sorted(pairs, key=lambda pair: len(pair[1]))
     tokenize = batch_tokenizer(model.cfg)  # trims each batch's shared padding
     chunks = [
         tokenize([text for _, text in captions[i : i + batch_size]]).to(device)

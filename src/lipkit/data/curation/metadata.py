@@ -28,12 +28,11 @@ import regex
 
 from lipkit.data.curation import CurationError
 from lipkit.data.curation.text import normalise_entry, words
-from lipkit.errors import suggest
+from lipkit.data.wordnet import WORDNET_PARTS, WORDNET_ROOT, lemma_text, synsets
+from lipkit.errors import LipkitError, suggest
 from lipkit.registry import Registry
 from lipkit.utils import atomic_write_text
 
-WORDNET_ROOT = Path("/usr/share/wordnet")
-WORDNET_PARTS = ("noun", "verb", "adj", "adv")
 ORIGINS = ("wordnet", "unigram", "bigram", "user")
 _ADJ_MARKER = regex.compile(r"\((?:a|p|ip)\)$")  # data.adj's syntactic markers: galore(ip), outback(a)
 
@@ -80,18 +79,12 @@ class Metadata:
 def _wordnet(root: Path) -> tuple[str, ...]:
     found: dict[str, None] = {}
     for part in WORDNET_PARTS:
-        path = root / f"data.{part}"
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CurationError(
-                f"cannot read WordNet's {path} ({exc}); install it with `apt-get install wordnet-base`"
-            ) from None
-        for line in lines:
-            if line and not line.startswith("  "):  # lines starting with two spaces are the licence
-                fields = line.split(" ")
-                for word in fields[4 : 4 + 2 * int(fields[3], 16) : 2]:
-                    found[normalise_entry(_ADJ_MARKER.sub("", word).replace("_", " "))] = None
+            for synset in synsets(part, root):
+                for lemma in synset.lemmas:
+                    found[normalise_entry(lemma_text(_ADJ_MARKER.sub("", lemma)))] = None
+        except LipkitError as exc:  # unreadable: the message names the file and the package
+            raise CurationError(str(exc)) from None
     found.pop("", None)
     return tuple(sorted(found))
 
