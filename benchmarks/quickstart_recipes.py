@@ -69,7 +69,8 @@ EMOJI_TEMPLATE = "an emoji of {c}."
 
 # Every variant starts from the preset as the study began (heads only on one cached view, text tower
 # locked, 256-d, Tux Paint and emoji only); the preset has since taken the winners,
-# views4-grey0.5-unlock1-embed512, then proto-norm(-both), then the class bridge, so these undo them.
+# views4-grey0.5-unlock1-embed512, then proto-norm(-both), then the class bridge, then the hypernyms,
+# so these undo them.
 BASE = [
     "data.train=tuxpaint:train,emoji:train",
     "feature_views=1",
@@ -80,6 +81,7 @@ BASE = [
     "bridge_every=10",
     "model_overrides.preprocess.train_lowres=0.0",
     "model_overrides.preprocess.train_invert=0.0",
+    "model_overrides.class_bridge_hypernyms=",
 ]
 
 # the recipe adopted on 2026-12-01 (the preset's, as overrides on BASE)

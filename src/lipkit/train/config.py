@@ -296,15 +296,16 @@ PRESETS.add(
         # chosen on validation over 5 seeds (docs/quickstart_recipes.md): the top MiniLM layer trains on
         # cached text states, 3 augmented views per training image (half of them greyed) are cached, the
         # shared space is 512-d, and 30% of each batch are the image tower's ImageNet classifier rows as
-        # pairs (classifier prototypes, scaled to the mean feature norm, captioned with CLIP's class name
-        # and every WordNet synonym), Tux Paint and emoji keeping their 36:64 ratio; each image embedding
-        # adds the text embeddings of the ImageNet classes the tower's classifier sees in it (class
-        # bridge, the names' embeddings recomputed every 50 steps)
+        # pairs (classifier prototypes, scaled to the mean feature norm, captioned with CLIP's class name,
+        # every WordNet synonym and every WordNet hypernym), Tux Paint and emoji keeping their 36:64 ratio;
+        # each image embedding adds the text embeddings of the ImageNet classes the tower's classifier sees
+        # in it (class bridge: names and hypernyms, their embeddings recomputed every 50 steps)
         "model_overrides": {
             "embed_dim": 512,
             "unlock_text_layers": 1,
             "preprocess": {"train_grayscale": 0.5},
             "class_bridge": "imagenet-1k-both",
+            "class_bridge_hypernyms": "name",
         },
         "cache_features": True,
         "feature_views": 4,
@@ -320,7 +321,7 @@ PRESETS.add(
                 {
                     "source": "prototypes",
                     "weight": 0.3,
-                    "options": {"placement": "norm", "classnames": "imagenet-1k-both"},
+                    "options": {"placement": "norm", "classnames": "imagenet-1k-both", "hypernyms": "name"},
                 },
             ],
             "batch_size": 256,
