@@ -33,6 +33,12 @@ def test_unknown_synsets_and_missing_files_are_clear_errors(tmp_path):
         noun_hypernyms(["n00000099"], tmp_path)
     with pytest.raises(LipkitError, match="apt-get install wordnet-base"):
         list(synsets("verb", tmp_path))
+    (tmp_path / "data.adj").write_text(SAMPLE.splitlines()[1][:30] + "\n" + "00000040 00 a zz word 0 000 | bad count\n")
+    with pytest.raises(LipkitError, match=r"data\.adj:1: not a WordNet data line: '00000010 06 n 02 trouser 0 pan'"):
+        list(synsets("adj", tmp_path))
+    (tmp_path / "data.adv").write_text("00000040 00 r zz word 0 000 | a word count that is no hex number\n")
+    with pytest.raises(LipkitError, match=r"data\.adv:1: not a WordNet data line"):
+        list(synsets("adv", tmp_path))
 
 
 def test_installed_wordnet_puts_imagenet_classes_under_their_broader_names():

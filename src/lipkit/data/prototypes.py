@@ -166,7 +166,7 @@ def class_captions(
     (``first``); then, for every class with a definition, every template filled with its first name and
     the definition (``"a photo of a {name}, {definition}."``); then, for each hypernym of a class, every
     template filled with the hypernym (``name``: ``"a photo of a trouser."``) or with the first name and
-    the hypernym (``kind``: ``"a photo of a jean, a kind of trouser."``)."""
+    the hypernym (``kind``, or any other ``hypernym_form``: ``"a photo of a jean, a kind of trouser."``)."""
     named = [
         (c, t.format(c=name))
         for c, names in enumerate(classnames)
@@ -339,7 +339,7 @@ class PrototypePairs(PairSource):
             raise ConfigError(
                 f"prototype hypernyms: {len(hypernyms)} given for {len(classnames)} classes ({label_set!r})"
             )
-        form = check_hypernym_form(hypernym_form, "prototype hypernym form") or "kind"
+        form = check_hypernym_form(hypernym_form, "prototype hypernym form")
         self.rows = class_captions(classnames, templates, captions, definitions or (), hypernyms or (), form)
 
     def __len__(self) -> int:
@@ -414,7 +414,7 @@ def open_prototypes(
     form = check_hypernym_form(hypernyms, "prototype option hypernyms")
     broader = read_hypernyms(classnames) if form else None
     names = read_classnames(classnames)
-    return PrototypePairs(names, given, captions, placement, classnames, glosses, broader, form or "kind")
+    return PrototypePairs(names, given, captions, placement, classnames, glosses, broader, form)
 
 
 def check_images(sources: Sequence[PairSource], lock_image: bool) -> None:

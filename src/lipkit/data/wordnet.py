@@ -35,7 +35,8 @@ def synsets(part: str, root: str | Path = WORDNET_ROOT) -> Iterator[Synset]:
     """Every synset of ``data.{part}`` under ``root``, in file order.
 
     Raises:
-        LipkitError: The file cannot be read (with the command that installs it).
+        LipkitError: The file cannot be read (with the command that installs it), or a line is not in
+            WordNet's data-file layout (with its number).
     """
     path = Path(root) / f"data.{part}"
     try:
@@ -44,15 +45,18 @@ def synsets(part: str, root: str | Path = WORDNET_ROOT) -> Iterator[Synset]:
         raise LipkitError(
             f"cannot read WordNet's {path} ({exc}); install it with `apt-get install wordnet-base`"
         ) from None
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         if not line or line.startswith("  "):  # lines starting with two spaces are the licence
             continue
         fields = line.split(" | ", 1)[0].split(" ")
-        n_words = int(fields[3], 16)
-        lemmas = tuple(fields[4 : 4 + 2 * n_words : 2])
-        at = 4 + 2 * n_words  # pointer count, then (symbol, offset, part of speech, source/target) each
-        pointers = [fields[at + 1 + 4 * i : at + 5 + 4 * i] for i in range(int(fields[at]))]
-        hypernyms = tuple(o for symbol, o, pos, _ in pointers if symbol in HYPERNYM_POINTERS and pos == "n")
+        try:
+            n_words = int(fields[3], 16)
+            lemmas = tuple(fields[4 : 4 + 2 * n_words : 2])
+            at = 4 + 2 * n_words  # pointer count, then (symbol, offset, part of speech, source/target) each
+            pointers = [fields[at + 1 + 4 * i : at + 5 + 4 * i] for i in range(int(fields[at]))]
+            hypernyms = tuple(o for symbol, o, pos, _ in pointers if symbol in HYPERNYM_POINTERS and pos == "n")
+        except (IndexError, ValueError):  # a count that is no number, or fields cut short
+            raise LipkitError(f"{path}:{number}: not a WordNet data line: {line[:80]!r}") from None
         yield Synset(fields[0], lemmas, hypernyms)
 
 

@@ -184,9 +184,7 @@ def bridge_inputs(model: DualEncoder, device: torch.device, batch_size: int = 25
     glosses = read_definitions(model.cfg.class_bridge) if model.cfg.class_bridge_definitions else ()
     form = model.cfg.class_bridge_hypernyms
     broader = read_hypernyms(model.cfg.class_bridge) if form else ()
-    pairs = class_captions(
-        names, DEFAULT_TEMPLATES, definitions=glosses, hypernyms=broader, hypernym_form=form or "kind"
-    )
+    pairs = class_captions(names, DEFAULT_TEMPLATES, definitions=glosses, hypernyms=broader, hypernym_form=form)
     captions = sorted(pairs, key=lambda pair: len(pair[1]))
     tokenize = batch_tokenizer(model.cfg)  # trims each batch's shared padding
     chunks = [
