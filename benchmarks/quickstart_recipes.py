@@ -116,6 +116,11 @@ PROTO_HYP = {
     for form in ("name", "kind")
 }
 
+# hypernym names and definitions together
+PROTO_HYP_DEFS = "data.train=" + proto_mix(
+    0.3, placement="norm", classnames="imagenet-1k-both", definitions="true", hypernyms="name"
+)
+
 # lipkit's generic zero-shot templates (lipkit.eval.templates, "generic"), as a YAML flow list for the
 # prototype captions: six pairs per class name instead of one, none of them Fashion-MNIST's own templates
 GENERIC_TEMPLATES = (
@@ -331,6 +336,19 @@ VARIANTS: dict[str, list[str]] = {
         for proto in ("", "-hyp-name", "-hyp-kind")
         for bridge in ("", "-bhyp-name", "-bhyp-kind")
         if proto or bridge
+    },
+    # 2026-12-03 (ninth session): the adopted recipe (hypernym names in the prototypes and the bridge) with
+    # the definition pairs in the prototypes (-defs), and in the bridge as well (-defs-bdefs)
+    **{
+        f"proto-norm-both-bridge50-hyp-name-bhyp-name{defs}": [
+            *ADOPTED,
+            PROTO_HYP_DEFS,
+            "model_overrides.class_bridge=imagenet-1k-both",
+            "bridge_every=50",
+            "model_overrides.class_bridge_hypernyms=name",
+            *(["model_overrides.class_bridge_definitions=true"] if defs == "-defs-bdefs" else []),
+        ]
+        for defs in ("-defs", "-defs-bdefs")
     },
     "views4-grey0.5-bridge": [*VIEWS, "model_overrides.class_bridge=imagenet-1k-both"],
     "views4-grey0.5-proto-norm-bridge": [

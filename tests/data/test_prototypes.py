@@ -140,6 +140,27 @@ def test_hypernyms_add_a_pair_per_broader_name_in_either_form():
         PrototypePairs(names, hypernyms=broader, hypernym_form="sort")
 
 
+def test_definitions_and_hypernyms_together_follow_the_names_in_that_order():
+    names = [["jean", "blue jean"], ["sandal"]]
+    source = PrototypePairs(
+        names,
+        ["a photo of a {c}."],
+        definitions=["close-fitting trousers", "a shoe fastened by straps"],
+        hypernyms=[["trouser"], ["shoe"]],
+        hypernym_form="name",
+    )
+    assert [source.caption(i) for i in range(len(source))] == [
+        "a photo of a jean.",
+        "a photo of a blue jean.",
+        "a photo of a sandal.",
+        "a photo of a jean, close-fitting trousers.",
+        "a photo of a sandal, a shoe fastened by straps.",
+        "a photo of a trouser.",
+        "a photo of a shoe.",
+    ]
+    assert source.classes() == [0, 0, 1, 0, 1, 0, 1]
+
+
 def test_imagenet_hypernyms_come_from_wordnet_in_head_row_order(tmp_path):
     broader = read_hypernyms("imagenet-1k-both")
     assert len(broader) == 1000 and all(broader)  # every ImageNet class has a hypernym
